@@ -1,0 +1,1 @@
+//! Fixtures for tests, the demo and the benchmarks.
