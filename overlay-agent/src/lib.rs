@@ -4,6 +4,8 @@
 //! host-gw) are kept apart: the control plane produces [`peer::PeerEvent`]s, and one task owns
 //! the dataplane and applies them through [`dataplane::Dataplane`].
 
+pub mod config;
 pub mod dataplane;
+pub mod iface;
 pub mod netlink;
 pub mod peer;
