@@ -4,8 +4,17 @@
 //! host-gw) are kept apart: the control plane produces [`peer::PeerEvent`]s, and one task owns
 //! the dataplane and applies them through [`dataplane::Dataplane`].
 
+pub mod agent;
+pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod etcd;
+pub mod flags;
+pub mod health;
 pub mod iface;
+pub mod lease;
 pub mod netlink;
+pub mod notify;
 pub mod peer;
+pub mod subnet_file;
+pub mod watch;

@@ -1,0 +1,453 @@
+//! The agent's run loop (`overlay-agent run`):
+//! flags -> etcd -> a valid network config (waiting and saying what is wrong) -> uplink ->
+//! dataplane for the backend -> lease -> datapath programmed -> subnet.env -> READY=1 ->
+//! follow peers and keep the lease. SIGTERM/SIGINT stop the process and leave the lease
+//! and the datapath in place, so a restart interrupts no traffic.
+
+use std::{
+    future::Future,
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use etcd_client::Client;
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{BackendType, NetworkConfig},
+    dataplane::{self, DataplaneCommand, DataplaneError, LeaseAttrs, LocalLease},
+    etcd::{self, EtcdError, EtcdOptions},
+    flags::Flags,
+    health, iface,
+    lease::{HeldLease, LeaseError, Lessor},
+    notify,
+    subnet_file::{SubnetEnv, SubnetFileError},
+    watch::PeerWatcher,
+};
+
+/// How often a missing or invalid config (or an unreachable etcd) is re-checked.
+pub const CONFIG_RECHECK: Duration = Duration::from_secs(2);
+/// How often a failed lease acquisition (e.g. out of subnets) is retried.
+pub const LEASE_RETRY: Duration = Duration::from_secs(5);
+/// VXLAN over IPv4 costs 50 bytes (outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14).
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    #[error("choosing the uplink interface: {0}")]
+    Iface(#[from] iface::IfaceError),
+    #[error("setting up the {backend} dataplane: {source}")]
+    Dataplane {
+        backend: BackendType,
+        #[source]
+        source: DataplaneError,
+    },
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    #[error(transparent)]
+    SubnetFile(#[from] SubnetFileError),
+    #[error(transparent)]
+    Health(#[from] health::HealthError),
+    #[error("the dataplane task stopped unexpectedly")]
+    DataplaneStopped,
+}
+
+/// Logs a recurring problem once per distinct message instead of on every retry.
+#[derive(Default)]
+pub struct ProblemLog {
+    last: Option<String>,
+}
+
+impl ProblemLog {
+    pub fn report(&mut self, message: String) {
+        if self.last.as_deref() != Some(message.as_str()) {
+            warn!("{message}");
+            self.last = Some(message);
+        }
+    }
+
+    pub fn resolved(&mut self, what: &str) {
+        if self.last.take().is_some() {
+            info!("{what}");
+        }
+    }
+}
+
+/// The pod MTU for subnet.env: the underlay MTU (Backend.MTU or the uplink's) minus the
+/// VXLAN overhead, or unchanged for host-gw.
+pub fn pod_mtu(config: &NetworkConfig, uplink_mtu: u32) -> u32 {
+    let underlay = config.backend.mtu.unwrap_or(uplink_mtu);
+    match config.backend.kind {
+        BackendType::HostGw => underlay,
+        BackendType::Vxlan | BackendType::Ebpf => underlay.saturating_sub(VXLAN_OVERHEAD),
+    }
+}
+
+/// Connects to etcd, retrying (one log line per distinct problem) until it works or
+/// `shutdown` fires (`None`).
+pub async fn connect_etcd_retrying(
+    opts: &EtcdOptions,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Option<Client>, EtcdError> {
+    let mut problems = ProblemLog::default();
+    loop {
+        match etcd::connect(opts).await {
+            Ok(client) => {
+                problems.resolved("connected to etcd");
+                return Ok(Some(client));
+            }
+            // Bad local files or flags do not get better by waiting.
+            Err(
+                err @ (EtcdError::TlsFile { .. }
+                | EtcdError::HalfIdentity { .. }
+                | EtcdError::HalfCredentials
+                | EtcdError::PlainEndpointWithTls { .. }
+                | EtcdError::NoEndpoints),
+            ) => return Err(err),
+            Err(err) => problems.report(format!("{err}; retrying every {CONFIG_RECHECK:?}")),
+        }
+        if wait_or_shutdown(CONFIG_RECHECK, shutdown).await {
+            return Ok(None);
+        }
+    }
+}
+
+/// Sleeps `d`; true when shutdown was requested meanwhile.
+async fn wait_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    if *shutdown.borrow() {
+        return true;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(d) => *shutdown.borrow(),
+        _ = shutdown.changed() => true,
+    }
+}
+
+/// Reads `<prefix>/config` until it holds a valid config. Each distinct problem (absent,
+/// invalid and why, etcd unreachable) is logged once, with how to fix it.
+pub async fn wait_for_config(
+    client: &mut Client,
+    opts: &EtcdOptions,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<NetworkConfig> {
+    let key = opts.config_key();
+    let mut problems = ProblemLog::default();
+    loop {
+        match client.get(key.as_str(), None).await {
+            Ok(resp) => match resp.kvs().first() {
+                None => problems.report(format!(
+                    "no network config at {key} in etcd (v3 API; etcdctl v2's `mk`/`set` write elsewhere): \
+                     write one with `overlay-agent --etcd-prefix={} config set '{}'` \
+                     or `ETCDCTL_API=3 etcdctl put {key} '<json>'`; re-checking every {CONFIG_RECHECK:?}",
+                    opts.prefix,
+                    crate::config::EXAMPLE_CONFIG
+                )),
+                Some(kv) => {
+                    let text = String::from_utf8_lossy(kv.value());
+                    match NetworkConfig::parse_verbose(&text) {
+                        Ok(parsed) => {
+                            problems.resolved("the network config is valid now");
+                            if parsed.backend_defaulted {
+                                info!("the network config has no Backend: using vxlan (flanneld would use udp, which overlay-agent does not implement)");
+                            }
+                            let c = &parsed.config;
+                            info!(
+                                network = %c.network, subnet_len = c.subnet_len, subnet_min = %c.subnet_min,
+                                subnet_max = %c.subnet_max, backend = %c.backend.kind, vni = c.backend.vni,
+                                port = c.backend.port, "network config loaded from {key}"
+                            );
+                            return Some(parsed.config);
+                        }
+                        Err(err) => problems.report(format!(
+                            "the network config at {key} is invalid: {err}; re-checking every {CONFIG_RECHECK:?}"
+                        )),
+                    }
+                }
+            },
+            Err(err) => problems.report(format!(
+                "cannot read {key} from etcd: {}; re-checking every {CONFIG_RECHECK:?}",
+                etcd::describe(&err)
+            )),
+        }
+        if wait_or_shutdown(CONFIG_RECHECK, shutdown).await {
+            return None;
+        }
+    }
+}
+
+/// A dataplane ready to run, with what it publishes in our lease.
+pub struct NodeSetup<D> {
+    pub dataplane: D,
+    pub attrs: LeaseAttrs,
+    /// PublicIP for the lease.
+    pub public_ip: Ipv4Addr,
+    /// FLANNEL_MTU.
+    pub pod_mtu: u32,
+}
+
+/// Everything after the dataplane exists: lease, activation, subnet.env, READY=1, peers,
+/// lease keeping. Generic over the dataplane (tests drive it with a recording one); the
+/// dataplane runs on this task (its futures need not be `Send`).
+pub async fn run_node<D: dataplane::Dataplane>(
+    flags: &Flags,
+    client: Client,
+    config: NetworkConfig,
+    setup: NodeSetup<D>,
+    lease_ttl: Duration,
+    ready: watch::Sender<bool>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), AgentError> {
+    let opts = flags.etcd_options();
+    let (cmd_tx, cmd_rx) = mpsc::channel::<DataplaneCommand>(256);
+    let (dp_ready_tx, dp_ready_rx) = watch::channel(false);
+    let backend = config.backend.kind;
+    let dataplane_task = dataplane::run_dataplane(setup.dataplane, cmd_rx, dp_ready_tx);
+    let control = control_loop(
+        flags,
+        &opts,
+        client,
+        config,
+        setup.attrs,
+        setup.public_ip,
+        setup.pod_mtu,
+        lease_ttl,
+        cmd_tx,
+        dp_ready_rx,
+        ready,
+        &mut shutdown,
+    );
+    tokio::select! {
+        result = control => result,
+        () = dataplane_task => {
+            error!(backend = %backend, "the dataplane task ended");
+            Err(AgentError::DataplaneStopped)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn control_loop(
+    flags: &Flags,
+    opts: &EtcdOptions,
+    client: Client,
+    config: NetworkConfig,
+    attrs: LeaseAttrs,
+    public_ip: Ipv4Addr,
+    pod_mtu: u32,
+    lease_ttl: Duration,
+    cmd_tx: mpsc::Sender<DataplaneCommand>,
+    mut dp_ready: watch::Receiver<bool>,
+    ready: watch::Sender<bool>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), AgentError> {
+    // The previous run's subnet, to keep pod addresses stable across restarts.
+    let previous = match SubnetEnv::read(&flags.subnet_file) {
+        Ok(prev) => prev.map(|p| p.subnet),
+        Err(err) => {
+            warn!(error = %err, "ignoring the previous subnet file");
+            None
+        }
+    };
+    let mut lessor = Lessor::new(
+        client.clone(),
+        opts.clone(),
+        config.clone(),
+        public_ip,
+        attrs,
+    )
+    .with_ttl(lease_ttl);
+    let mut problems = ProblemLog::default();
+    let held = loop {
+        match lessor.acquire(previous).await {
+            Ok(held) => {
+                problems.resolved("subnet lease acquired after earlier failures");
+                break held;
+            }
+            Err(err) => problems.report(format!("{err}; retrying every {LEASE_RETRY:?}")),
+        }
+        if wait_or_shutdown(LEASE_RETRY, shutdown).await {
+            return Ok(());
+        }
+    };
+    info!(subnet = %held.subnet, public_ip = %public_ip, "holding subnet lease");
+
+    let local = |held: &HeldLease| LocalLease {
+        subnet: held.subnet,
+        network: config.network,
+        public_ip,
+    };
+    let subnet_env = |held: &HeldLease| SubnetEnv {
+        network: config.network,
+        subnet: held.subnet,
+        mtu: pod_mtu,
+        ipmasq: flags.ip_masq,
+    };
+
+    if cmd_tx
+        .send(DataplaneCommand::Activate(local(&held)))
+        .await
+        .is_err()
+    {
+        return Err(AgentError::DataplaneStopped);
+    }
+    // READY=1 only once the datapath is programmed; it retries failed activations itself.
+    let mut waited = Duration::ZERO;
+    while !*dp_ready.borrow_and_update() {
+        tokio::select! {
+            changed = dp_ready.changed() => if changed.is_err() { return Err(AgentError::DataplaneStopped) },
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {
+                waited += Duration::from_secs(10);
+                warn!(waited = ?waited, "still waiting for the datapath to be programmed for our lease");
+                if cmd_tx.send(DataplaneCommand::Activate(local(&held))).await.is_err() {
+                    return Err(AgentError::DataplaneStopped);
+                }
+            }
+            _ = shutdown.changed() => return Ok(()),
+        }
+    }
+    subnet_env(&held).write(&flags.subnet_file)?;
+    info!(path = %flags.subnet_file.display(), "wrote the subnet file");
+    notify::ready();
+    ready.send_replace(true);
+
+    let (held_tx, mut held_rx) = watch::channel(held.clone());
+    let (own_tx, own_rx) = watch::channel(held.subnet);
+    let keeper = tokio::spawn(lessor.keep(held.clone(), flags.renew_margin(), held_tx));
+    let watcher = tokio::spawn(
+        PeerWatcher::new(
+            client,
+            opts.clone(),
+            config.backend.kind.lease_backend(),
+            own_rx,
+            cmd_tx.clone(),
+        )
+        .run(),
+    );
+
+    let result = loop {
+        tokio::select! {
+            changed = held_rx.changed() => {
+                if changed.is_err() {
+                    break Ok(());
+                }
+                let held = held_rx.borrow_and_update().clone();
+                info!(subnet = %held.subnet, "our lease changed; reprogramming and rewriting the subnet file");
+                if cmd_tx.send(DataplaneCommand::Activate(local(&held))).await.is_err() {
+                    break Err(AgentError::DataplaneStopped);
+                }
+                if let Err(err) = subnet_env(&held).write(&flags.subnet_file) {
+                    error!(error = %err, "rewriting the subnet file failed");
+                }
+                own_tx.send_replace(held.subnet);
+            }
+            _ = shutdown.changed() => break Ok(()),
+        }
+    };
+    keeper.abort();
+    watcher.abort();
+    result
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+pub async fn termination_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(err) => {
+            warn!(error = %err, "cannot listen for SIGTERM; only SIGINT stops the agent");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+    }
+}
+
+/// Turns a future (a signal) into a shutdown watch.
+pub fn shutdown_on<F: Future<Output = ()> + Send + 'static>(signal: F) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        signal.await;
+        tx.send_replace(true);
+        // Keep the sender alive so receivers see `true`, not a closed channel.
+        std::future::pending::<()>().await;
+    });
+    rx
+}
+
+/// `overlay-agent run`.
+pub async fn run(flags: Flags) -> Result<(), AgentError> {
+    let mut shutdown = shutdown_on(termination_signal());
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let _health = if flags.healthz_port != 0 {
+        Some(
+            health::serve(
+                SocketAddr::new(flags.healthz_ip, flags.healthz_port),
+                ready_rx,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+
+    let opts = flags.etcd_options();
+    let Some(mut client) = connect_etcd_retrying(&opts, &mut shutdown).await? else {
+        return Ok(());
+    };
+    let Some(mut config) = wait_for_config(&mut client, &opts, &mut shutdown).await else {
+        return Ok(());
+    };
+    if let Some(kind) = flags.backend {
+        if kind != config.backend.kind {
+            info!(config = %config.backend.kind, flag = %kind, "--backend overrides the config's Backend.Type");
+        }
+        config.backend.kind = kind;
+    }
+
+    let uplink = iface::select_uplink(&flags.iface_options()).await?;
+    info!(
+        uplink = %uplink.name, address = %uplink.address, public_ip = %uplink.public_ip,
+        mtu = uplink.mtu, "selected the uplink"
+    );
+    let mtu = pod_mtu(&config, uplink.mtu);
+    let result = start_backend(&flags, client, config, &uplink, mtu, ready_tx, shutdown).await;
+    if result.is_ok() {
+        info!("stopping; the lease, the datapath and subnet.env stay in place for the next start");
+        notify::stopping();
+    }
+    result
+}
+
+/// The dataplane factory: builds the configured backend and runs the node with it.
+async fn start_backend(
+    flags: &Flags,
+    client: Client,
+    config: NetworkConfig,
+    uplink: &iface::Uplink,
+    pod_mtu: u32,
+    ready: watch::Sender<bool>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), AgentError> {
+    let kind = config.backend.kind;
+    let setup_err = |source| AgentError::Dataplane {
+        backend: kind,
+        source,
+    };
+    let _ = (&client, uplink, pod_mtu, &ready, &shutdown, flags);
+    // Each arm builds its backend, asks it for its lease attributes and hands it to
+    // `run_node`. The backends are written in other branches; until they are merged the
+    // arms report that they are missing.
+    match kind {
+        BackendType::Ebpf | BackendType::Vxlan | BackendType::HostGw => {
+            Err(setup_err(DataplaneError::Config(format!(
+                "the {kind} dataplane is not built into this binary yet"
+            ))))
+        }
+    }
+}

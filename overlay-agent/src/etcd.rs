@@ -1,0 +1,229 @@
+//! The etcd connection: several endpoints, TLS (CA, client certificate and key files) and
+//! v3 username/password auth, as flanneld's `--etcd-*` flags describe it.
+
+use std::{fmt::Write as _, path::PathBuf, time::Duration};
+
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+
+/// How to reach etcd (from the `--etcd-*` flags).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EtcdOptions {
+    pub endpoints: Vec<String>,
+    /// Key prefix without a trailing slash (e.g. `/coreos.com/network`).
+    pub prefix: String,
+    pub keyfile: Option<PathBuf>,
+    pub certfile: Option<PathBuf>,
+    pub cafile: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl EtcdOptions {
+    /// `<prefix>/config`.
+    pub fn config_key(&self) -> String {
+        format!("{}/config", self.prefix)
+    }
+
+    /// `<prefix>/subnets/` (with the trailing slash, for prefix reads and watches).
+    pub fn subnets_prefix(&self) -> String {
+        format!("{}/subnets/", self.prefix)
+    }
+
+    fn uses_tls(&self) -> bool {
+        self.cafile.is_some() || self.certfile.is_some() || self.keyfile.is_some()
+    }
+}
+
+/// Why etcd could not be used. Each says what to check.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    #[error("no etcd endpoint given: pass --etcd-endpoints=https://HOST:2379[,...]")]
+    NoEndpoints,
+    #[error("cannot read the etcd {what} file {path}: {source}; check --etcd-{flag}")]
+    TlsFile {
+        what: &'static str,
+        flag: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--etcd-certfile and --etcd-keyfile must be given together (got only --etcd-{given})")]
+    HalfIdentity { given: &'static str },
+    #[error("--etcd-username and --etcd-password must be given together")]
+    HalfCredentials,
+    #[error("etcd endpoint {endpoint} uses http:// but TLS files were given: use https://")]
+    PlainEndpointWithTls { endpoint: String },
+    #[error("cannot connect to etcd at {endpoints}: {detail}")]
+    Connect { endpoints: String, detail: String },
+    #[error("etcd {operation} failed: {detail}")]
+    Request { operation: String, detail: String },
+}
+
+impl EtcdError {
+    /// Wraps an etcd client error with what was being done.
+    pub fn request(operation: impl Into<String>, err: etcd_client::Error) -> EtcdError {
+        EtcdError::Request {
+            operation: operation.into(),
+            detail: describe(&err),
+        }
+    }
+}
+
+/// The full chain of an etcd client error: tonic hides the useful part (a TLS or DNS
+/// failure) in nested sources.
+pub fn describe(err: &etcd_client::Error) -> String {
+    let mut text = err.to_string();
+    let mut source: Option<&dyn std::error::Error> = match err {
+        etcd_client::Error::TransportError(e) => std::error::Error::source(e),
+        etcd_client::Error::GRpcStatus(s) => std::error::Error::source(s),
+        _ => None,
+    };
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            let _ = write!(text, ": {part}");
+        }
+        source = s.source();
+    }
+    text
+}
+
+fn read_file(path: &PathBuf, what: &'static str, flag: &'static str) -> Result<Vec<u8>, EtcdError> {
+    std::fs::read(path).map_err(|source| EtcdError::TlsFile {
+        what,
+        flag,
+        path: path.clone(),
+        source,
+    })
+}
+
+/// Builds the client options (reads the TLS files now, so a bad path fails at start-up
+/// naming the file).
+pub fn connect_options(opts: &EtcdOptions) -> Result<ConnectOptions, EtcdError> {
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+        .with_keep_alive_while_idle(true);
+    match (&opts.username, &opts.password) {
+        (Some(user), Some(password)) => options = options.with_user(user, password),
+        (None, None) => {}
+        _ => return Err(EtcdError::HalfCredentials),
+    }
+    if opts.uses_tls() {
+        if let Some(endpoint) = opts.endpoints.iter().find(|e| e.starts_with("http://")) {
+            return Err(EtcdError::PlainEndpointWithTls {
+                endpoint: endpoint.clone(),
+            });
+        }
+        let mut tls = TlsOptions::new();
+        if let Some(ca) = &opts.cafile {
+            tls = tls.ca_certificate(Certificate::from_pem(read_file(ca, "CA", "cafile")?));
+        }
+        match (&opts.certfile, &opts.keyfile) {
+            (Some(cert), Some(key)) => {
+                let cert = read_file(cert, "client certificate", "certfile")?;
+                let key = read_file(key, "client key", "keyfile")?;
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            (Some(_), None) => return Err(EtcdError::HalfIdentity { given: "certfile" }),
+            (None, Some(_)) => return Err(EtcdError::HalfIdentity { given: "keyfile" }),
+            (None, None) => {}
+        }
+        options = options.with_tls(tls);
+    }
+    Ok(options)
+}
+
+/// Connects and proves the connection with one request, so a wrong certificate, password
+/// or address fails here with a clear message instead of later in a watch.
+pub async fn connect(opts: &EtcdOptions) -> Result<Client, EtcdError> {
+    if opts.endpoints.is_empty() {
+        return Err(EtcdError::NoEndpoints);
+    }
+    let options = connect_options(opts)?;
+    let endpoints = opts.endpoints.join(",");
+    let connect_err = |err: etcd_client::Error| EtcdError::Connect {
+        endpoints: endpoints.clone(),
+        detail: describe(&err),
+    };
+    let mut client = Client::connect(&opts.endpoints, Some(options))
+        .await
+        .map_err(connect_err)?;
+    // A cheap read under our prefix: needs a working transport, TLS and (with auth) a
+    // user allowed to read the prefix.
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        client.get(
+            opts.config_key(),
+            Some(etcd_client::GetOptions::new().with_count_only()),
+        ),
+    )
+    .await
+    .map_err(|_| EtcdError::Connect {
+        endpoints: endpoints.clone(),
+        detail: "no answer within 10 s".into(),
+    })?
+    .map_err(connect_err)?;
+    Ok(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreadable_tls_file_names_the_file() {
+        let opts = EtcdOptions {
+            endpoints: vec!["https://127.0.0.1:2379".into()],
+            cafile: Some("/nonexistent/ca.pem".into()),
+            ..Default::default()
+        };
+        let err = connect_options(&opts).expect_err("missing file");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("/nonexistent/ca.pem") && msg.contains("--etcd-cafile"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn half_identity_and_credentials_are_rejected() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cert = dir.path().join("c.pem");
+        std::fs::write(&cert, "x").expect("write");
+        let opts = EtcdOptions {
+            endpoints: vec!["https://127.0.0.1:2379".into()],
+            certfile: Some(cert),
+            ..Default::default()
+        };
+        assert!(matches!(
+            connect_options(&opts),
+            Err(EtcdError::HalfIdentity { given: "certfile" })
+        ));
+        let opts = EtcdOptions {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            username: Some("u".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            connect_options(&opts),
+            Err(EtcdError::HalfCredentials)
+        ));
+    }
+
+    #[test]
+    fn tls_with_http_endpoint_is_rejected() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "x").expect("write");
+        let opts = EtcdOptions {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            cafile: Some(ca),
+            ..Default::default()
+        };
+        assert!(matches!(
+            connect_options(&opts),
+            Err(EtcdError::PlainEndpointWithTls { .. })
+        ));
+    }
+}
