@@ -53,8 +53,13 @@ pub enum EtcdError {
     HalfCredentials,
     #[error("etcd endpoint {endpoint} uses http:// but TLS files were given: use https://")]
     PlainEndpointWithTls { endpoint: String },
-    #[error("cannot connect to etcd at {endpoints}: {detail}")]
-    Connect { endpoints: String, detail: String },
+    #[error("cannot connect to etcd at {endpoints}: {detail}{hint}")]
+    Connect {
+        endpoints: String,
+        detail: String,
+        /// What to check, when the failure says (starts with "; ").
+        hint: String,
+    },
     #[error("etcd {operation} failed: {detail}")]
     Request { operation: String, detail: String },
 }
@@ -134,6 +139,32 @@ pub fn connect_options(opts: &EtcdOptions) -> Result<ConnectOptions, EtcdError> 
     Ok(options)
 }
 
+/// What to check for a failed connection, from the (lower-level) error text.
+fn connect_hint(opts: &EtcdOptions, detail: &str) -> &'static str {
+    let d = detail.to_ascii_lowercase();
+    if d.contains("authentication failed") {
+        "; check --etcd-username and --etcd-password"
+    } else if d.contains("user name is empty") {
+        "; etcd has authentication enabled: pass --etcd-username and --etcd-password"
+    } else if d.contains("permission denied") {
+        "; the etcd user may not read this prefix: grant it a role with read/write on --etcd-prefix"
+    } else if opts.uses_tls()
+        && (d.contains("certificate")
+            || d.contains("tls")
+            || d.contains("handshake")
+            || d.contains("transport error"))
+    {
+        "; the TLS handshake failed: etcd must trust our client certificate (signed by a CA in its \
+         --trusted-ca-file; check --etcd-certfile/--etcd-keyfile) and --etcd-cafile must be the CA \
+         that signed etcd's certificate, whose names must include the endpoint's host"
+    } else if d.contains("connection refused") || d.contains("dns error") || d.contains("timed out")
+    {
+        "; is etcd running and reachable there? check --etcd-endpoints"
+    } else {
+        ""
+    }
+}
+
 /// Connects and proves the connection with one request, so a wrong certificate, password
 /// or address fails here with a clear message instead of later in a watch.
 pub async fn connect(opts: &EtcdOptions) -> Result<Client, EtcdError> {
@@ -142,9 +173,13 @@ pub async fn connect(opts: &EtcdOptions) -> Result<Client, EtcdError> {
     }
     let options = connect_options(opts)?;
     let endpoints = opts.endpoints.join(",");
-    let connect_err = |err: etcd_client::Error| EtcdError::Connect {
-        endpoints: endpoints.clone(),
-        detail: describe(&err),
+    let connect_err = |err: etcd_client::Error| {
+        let detail = describe(&err);
+        EtcdError::Connect {
+            endpoints: endpoints.clone(),
+            hint: connect_hint(opts, &detail).to_string(),
+            detail,
+        }
     };
     let mut client = Client::connect(&opts.endpoints, Some(options))
         .await
@@ -162,6 +197,7 @@ pub async fn connect(opts: &EtcdOptions) -> Result<Client, EtcdError> {
     .map_err(|_| EtcdError::Connect {
         endpoints: endpoints.clone(),
         detail: "no answer within 10 s".into(),
+        hint: "; is etcd running and reachable there? check --etcd-endpoints".into(),
     })?
     .map_err(connect_err)?;
     Ok(client)
