@@ -1028,3 +1028,60 @@ async fn run_waits_for_a_valid_config_logging_each_problem_once() {
         read()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_is_up_and_readyz_turns_ready() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn status(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out.lines().next().unwrap_or_default().to_string()
+    }
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let (addr, task) = overlay_agent::health::serve("127.0.0.1:0".parse().unwrap(), ready_rx)
+        .await
+        .unwrap();
+    assert_eq!(status(addr, "/healthz").await, "HTTP/1.1 200 OK");
+    assert_eq!(
+        status(addr, "/readyz").await,
+        "HTTP/1.1 503 Service Unavailable"
+    );
+    ready_tx.send_replace(true);
+    assert_eq!(status(addr, "/readyz").await, "HTTP/1.1 200 OK");
+    // A taken port fails at start-up, naming the flags to change.
+    let err = overlay_agent::health::serve(addr, watch::channel(false).1)
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("--healthz-port"), "{err}");
+    task.abort();
+}
+
+#[test]
+fn every_flag_also_reads_its_flanneld_environment_variable() {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    for arg in cmd.get_arguments() {
+        let Some(long) = arg.get_long() else {
+            if arg.get_short() == Some('v') {
+                assert_eq!(arg.get_env().unwrap(), "FLANNELD_V");
+            }
+            continue;
+        };
+        if long == "help" || long == "version" {
+            continue;
+        }
+        let want = format!("FLANNELD_{}", long.to_uppercase().replace('-', "_"));
+        assert_eq!(
+            arg.get_env().map(|e| e.to_string_lossy().into_owned()),
+            Some(want),
+            "--{long}"
+        );
+    }
+}

@@ -206,6 +206,8 @@ impl Etcd {
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster=test={peer}"))
             .args(&self.tls_args)
+            // etcd speaks sd_notify itself; keep it off a test's notify socket.
+            .env_remove("NOTIFY_SOCKET")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
