@@ -46,9 +46,12 @@ impl Dataplane for GatedDataplane {
 #[test]
 fn ready_is_sent_only_after_the_datapath_is_programmed_and_subnet_env_exists() {
     let dir = tempfile::tempdir().unwrap();
+    // etcd speaks sd_notify itself: start it before NOTIFY_SOCKET exists so that only the
+    // agent can write to the socket.
+    let etcd = Etcd::start();
     let socket_path = dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
-    // SAFETY: the only test in this binary, set before any other thread exists.
+    // SAFETY: the only test in this binary, set before the runtime's threads exist.
     unsafe { std::env::set_var("NOTIFY_SOCKET", &socket_path) };
     let subnet_file = dir.path().join("subnet.env");
 
@@ -62,7 +65,6 @@ fn ready_is_sent_only_after_the_datapath_is_programmed_and_subnet_env_exists() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let etcd = Etcd::start();
         let mut c = client(&etcd.endpoint).await;
         c.put(
             "/ready/config",

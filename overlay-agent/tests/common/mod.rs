@@ -1,15 +1,13 @@
 //! Helpers for the control-plane tests: a real etcd process (plain, TLS or with auth) on
 //! free loopback ports, TLS material made with `openssl`, a recording dataplane, polling.
 //!
-//! The shared fixture `overlay_tests::etcd::EtcdServer` covers plain etcd; TLS and
-//! auth need flags it does not take, so this helper stays for those.
+//! etcd itself is the shared fixture `overlay_tests::etcd::EtcdServer`.
 
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::{
-    net::TcpListener,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -18,14 +16,6 @@ use overlay_agent::{
     peer::PeerEvent,
 };
 use tokio::sync::mpsc;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind an ephemeral port")
-        .local_addr()
-        .expect("local addr")
-        .port()
-}
 
 /// Paths of TLS material for one test.
 pub struct Tls {
@@ -146,105 +136,42 @@ impl Tls {
     }
 }
 
-/// A real etcd on free loopback ports with a temp data dir; killed on drop.
+/// A real etcd (the shared fixture) on free loopback ports; killed on drop.
 pub struct Etcd {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
+    server: overlay_tests::etcd::EtcdServer,
     pub endpoint: String,
-    peer_port: u16,
-    client_port: u16,
-    tls_args: Vec<String>,
 }
 
 impl Etcd {
     pub fn start() -> Etcd {
-        Self::start_with(None)
+        Self::from(overlay_tests::etcd::EtcdServer::start())
     }
 
     /// etcd with server TLS and client-certificate authentication.
     pub fn start_tls(tls: &Tls) -> Etcd {
-        Self::start_with(Some(tls))
+        Self::from(overlay_tests::etcd::EtcdServer::start_with(
+            overlay_tests::etcd::EtcdOptions {
+                tls: Some(overlay_tests::etcd::EtcdTls {
+                    ca: tls.path("ca.pem"),
+                    cert: tls.path("server.pem"),
+                    key: tls.path("server.key"),
+                }),
+            },
+        ))
     }
 
-    fn start_with(tls: Option<&Tls>) -> Etcd {
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        let client_port = free_port();
-        let peer_port = free_port();
-        let tls_args = match tls {
-            None => vec![],
-            Some(t) => vec![
-                format!("--cert-file={}", t.path("server.pem").display()),
-                format!("--key-file={}", t.path("server.key").display()),
-                format!("--trusted-ca-file={}", t.path("ca.pem").display()),
-                "--client-cert-auth".to_string(),
-            ],
-        };
-        let mut etcd = Etcd {
-            child: None,
-            dir: tempfile::tempdir().expect("tempdir"),
-            endpoint: format!("{scheme}://127.0.0.1:{client_port}"),
-            peer_port,
-            client_port,
-            tls_args,
-        };
-        etcd.spawn();
-        etcd
-    }
-
-    fn spawn(&mut self) {
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let log = std::fs::File::create(self.dir.path().join("etcd.log")).expect("log file");
-        let child = Command::new("etcd")
-            .arg("--name=test")
-            .arg(format!(
-                "--data-dir={}",
-                self.dir.path().join("data").display()
-            ))
-            .arg(format!("--listen-client-urls={}", self.endpoint))
-            .arg(format!("--advertise-client-urls={}", self.endpoint))
-            .arg(format!("--listen-peer-urls={peer}"))
-            .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=test={peer}"))
-            .args(&self.tls_args)
-            // etcd speaks sd_notify itself; keep it off a test's notify socket.
-            .env_remove("NOTIFY_SOCKET")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start etcd (is it installed?)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", self.client_port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "etcd did not listen within 30 s: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    fn from(server: overlay_tests::etcd::EtcdServer) -> Etcd {
+        let endpoint = server.endpoint().to_string();
+        Etcd { server, endpoint }
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+        self.server.log()
     }
 
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Kills etcd and starts it again on the same ports and data.
+    /// Kills etcd and starts it again on the same port and data (blocks until healthy).
     pub fn restart(&mut self) {
-        self.kill();
-        self.spawn();
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.kill();
+        tokio::task::block_in_place(|| self.server.restart());
     }
 }
 
