@@ -20,8 +20,10 @@ use crate::{
     etcd::{self, EtcdError, EtcdOptions},
     flags::Flags,
     health, iface,
-    lease::{HeldLease, LeaseError, Lessor},
-    notify,
+    lease::{HeldLease, LeaseError, Lessor, format_mac},
+    masq, notify,
+    peer::PeerEvent,
+    status::{AgentStatus, PeerStatus},
     subnet_file::{SubnetEnv, SubnetFileError},
     watch::PeerWatcher,
 };
@@ -30,6 +32,8 @@ use crate::{
 pub const CONFIG_RECHECK: Duration = Duration::from_secs(2);
 /// How often a failed lease acquisition (e.g. out of subnets) is retried.
 pub const LEASE_RETRY: Duration = Duration::from_secs(5);
+/// How often the ip-masq rules are re-checked (and restored when someone removed them).
+pub const MASQ_RECHECK: Duration = Duration::from_secs(10);
 /// VXLAN over IPv4 costs 50 bytes (outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14).
 pub const VXLAN_OVERHEAD: u32 = 50;
 
@@ -198,7 +202,7 @@ pub async fn run_node<D: dataplane::Dataplane>(
     config: NetworkConfig,
     setup: NodeSetup<D>,
     lease_ttl: Duration,
-    ready: watch::Sender<bool>,
+    status: watch::Sender<AgentStatus>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), AgentError> {
     let opts = flags.etcd_options();
@@ -217,7 +221,7 @@ pub async fn run_node<D: dataplane::Dataplane>(
         lease_ttl,
         cmd_tx,
         dp_ready_rx,
-        ready,
+        status,
         &mut shutdown,
     );
     tokio::select! {
@@ -241,9 +245,17 @@ async fn control_loop(
     lease_ttl: Duration,
     cmd_tx: mpsc::Sender<DataplaneCommand>,
     mut dp_ready: watch::Receiver<bool>,
-    ready: watch::Sender<bool>,
+    status: watch::Sender<AgentStatus>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), AgentError> {
+    status.send_modify(|s| {
+        s.node.public_ip = public_ip.to_string();
+        s.node.vtep_mac = match &attrs {
+            LeaseAttrs::Vxlan { vtep_mac, .. } => Some(format_mac(vtep_mac)),
+            LeaseAttrs::HostGw => None,
+        };
+        s.etcd.connected = true;
+    });
     // The previous run's subnet, to keep pod addresses stable across restarts.
     let previous = match SubnetEnv::read(&flags.subnet_file) {
         Ok(prev) => prev.map(|p| p.subnet),
@@ -274,6 +286,18 @@ async fn control_loop(
         }
     };
     info!(subnet = %held.subnet, public_ip = %public_ip, "holding subnet lease");
+    let publish_lease = |held: &HeldLease| {
+        let expires =
+            std::time::SystemTime::now() + held.ttl.saturating_sub(held.renewed_at.elapsed());
+        status.send_modify(|s| {
+            s.node.subnet = held.subnet.to_string();
+            s.node.lease_expires_unix = expires
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs());
+        });
+    };
+    publish_lease(&held);
 
     let local = |held: &HeldLease| LocalLease {
         subnet: held.subnet,
@@ -309,22 +333,38 @@ async fn control_loop(
             _ = shutdown.changed() => return Ok(()),
         }
     }
+    // flanneld installs its masquerade rules before it writes subnet.env.
+    let start_masq = |subnet| {
+        flags
+            .ip_masq
+            .then(|| tokio::spawn(masq::keep_rules(config.network, subnet, MASQ_RECHECK)))
+    };
+    if flags.ip_masq
+        && let Err(err) = masq::apply(config.network, held.subnet).await
+    {
+        warn!(error = %err, "installing the ip-masq rules failed; retrying every {MASQ_RECHECK:?}");
+    }
+    let mut masq_task = start_masq(held.subnet);
     subnet_env(&held).write(&flags.subnet_file)?;
     info!(path = %flags.subnet_file.display(), "wrote the subnet file");
     notify::ready();
-    ready.send_replace(true);
+    status.send_modify(|s| s.ready = true);
 
     let (held_tx, mut held_rx) = watch::channel(held.clone());
     let (own_tx, own_rx) = watch::channel(held.subnet);
     let keeper = tokio::spawn(lessor.keep(held.clone(), flags.renew_margin(), held_tx));
+    // The watcher's events pass through here on their way to the dataplane, to keep the
+    // status's peer list.
+    let (peer_tx, mut peer_rx) = mpsc::channel::<DataplaneCommand>(256);
     let watcher = tokio::spawn(
         PeerWatcher::new(
             client,
             opts.clone(),
             config.backend.kind.lease_backend(),
             own_rx,
-            cmd_tx.clone(),
+            peer_tx,
         )
+        .with_status(status.clone())
         .run(),
     );
 
@@ -336,20 +376,89 @@ async fn control_loop(
                 }
                 let held = held_rx.borrow_and_update().clone();
                 info!(subnet = %held.subnet, "our lease changed; reprogramming and rewriting the subnet file");
+                publish_lease(&held);
                 if cmd_tx.send(DataplaneCommand::Activate(local(&held))).await.is_err() {
                     break Err(AgentError::DataplaneStopped);
                 }
+                if let Some(task) = masq_task.take() {
+                    task.abort();
+                }
+                masq_task = start_masq(held.subnet);
                 if let Err(err) = subnet_env(&held).write(&flags.subnet_file) {
                     error!(error = %err, "rewriting the subnet file failed");
                 }
                 own_tx.send_replace(held.subnet);
+            }
+            command = peer_rx.recv() => {
+                let Some(command) = command else { break Ok(()) };
+                if let DataplaneCommand::Peers(event) = &command {
+                    status.send_modify(|s| record_peer_event(s, event));
+                }
+                if cmd_tx.send(command).await.is_err() {
+                    break Err(AgentError::DataplaneStopped);
+                }
             }
             _ = shutdown.changed() => break Ok(()),
         }
     };
     keeper.abort();
     watcher.abort();
+    if let Some(task) = masq_task {
+        task.abort();
+    }
     result
+}
+
+/// Keeps the status's peer list in step with what the dataplane is told.
+fn record_peer_event(status: &mut AgentStatus, event: &PeerEvent) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let entry = |peer: &crate::peer::Peer, since: u64| PeerStatus {
+        subnet: peer.subnet.to_string(),
+        public_ip: peer.public_ip.to_string(),
+        backend: if peer.vtep_mac.is_some() {
+            "vxlan".into()
+        } else {
+            "host-gw".into()
+        },
+        vtep_mac: peer.vtep_mac.as_ref().map(format_mac),
+        since_unix: since,
+    };
+    match event {
+        PeerEvent::Upsert(peer) => {
+            let key = peer.subnet.to_string();
+            let since = status
+                .peers
+                .iter()
+                .find(|p| p.subnet == key)
+                .map_or(now, |p| p.since_unix);
+            status.peers.retain(|p| p.subnet != key);
+            status.peers.push(entry(peer, since));
+        }
+        PeerEvent::Remove(subnet) => {
+            let key = subnet.to_string();
+            status.peers.retain(|p| p.subnet != key);
+        }
+        PeerEvent::Snapshot(peers) => {
+            let old = std::mem::take(&mut status.peers);
+            status.peers = peers
+                .iter()
+                .map(|peer| {
+                    let key = peer.subnet.to_string();
+                    let since = old
+                        .iter()
+                        .find(|p| p.subnet == key)
+                        .map_or(now, |p| p.since_unix);
+                    entry(peer, since)
+                })
+                .collect();
+        }
+    }
+    status
+        .peers
+        .sort_by_key(|p| p.subnet.parse::<ipnetwork::Ipv4Network>().ok());
+    status.events_applied += 1;
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.
@@ -383,12 +492,12 @@ pub fn shutdown_on<F: Future<Output = ()> + Send + 'static>(signal: F) -> watch:
 /// `overlay-agent run`.
 pub async fn run(flags: Flags) -> Result<(), AgentError> {
     let mut shutdown = shutdown_on(termination_signal());
-    let (ready_tx, ready_rx) = watch::channel(false);
+    let (status_tx, status_rx) = watch::channel(AgentStatus::default());
     let _health = if flags.healthz_port != 0 {
         Some(
             health::serve(
                 SocketAddr::new(flags.healthz_ip, flags.healthz_port),
-                ready_rx,
+                status_rx,
             )
             .await?,
         )
@@ -409,6 +518,7 @@ pub async fn run(flags: Flags) -> Result<(), AgentError> {
         }
         config.backend.kind = kind;
     }
+    status_tx.send_modify(|s| s.node.backend = config.backend.kind.to_string());
 
     let uplink = iface::select_uplink(&flags.iface_options()).await?;
     info!(
@@ -416,7 +526,7 @@ pub async fn run(flags: Flags) -> Result<(), AgentError> {
         mtu = uplink.mtu, "selected the uplink"
     );
     let mtu = pod_mtu(&config, uplink.mtu);
-    let result = start_backend(&flags, client, config, &uplink, mtu, ready_tx, shutdown).await;
+    let result = start_backend(&flags, client, config, &uplink, mtu, status_tx, shutdown).await;
     if result.is_ok() {
         info!("stopping; the lease, the datapath and subnet.env stay in place for the next start");
         notify::stopping();
@@ -431,7 +541,7 @@ async fn start_backend(
     config: NetworkConfig,
     uplink: &iface::Uplink,
     pod_mtu: u32,
-    ready: watch::Sender<bool>,
+    status: watch::Sender<AgentStatus>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), AgentError> {
     let kind = config.backend.kind;
@@ -439,7 +549,7 @@ async fn start_backend(
         backend: kind,
         source,
     };
-    let _ = (&client, uplink, pod_mtu, &ready, &shutdown, flags);
+    let _ = (&client, uplink, pod_mtu, &status, &shutdown, flags);
     // Each arm builds its backend, asks it for its lease attributes and hands it to
     // `run_node`. The backends are written in other branches; until they are merged the
     // arms report that they are missing.

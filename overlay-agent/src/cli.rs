@@ -186,8 +186,28 @@ pub async fn lease(flags: &Flags, cmd: &LeaseCommand) -> Result<String, CliError
     }
 }
 
-/// `status`: this node's subnet file and whether etcd still holds its lease.
+/// `status`: with `--healthz-port`, the running agent's own view (from its `/status`);
+/// always this node's subnet file and whether etcd still holds its lease.
 pub async fn status(flags: &Flags) -> Result<String, CliError> {
+    let mut agent_view = String::new();
+    if flags.healthz_port != 0 {
+        let ip = if flags.healthz_ip.is_unspecified() {
+            std::net::IpAddr::from([127, 0, 0, 1])
+        } else {
+            flags.healthz_ip
+        };
+        let addr = std::net::SocketAddr::new(ip, flags.healthz_port);
+        agent_view = match crate::health::fetch_status(addr).await {
+            Ok(status) => crate::status::render_table(&status),
+            Err(err) => format!("the agent's status endpoint is not answering: {err}\n"),
+        };
+        agent_view.push('\n');
+    }
+    let local = local_status(flags).await?;
+    Ok(format!("{agent_view}{local}"))
+}
+
+async fn local_status(flags: &Flags) -> Result<String, CliError> {
     let opts = flags.etcd_options();
     let Some(env) = SubnetEnv::read(&flags.subnet_file)? else {
         return Ok(format!(

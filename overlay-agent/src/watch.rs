@@ -19,6 +19,7 @@ use crate::{
     etcd::{EtcdOptions, describe},
     lease::{ListedLease, decode_lease, list_leases, parse_subnet_key_name},
     peer::{LeaseBackend, Peer, PeerEvent},
+    status::AgentStatus,
 };
 
 /// Follows the peers' leases and feeds the dataplane task.
@@ -30,6 +31,8 @@ pub struct PeerWatcher {
     tx: mpsc::Sender<DataplaneCommand>,
     /// What the dataplane has been told, by subnet.
     peers: BTreeMap<Ipv4Network, Peer>,
+    /// Where to report the etcd connection state, if anywhere.
+    status: Option<watch::Sender<AgentStatus>>,
 }
 
 /// Why the watch loop has to list again.
@@ -55,6 +58,26 @@ impl PeerWatcher {
             own_subnet,
             tx,
             peers: BTreeMap::new(),
+            status: None,
+        }
+    }
+
+    /// Reports the connection state (`etcd.connected`, `etcd.reconnects`) in `status`.
+    pub fn with_status(mut self, status: watch::Sender<AgentStatus>) -> PeerWatcher {
+        self.status = Some(status);
+        self
+    }
+
+    fn report_connected(&self, connected: bool) {
+        if let Some(status) = &self.status {
+            status.send_if_modified(|s| {
+                let was = s.etcd.connected;
+                s.etcd.connected = connected;
+                if was && !connected {
+                    s.etcd.reconnects += 1;
+                }
+                was != connected
+            });
         }
     }
 
@@ -66,6 +89,7 @@ impl PeerWatcher {
                 Ok(Relist::Stopped) => return,
                 Ok(Relist::Again) => backoff = Duration::from_millis(200),
                 Err(err) => {
+                    self.report_connected(false);
                     warn!(error = %err, "following peer leases failed; listing again in {backoff:?}");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
@@ -93,6 +117,7 @@ impl PeerWatcher {
             .map(|p| (p.subnet, p))
             .collect();
         info!(peers = self.peers.len(), revision, "peer leases listed");
+        self.report_connected(true);
         if !self
             .send(PeerEvent::Snapshot(self.peers.values().cloned().collect()))
             .await

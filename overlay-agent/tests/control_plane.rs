@@ -23,6 +23,7 @@ use overlay_agent::{
     flags::{Cli, Flags},
     lease::{self, LEASE_TTL, LeaseError, Lessor},
     peer::{LeaseBackend, MacAddr6, Peer, PeerEvent},
+    status::AgentStatus,
     subnet_file::SubnetEnv,
     watch::PeerWatcher,
 };
@@ -84,7 +85,7 @@ async fn with_node<T>(
     flags: &Flags,
     public_ip: Ipv4Addr,
     vtep_mac: MacAddr6,
-    body: impl AsyncFnOnce(watch::Receiver<bool>) -> T,
+    body: impl AsyncFnOnce(watch::Receiver<AgentStatus>) -> T,
 ) -> (T, Vec<Recorded>) {
     let opts = flags.etcd_options();
     let mut c = etcd::connect(&opts).await.unwrap();
@@ -102,11 +103,11 @@ async fn with_node<T>(
         public_ip,
         pod_mtu: agent::pod_mtu(&config, 1500),
     };
-    let (ready_tx, ready_rx) = watch::channel(false);
+    let (status_tx, status_rx) = watch::channel(AgentStatus::default());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let node = agent::run_node(flags, c, config, setup, LEASE_TTL, ready_tx, stop_rx);
+    let node = agent::run_node(flags, c, config, setup, LEASE_TTL, status_tx, stop_rx);
     let test = async {
-        let out = body(ready_rx).await;
+        let out = body(status_rx).await;
         stop_tx.send_replace(true);
         out
     };
@@ -133,7 +134,7 @@ async fn seeds_config_gives_flannels_lease_json_and_subnet_env_and_restart_reuse
 
     let (subnet, seen) = with_node(&flags, public_ip, mac(0x44), async |mut ready| {
         wait_until(LONG, "READY (subnet.env written)", || {
-            let r = *ready.borrow_and_update();
+            let r = ready.borrow_and_update().ready;
             async move { r }
         })
         .await;
@@ -200,7 +201,7 @@ async fn seeds_config_gives_flannels_lease_json_and_subnet_env_and_restart_reuse
     // ...and a restart reuses it (found by PublicIP), with the new VtepMAC.
     let (again, _) = with_node(&flags, public_ip, mac(0x55), async |mut ready| {
         wait_until(LONG, "READY after restart", || {
-            let r = *ready.borrow_and_update();
+            let r = ready.borrow_and_update().ready;
             async move { r }
         })
         .await;
@@ -228,7 +229,7 @@ async fn seeds_config_gives_flannels_lease_json_and_subnet_env_and_restart_reuse
         mac(0x66),
         async |mut ready| {
             wait_until(LONG, "READY with the subnet file's subnet", || {
-                let r = *ready.borrow_and_update();
+                let r = ready.borrow_and_update().ready;
                 async move { r }
             })
             .await;
@@ -1043,8 +1044,8 @@ async fn healthz_is_up_and_readyz_turns_ready() {
         s.read_to_string(&mut out).await.unwrap();
         out.lines().next().unwrap_or_default().to_string()
     }
-    let (ready_tx, ready_rx) = watch::channel(false);
-    let (addr, task) = overlay_agent::health::serve("127.0.0.1:0".parse().unwrap(), ready_rx)
+    let (status_tx, status_rx) = watch::channel(AgentStatus::default());
+    let (addr, task) = overlay_agent::health::serve("127.0.0.1:0".parse().unwrap(), status_rx)
         .await
         .unwrap();
     assert_eq!(status(addr, "/healthz").await, "HTTP/1.1 200 OK");
@@ -1052,10 +1053,17 @@ async fn healthz_is_up_and_readyz_turns_ready() {
         status(addr, "/readyz").await,
         "HTTP/1.1 503 Service Unavailable"
     );
-    ready_tx.send_replace(true);
+    status_tx.send_modify(|s| {
+        s.ready = true;
+        s.node.subnet = "10.5.52.0/24".into();
+    });
     assert_eq!(status(addr, "/readyz").await, "HTTP/1.1 200 OK");
+    assert_eq!(status(addr, "/metrics").await, "HTTP/1.1 200 OK");
+    // `overlay-agent status` reads the same value back.
+    let fetched = overlay_agent::health::fetch_status(addr).await.unwrap();
+    assert_eq!(fetched, *status_tx.borrow());
     // A taken port fails at start-up, naming the flags to change.
-    let err = overlay_agent::health::serve(addr, watch::channel(false).1)
+    let err = overlay_agent::health::serve(addr, watch::channel(AgentStatus::default()).1)
         .await
         .err()
         .unwrap();

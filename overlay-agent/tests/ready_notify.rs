@@ -19,6 +19,7 @@ use overlay_agent::{
     flags::Cli,
     lease::LEASE_TTL,
     peer::{MacAddr6, PeerEvent},
+    status::AgentStatus,
 };
 use tokio::sync::{Semaphore, watch};
 
@@ -97,7 +98,7 @@ fn ready_is_sent_only_after_the_datapath_is_programmed_and_subnet_env_exists() {
             public_ip: Ipv4Addr::new(192, 168, 4, 1),
             pod_mtu: 1450,
         };
-        let (ready_tx, mut ready_rx) = watch::channel(false);
+        let (status_tx, mut status_rx) = watch::channel(AgentStatus::default());
         let (stop_tx, stop_rx) = watch::channel(false);
         let node = agent::run_node(
             &flags,
@@ -105,7 +106,7 @@ fn ready_is_sent_only_after_the_datapath_is_programmed_and_subnet_env_exists() {
             config,
             setup,
             LEASE_TTL,
-            ready_tx,
+            status_tx,
             stop_rx,
         );
 
@@ -150,7 +151,7 @@ fn ready_is_sent_only_after_the_datapath_is_programmed_and_subnet_env_exists() {
                 !subnet_file.exists(),
                 "subnet.env written before the datapath was programmed"
             );
-            assert!(!*ready_rx.borrow());
+            assert!(!status_rx.borrow().ready);
 
             // Open the gate: READY=1 arrives, and subnet.env exists by then.
             gate.add_permits(1);
@@ -173,7 +174,7 @@ fn ready_is_sent_only_after_the_datapath_is_programmed_and_subnet_env_exists() {
             .unwrap();
             assert_eq!(msg.trim(), "READY=1");
             assert!(file_existed, "READY=1 arrived before subnet.env existed");
-            tokio::time::timeout(Duration::from_secs(5), ready_rx.wait_for(|r| *r))
+            tokio::time::timeout(Duration::from_secs(5), status_rx.wait_for(|s| s.ready))
                 .await
                 .unwrap()
                 .unwrap();
