@@ -551,7 +551,7 @@ impl Netlink {
                     index,
                     ip,
                     mac: neighbour_mac(message),
-                    permanent: message.header.state == NeighbourState::Permanent,
+                    permanent: is_permanent(message.header.state),
                 })
             })
             .collect())
@@ -620,6 +620,7 @@ impl Netlink {
                 Some(FdbEntry {
                     index,
                     mac: neighbour_mac(message)?,
+                    // For AF_BRIDGE the crate cannot know NDA_DST's family: 4 bytes is IPv4.
                     dst: message
                         .attributes
                         .iter()
@@ -627,9 +628,14 @@ impl Netlink {
                             NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
                                 Some(*ip)
                             }
+                            NeighbourAttribute::Destination(NeighbourAddress::Other(bytes)) => {
+                                <[u8; 4]>::try_from(bytes.as_slice())
+                                    .ok()
+                                    .map(Ipv4Addr::from)
+                            }
                             _ => None,
                         }),
-                    permanent: message.header.state == NeighbourState::Permanent,
+                    permanent: is_permanent(message.header.state),
                     own: message.header.flags.contains(NeighbourFlags::Own),
                 })
             })
@@ -721,6 +727,12 @@ fn single_link(
             }
         }
     }
+}
+
+/// NUD_PERMANENT may come with other bits (`bridge fdb add ... permanent` also sets NOARP).
+fn is_permanent(state: NeighbourState) -> bool {
+    const NUD_PERMANENT: u16 = 0x80;
+    u16::from(state) & NUD_PERMANENT != 0
 }
 
 fn mac_from_bytes(bytes: &[u8]) -> Option<MacAddr6> {
