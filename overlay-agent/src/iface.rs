@@ -198,10 +198,10 @@ impl<'a> Inventory<'a> {
     fn by_iface(&self, wanted: &[String]) -> Result<(&'a Link, Ipv4Addr), IfaceError> {
         for entry in wanted {
             if let Ok(ip) = entry.parse::<Ipv4Addr>() {
-                if let Some(owner) = self.addresses.iter().find(|a| a.address.ip() == ip) {
-                    if let Some(link) = self.link(owner.index) {
-                        return Ok((link, ip));
-                    }
+                if let Some(owner) = self.addresses.iter().find(|a| a.address.ip() == ip)
+                    && let Some(link) = self.link(owner.index)
+                {
+                    return Ok((link, ip));
                 }
             } else if let Some(link) = self.links.iter().find(|link| link.name == *entry) {
                 return Ok((link, self.first_address(link)?));

@@ -186,10 +186,8 @@ impl VxlanDataplane {
             .map_err(netlink_error(format!("looking up {name}")))?;
         if let Some(link) = existing {
             if self.matches(&link) {
-                if adopt_mac {
-                    if let Some(mac) = link.mac {
-                        self.vtep_mac = mac;
-                    }
+                if adopt_mac && let Some(mac) = link.mac {
+                    self.vtep_mac = mac;
                 }
                 if link.mac == Some(self.vtep_mac) {
                     if link.mtu != self.settings.mtu {
@@ -358,15 +356,14 @@ impl VxlanDataplane {
                     public_ip: old_ip,
                     ..
                 }) = previous
+                    && old_mac != vtep_mac
                 {
-                    if old_mac != vtep_mac {
-                        self.netlink
-                            .delete_fdb(device, old_mac, Some(old_ip))
-                            .await
-                            .map_err(netlink_error(format!(
-                                "removing old FDB entry of peer {subnet}"
-                            )))?;
-                    }
+                    self.netlink
+                        .delete_fdb(device, old_mac, Some(old_ip))
+                        .await
+                        .map_err(netlink_error(format!(
+                            "removing old FDB entry of peer {subnet}"
+                        )))?;
                 }
                 self.netlink
                     .replace_neighbour(device, gateway, vtep_mac)
@@ -463,11 +460,11 @@ impl VxlanDataplane {
     }
 
     async fn upsert(&mut self, peer: &Peer) -> Result<(), DataplaneError> {
-        if let Some(lease) = &self.lease {
-            if peer.subnet == lease.subnet {
-                debug!(subnet = %peer.subnet, "ignoring our own lease");
-                return Ok(());
-            }
+        if let Some(lease) = &self.lease
+            && peer.subnet == lease.subnet
+        {
+            debug!(subnet = %peer.subnet, "ignoring our own lease");
+            return Ok(());
         }
         let programmed = self.desired(peer).await?;
         let previous = self.peers.get(&peer.subnet).copied();
