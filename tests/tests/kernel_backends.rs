@@ -964,3 +964,122 @@ fn vxlan_dataplane_interoperates_with_a_flanneld_programmed_node() {
         }
     });
 }
+
+#[test]
+fn vxlan_backend_mtu_and_gbp_are_honoured() {
+    let ns = node_ns("kvg", "192.168.100.1");
+    run_in(&ns, || async {
+        let uplink = uplink("eth0", None).await;
+        let mut config = backend(7, 8472, false);
+        config.mtu = Some(1400);
+        config.gbp = true;
+        let (_dp, attrs) = VxlanDataplane::new(uplink, &config)
+            .await
+            .expect("dataplane");
+        assert!(matches!(attrs, LeaseAttrs::Vxlan { vni: 7, .. }));
+        let device = link(&ns, "flannel.7").expect("flannel.7");
+        assert_eq!(device["mtu"], 1350, "Backend.MTU 1400 - 50: {device}");
+        assert_eq!(device["linkinfo"]["info_data"]["id"], 7, "{device}");
+        assert_eq!(device["linkinfo"]["info_data"]["gbp"], true, "{device}");
+    });
+}
+
+/// The dataplane driven the way the agent drives it: by `run_dataplane` with commands, its
+/// own 1 s maintenance loop repairing a deleted device without being asked.
+#[test]
+fn run_dataplane_task_programs_and_self_heals_vxlan() {
+    use overlay_agent::dataplane::{DataplaneCommand, run_dataplane};
+    let ns = node_ns("kvt", "192.168.100.1");
+    run_in(&ns, || async {
+        let uplink = uplink("eth0", None).await;
+        let (dp, attrs) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
+            .await
+            .expect("dataplane");
+        let mac = vtep_mac(&attrs);
+        let (commands, receiver) = tokio::sync::mpsc::channel(16);
+        let (ready, mut ready_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(run_dataplane(dp, receiver, ready));
+        commands
+            .send(DataplaneCommand::Activate(lease(
+                "10.5.1.0/24",
+                "192.168.100.1",
+            )))
+            .await
+            .expect("send activate");
+        commands
+            .send(DataplaneCommand::Peers(PeerEvent::Snapshot(vec![peer(
+                "10.5.2.0/24",
+                "192.168.100.2",
+                Some(MAC_A),
+            )])))
+            .await
+            .expect("send snapshot");
+        tokio::time::timeout(Duration::from_secs(20), ready_rx.wait_for(|ready| *ready))
+            .await
+            .expect("ready in time")
+            .expect("ready channel");
+        let expected_route = "10.5.2.0/24 via 10.5.2.0 dev flannel.1 proto boot onlink";
+        let ns = &ns;
+        let has_everything = move || {
+            link(ns, "flannel.1").is_some_and(|d| d["address"] == mac.to_string().to_lowercase())
+                && routes(ns, "main").iter().any(|r| r == expected_route)
+                && fdb(ns, "flannel.1") == vec![format!("{MAC_A} dst 192.168.100.2 self permanent")]
+                && neighbours(ns, "flannel.1") == vec![format!("10.5.2.0 lladdr {MAC_A} PERMANENT")]
+        };
+        // The task runs on this thread's runtime: poll with async sleeps so it gets to work.
+        let wait = |what: &'static str| async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            while !has_everything() {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "timed out waiting for: {what}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        wait("peer programmed by the task").await;
+        ns.run(&["ip", "link", "del", "flannel.1"]);
+        assert!(link(ns, "flannel.1").is_none());
+        wait("device and peer restored by the maintenance loop").await;
+        drop(commands);
+        task.await
+            .expect("dataplane task ends when its command channel closes");
+        // Stopping leaves the datapath in place (zero-downtime restart).
+        assert!(has_everything());
+    });
+}
+
+#[test]
+fn link_events_report_new_and_deleted_links() {
+    use futures_util::StreamExt;
+    use overlay_agent::netlink::{LinkEvent, Netlink};
+    let ns = NetNs::new("kle");
+    run_in(&ns, || async {
+        let mut events = Box::pin(Netlink::link_events().expect("subscribe"));
+        ns.run(&[
+            "ip", "link", "add", "vtest0", "type", "veth", "peer", "name", "vtest1",
+        ]);
+        let deadline = Duration::from_secs(10);
+        tokio::time::timeout(deadline, async {
+            while let Some(event) = events.next().await {
+                if matches!(&event, LinkEvent::Changed(link) if link.name == "vtest0") {
+                    return;
+                }
+            }
+            panic!("event stream ended");
+        })
+        .await
+        .expect("no event for the new link");
+        ns.run(&["ip", "link", "del", "vtest0"]);
+        tokio::time::timeout(deadline, async {
+            while let Some(event) = events.next().await {
+                if matches!(&event, LinkEvent::Deleted { name, .. } if name == "vtest0") {
+                    return;
+                }
+            }
+            panic!("event stream ended");
+        })
+        .await
+        .expect("no event for the deleted link");
+    });
+}
