@@ -1083,3 +1083,21 @@ fn link_events_report_new_and_deleted_links() {
         .expect("no event for the deleted link");
     });
 }
+
+#[test]
+fn vxlan_maintain_sets_a_downed_device_up_again() {
+    let ns = node_ns("kvu", "192.168.100.1");
+    run_in(&ns, || async {
+        let uplink = uplink("eth0", None).await;
+        let (mut dp, attrs) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
+            .await
+            .expect("dataplane");
+        dp.activate(&lease("10.5.1.0/24", "192.168.100.1"))
+            .await
+            .expect("activate");
+        ns.run(&["ip", "link", "set", "flannel.1", "down"]);
+        ns.run(&["ip", "addr", "flush", "dev", "flannel.1"]);
+        dp.maintain().await.expect("maintain");
+        assert_flannel_device(&ns, "flannel.1", 1, 8472, vtep_mac(&attrs), "10.5.1.0");
+    });
+}

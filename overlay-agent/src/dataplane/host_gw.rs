@@ -67,6 +67,11 @@ impl HostGwDataplane {
         ))
     }
 
+    /// The MTU pods should use (FLANNEL_MTU): host-gw adds no header.
+    pub fn mtu(&self) -> u32 {
+        self.uplink.mtu
+    }
+
     fn route(&self, subnet: Ipv4Network, public_ip: Ipv4Addr) -> Route {
         Route {
             destination: subnet,

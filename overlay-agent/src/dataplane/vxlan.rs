@@ -278,10 +278,21 @@ impl VxlanDataplane {
                 .await
                 .map_err(netlink_error(format!("adding {wanted} to {name}")))?;
         }
-        self.netlink
-            .set_link_up(index)
+        // Only write when needed: this runs every maintenance tick, and a no-op write would
+        // still wake every listener of link events.
+        let up = self
+            .netlink
+            .link_by_index(index)
             .await
-            .map_err(netlink_error(format!("setting {name} up")))
+            .map_err(netlink_error(format!("looking up {name}")))?
+            .is_some_and(|link| link.up);
+        if !up {
+            self.netlink
+                .set_link_up(index)
+                .await
+                .map_err(netlink_error(format!("setting {name} up")))?;
+        }
+        Ok(())
     }
 
     /// DirectRouting: is the peer's PublicIP on the uplink's own segment (the kernel routes
