@@ -1101,3 +1101,143 @@ fn vxlan_maintain_sets_a_downed_device_up_again() {
         assert_flannel_device(&ns, "flannel.1", 1, 8472, vtep_mac(&attrs), "10.5.1.0");
     });
 }
+
+/// Programs a node's vxlan dataplane for `subnet` with `peers` and returns its VtepMAC. The
+/// dataplane value is dropped afterwards; its kernel state stays, as on an agent stop.
+fn program_vxlan_node(
+    ns: &NetNs,
+    subnet: &str,
+    public_ip: &str,
+    direct: bool,
+    peers: Vec<Peer>,
+) -> MacAddr6 {
+    run_in(ns, || async {
+        let uplink = uplink("eth0", None).await;
+        let (mut dp, attrs) = VxlanDataplane::new(uplink, &backend(1, 8472, direct))
+            .await
+            .expect("dataplane");
+        dp.activate(&lease(subnet, public_ip))
+            .await
+            .expect("activate");
+        dp.apply(&PeerEvent::Snapshot(peers)).await.expect("peers");
+        vtep_mac(&attrs)
+    })
+}
+
+/// Two nodes both run VxlanDataplane (VtepMACs exchanged as the leases would), once through
+/// the vxlan device and once with DirectRouting; pods reach each other both ways.
+#[test]
+fn vxlan_dataplanes_on_both_nodes_carry_pod_traffic_with_and_without_direct_routing() {
+    for direct in [false, true] {
+        let mut cluster = Cluster::with(ClusterOptions {
+            nodes: 2,
+            underlay: UnderlayKind::Switch,
+            underlay_mtu: 1500,
+            etcd: false,
+        });
+        cluster.nodes[0].add_pod("10.5.1.1/24", 1450);
+        cluster.nodes[1].add_pod("10.5.2.1/24", 1450);
+        // First pass learns each side's MAC (devices are reused, so MACs stay), second wires peers.
+        let mac1 = program_vxlan_node(
+            &cluster.nodes[0].ns,
+            "10.5.1.0/24",
+            "192.168.100.1",
+            direct,
+            vec![],
+        );
+        let mac2 = program_vxlan_node(
+            &cluster.nodes[1].ns,
+            "10.5.2.0/24",
+            "192.168.100.2",
+            direct,
+            vec![],
+        );
+        let again1 = program_vxlan_node(
+            &cluster.nodes[0].ns,
+            "10.5.1.0/24",
+            "192.168.100.1",
+            direct,
+            vec![Peer {
+                subnet: "10.5.2.0/24".parse().expect("subnet"),
+                public_ip: "192.168.100.2".parse().expect("ip"),
+                vtep_mac: Some(mac2),
+            }],
+        );
+        let again2 = program_vxlan_node(
+            &cluster.nodes[1].ns,
+            "10.5.2.0/24",
+            "192.168.100.2",
+            direct,
+            vec![Peer {
+                subnet: "10.5.1.0/24".parse().expect("subnet"),
+                public_ip: "192.168.100.1".parse().expect("ip"),
+                vtep_mac: Some(mac1),
+            }],
+        );
+        assert_eq!(
+            (again1, again2),
+            (mac1, mac2),
+            "VtepMACs must be stable across restarts"
+        );
+        let expected = if direct {
+            "10.5.2.0/24 via 192.168.100.2 dev eth0 proto boot"
+        } else {
+            "10.5.2.0/24 via 10.5.2.0 dev flannel.1 proto boot onlink"
+        };
+        assert!(
+            routes(&cluster.nodes[0].ns, "main")
+                .iter()
+                .any(|r| r == expected),
+            "direct={direct}"
+        );
+        let (pod1, pod2) = (&cluster.nodes[0].pods[0], &cluster.nodes[1].pods[0]);
+        wait_until(Duration::from_secs(20), "pod 1 -> pod 2", || {
+            pod1.ping_once(pod2.ip)
+        });
+        wait_until(Duration::from_secs(20), "pod 2 -> pod 1", || {
+            pod2.ping_once(pod1.ip)
+        });
+    }
+}
+
+#[test]
+fn host_gw_dataplanes_carry_pod_traffic() {
+    let mut cluster = Cluster::with(ClusterOptions {
+        nodes: 2,
+        underlay: UnderlayKind::Switch,
+        underlay_mtu: 1500,
+        etcd: false,
+    });
+    cluster.nodes[0].add_pod("10.5.1.1/24", 1500);
+    cluster.nodes[1].add_pod("10.5.2.1/24", 1500);
+    for (node, own, other, other_ip) in [
+        (0, "10.5.1.0/24", "10.5.2.0/24", "192.168.100.2"),
+        (1, "10.5.2.0/24", "10.5.1.0/24", "192.168.100.1"),
+    ] {
+        let public_ip = cluster.nodes[node].ip.to_string();
+        run_in(&cluster.nodes[node].ns, || async {
+            let (mut dp, _) = HostGwDataplane::new(uplink("eth0", None).await)
+                .await
+                .expect("host-gw");
+            assert_eq!(dp.mtu(), 1500);
+            dp.activate(&lease(own, &public_ip))
+                .await
+                .expect("activate");
+            dp.apply(&PeerEvent::Snapshot(vec![peer(other, other_ip, None)]))
+                .await
+                .expect("peer");
+        });
+    }
+    assert!(
+        routes(&cluster.nodes[0].ns, "main")
+            .iter()
+            .any(|r| r == "10.5.2.0/24 via 192.168.100.2 dev eth0 proto boot")
+    );
+    let (pod1, pod2) = (&cluster.nodes[0].pods[0], &cluster.nodes[1].pods[0]);
+    wait_until(Duration::from_secs(20), "pod 1 -> pod 2", || {
+        pod1.ping_once(pod2.ip)
+    });
+    wait_until(Duration::from_secs(20), "pod 2 -> pod 1", || {
+        pod2.ping_once(pod1.ip)
+    });
+}
