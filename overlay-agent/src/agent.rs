@@ -16,11 +16,14 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{BackendType, NetworkConfig},
-    dataplane::{self, DataplaneCommand, DataplaneError, LeaseAttrs, LocalLease},
+    dataplane::{
+        self, DataplaneCommand, DataplaneError, LeaseAttrs, LocalLease, host_gw::HostGwDataplane,
+        vxlan::VxlanDataplane,
+    },
     etcd::{self, EtcdError, EtcdOptions},
     flags::Flags,
     health, iface,
-    lease::{HeldLease, LeaseError, Lessor, format_mac},
+    lease::{HeldLease, LEASE_TTL, LeaseError, Lessor, format_mac},
     masq, notify,
     peer::PeerEvent,
     status::{AgentStatus, PeerStatus},
@@ -535,6 +538,12 @@ pub async fn run(flags: Flags) -> Result<(), AgentError> {
 }
 
 /// The dataplane factory: builds the configured backend and runs the node with it.
+///
+/// - `host-gw`: [`HostGwDataplane`] on the uplink;
+/// - `vxlan`: [`VxlanDataplane`] (`flannel.<VNI>` exactly as flanneld programs it);
+/// - `ebpf`: the same kernel device with the eBPF dataplane on top; when the programs cannot
+///   be loaded or attached, the node runs the kernel device alone (a plain flannel vxlan
+///   node, wire-compatible) and says why in the log and the status.
 async fn start_backend(
     flags: &Flags,
     client: Client,
@@ -549,15 +558,55 @@ async fn start_backend(
         backend: kind,
         source,
     };
-    let _ = (&client, uplink, pod_mtu, &status, &shutdown, flags);
-    // Each arm builds its backend, asks it for its lease attributes and hands it to
-    // `run_node`. The backends are written in other branches; until they are merged the
-    // arms report that they are missing.
+    let public_ip = uplink.public_ip;
     match kind {
-        BackendType::Ebpf | BackendType::Vxlan | BackendType::HostGw => {
-            Err(setup_err(DataplaneError::Config(format!(
-                "the {kind} dataplane is not built into this binary yet"
-            ))))
+        BackendType::HostGw => {
+            let (dataplane, attrs) = HostGwDataplane::new(uplink.clone())
+                .await
+                .map_err(setup_err)?;
+            status.send_modify(|s| s.node.active_datapath = "host-gw".into());
+            let setup = NodeSetup {
+                dataplane,
+                attrs,
+                public_ip,
+                pod_mtu,
+            };
+            run_node(flags, client, config, setup, LEASE_TTL, status, shutdown).await
+        }
+        BackendType::Vxlan => {
+            let (dataplane, attrs) = VxlanDataplane::new(uplink.clone(), &config.backend)
+                .await
+                .map_err(setup_err)?;
+            status.send_modify(|s| s.node.active_datapath = "vxlan".into());
+            let pod_mtu = dataplane.mtu();
+            let setup = NodeSetup {
+                dataplane,
+                attrs,
+                public_ip,
+                pod_mtu,
+            };
+            run_node(flags, client, config, setup, LEASE_TTL, status, shutdown).await
+        }
+        BackendType::Ebpf => {
+            // The eBPF dataplane is not on this branch yet: run the kernel device it sits on
+            // (wire-compatible), and say so.
+            let reason = "the eBPF dataplane is not built into this binary yet".to_string();
+            warn!(reason = %reason, "the eBPF datapath cannot run here; this node forwards through the kernel vxlan device alone (a plain flannel vxlan node)");
+            let (dataplane, attrs) = VxlanDataplane::new(uplink.clone(), &config.backend)
+                .await
+                .map_err(setup_err)?;
+            let pod_mtu = dataplane.mtu();
+            status.send_modify(|s| {
+                s.node.active_datapath = "vxlan".into();
+                s.node.fallback_reason = Some(reason);
+            });
+            let setup = NodeSetup {
+                dataplane,
+                attrs,
+                public_ip,
+                pod_mtu,
+            };
+            run_node(flags, client, config, setup, LEASE_TTL, status, shutdown).await
         }
     }
 }
