@@ -889,6 +889,42 @@ async fn subcommands_validate_show_list_and_release() {
         "{err}"
     );
 
+    // --file, and `config show` on an invalid stored config says why.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("net.json");
+    std::fs::write(
+        &file,
+        r#"{"Network":"10.6.0.0/16","Backend":{"Type":"host-gw"}}"#,
+    )
+    .unwrap();
+    let file_arg = file.display().to_string();
+    let (ok, out, err) = run_cli(
+        &[
+            &ep,
+            "-etcd-prefix=/file",
+            "config",
+            "set",
+            "--file",
+            &file_arg,
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains(r#""Type":"host-gw""#), "{out}");
+    c.put(
+        "/bad/config",
+        r#"{"Network":"10.6.0.0/16","Backend":{"Type":"udp"}}"#,
+        None,
+    )
+    .await
+    .unwrap();
+    let (ok, out, err) = run_cli(&[&ep, "-etcd-prefix=/bad", "config", "show"], &[]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("INVALID: backend type \"udp\" is not supported"),
+        "{out}"
+    );
+
     // leases / lease release.
     let o = opts(&etcd.endpoint, "/cli");
     let config = NetworkConfig::parse(r#"{"network":"10.5.0.0/16"}"#).unwrap();
