@@ -227,6 +227,39 @@ fn lifecycle(backend: &str) {
         cluster.nodes[1].pods[0].ping_once(pod0)
     });
 
+    // `overlay-agent status` shows the running agent's view (from its /status endpoint).
+    let status = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", cluster.nodes[0].ns.name()))
+        .arg(agent_binary())
+        .args([
+            "status".to_owned(),
+            format!("-healthz-port={port}"),
+            format!("-etcd-endpoints={}", cluster.etcd_endpoint()),
+            format!("-etcd-prefix={PREFIX}"),
+            format!("-subnet-file={}", cluster.nodes[0].subnet_file().display()),
+        ])
+        .output()
+        .expect("overlay-agent status");
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let subnet1_net = lease_key(&subnet1)
+        .rsplit('/')
+        .next()
+        .expect("key")
+        .replace('-', "/");
+    assert!(
+        text.contains("ready true") && text.contains("1 peer(s)"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&subnet1_net) && text.contains("192.168.100.2"),
+        "{text}"
+    );
+
     // SIGTERM: a clean exit that leaves lease, datapath and subnet.env in place.
     agent0.signal(libc::SIGTERM);
     assert_eq!(agent0.wait_exit(LONG), Some(0), "log:\n{}", agent0.log());
