@@ -165,42 +165,89 @@ fn connect_hint(opts: &EtcdOptions, detail: &str) -> &'static str {
     }
 }
 
-/// Connects and proves the connection with one request, so a wrong certificate, password
-/// or address fails here with a clear message instead of later in a watch.
+/// Connects to one endpoint and proves it with a cheap read under our prefix (needs a
+/// working transport, TLS and, with auth, a user allowed to read the prefix).
+async fn connect_one(
+    endpoint: &str,
+    options: ConnectOptions,
+    opts: &EtcdOptions,
+) -> Result<Client, EtcdError> {
+    let connect_err = |err: etcd_client::Error| {
+        let detail = describe(&err);
+        EtcdError::Connect {
+            endpoints: endpoint.to_string(),
+            hint: connect_hint(opts, &detail).to_string(),
+            detail,
+        }
+    };
+    let probe = async {
+        let mut client = Client::connect([endpoint], Some(options))
+            .await
+            .map_err(connect_err)?;
+        client
+            .get(
+                opts.config_key(),
+                Some(etcd_client::GetOptions::new().with_count_only()),
+            )
+            .await
+            .map_err(connect_err)?;
+        Ok(client)
+    };
+    tokio::time::timeout(Duration::from_secs(10), probe)
+        .await
+        .map_err(|_| EtcdError::Connect {
+            endpoints: endpoint.to_string(),
+            detail: "no answer within 10 s".into(),
+            hint: "; is etcd running and reachable there? check --etcd-endpoints".into(),
+        })?
+}
+
+/// Connects to the endpoints that answer, so a wrong certificate, password or address fails
+/// here with a clear message instead of later in a watch.
+///
+/// Each endpoint is probed first and only the live ones go into the client: tonic's
+/// balancer would otherwise send some requests to an endpoint that refuses connections
+/// (flanneld's default list even names :4001, which rarely listens).
 pub async fn connect(opts: &EtcdOptions) -> Result<Client, EtcdError> {
     if opts.endpoints.is_empty() {
         return Err(EtcdError::NoEndpoints);
     }
     let options = connect_options(opts)?;
-    let endpoints = opts.endpoints.join(",");
-    let connect_err = |err: etcd_client::Error| {
-        let detail = describe(&err);
-        EtcdError::Connect {
-            endpoints: endpoints.clone(),
-            hint: connect_hint(opts, &detail).to_string(),
-            detail,
+    let probes = opts
+        .endpoints
+        .iter()
+        .map(|endpoint| connect_one(endpoint, options.clone(), opts));
+    let results: Vec<Result<Client, EtcdError>> = futures_util::future::join_all(probes).await;
+    let mut live = Vec::new();
+    let mut first_error = None;
+    for (endpoint, result) in opts.endpoints.iter().zip(results) {
+        match result {
+            Ok(client) => live.push((endpoint.clone(), client)),
+            Err(err) => {
+                if opts.endpoints.len() > 1 {
+                    tracing::warn!(endpoint = %endpoint, error = %err, "etcd endpoint not usable; using the others");
+                }
+                first_error.get_or_insert(err);
+            }
         }
-    };
-    let mut client = Client::connect(&opts.endpoints, Some(options))
-        .await
-        .map_err(connect_err)?;
-    // A cheap read under our prefix: needs a working transport, TLS and (with auth) a
-    // user allowed to read the prefix.
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        client.get(
-            opts.config_key(),
-            Some(etcd_client::GetOptions::new().with_count_only()),
-        ),
-    )
-    .await
-    .map_err(|_| EtcdError::Connect {
-        endpoints: endpoints.clone(),
-        detail: "no answer within 10 s".into(),
-        hint: "; is etcd running and reachable there? check --etcd-endpoints".into(),
-    })?
-    .map_err(connect_err)?;
-    Ok(client)
+    }
+    match live.len() {
+        0 => Err(first_error.expect("at least one endpoint was tried")),
+        1 => Ok(live.pop().expect("one").1),
+        _ => {
+            let endpoints: Vec<String> = live.into_iter().map(|(e, _)| e).collect();
+            Client::connect(&endpoints, Some(options))
+                .await
+                .map_err(|err| {
+                    let detail = describe(&err);
+                    EtcdError::Connect {
+                        endpoints: endpoints.join(","),
+                        hint: connect_hint(opts, &detail).to_string(),
+                        detail,
+                    }
+                })
+        }
+    }
 }
 
 #[cfg(test)]

@@ -85,7 +85,7 @@ async fn with_node<T>(
     flags: &Flags,
     public_ip: Ipv4Addr,
     vtep_mac: MacAddr6,
-    body: impl AsyncFnOnce(watch::Receiver<AgentStatus>) -> T,
+    body: impl AsyncFnOnce(watch::Receiver<AgentStatus>, common::RecordLog) -> T,
 ) -> (T, Vec<Recorded>) {
     let opts = flags.etcd_options();
     let mut c = etcd::connect(&opts).await.unwrap();
@@ -94,6 +94,7 @@ async fn with_node<T>(
         .await
         .unwrap();
     let (dp, mut rec) = RecordingDataplane::new();
+    let log = dp.log.clone();
     let setup = NodeSetup {
         dataplane: dp,
         attrs: LeaseAttrs::Vxlan {
@@ -107,7 +108,7 @@ async fn with_node<T>(
     let (stop_tx, stop_rx) = watch::channel(false);
     let node = agent::run_node(flags, c, config, setup, LEASE_TTL, status_tx, stop_rx);
     let test = async {
-        let out = body(status_rx).await;
+        let out = body(status_rx, log).await;
         stop_tx.send_replace(true);
         out
     };
@@ -132,7 +133,7 @@ async fn seeds_config_gives_flannels_lease_json_and_subnet_env_and_restart_reuse
     let flags = flags(&etcd.endpoint, SEEDS_PREFIX, &subnet_file);
     let public_ip = Ipv4Addr::new(192, 168, 64, 3);
 
-    let (subnet, seen) = with_node(&flags, public_ip, mac(0x44), async |mut ready| {
+    let (subnet, seen) = with_node(&flags, public_ip, mac(0x44), async |mut ready, log| {
         wait_until(LONG, "READY (subnet.env written)", || {
             let r = ready.borrow_and_update().ready;
             async move { r }
@@ -141,6 +142,19 @@ async fn seeds_config_gives_flannels_lease_json_and_subnet_env_and_restart_reuse
         let env = SubnetEnv::read(&subnet_file)
             .unwrap()
             .expect("subnet.env exists when ready");
+        wait_until(LONG, "the first peer snapshot at the dataplane", || {
+            let got = log
+                .lock()
+                .unwrap()
+                .contains(&Recorded::Applied(PeerEvent::Snapshot(vec![])));
+            async move { got }
+        })
+        .await;
+        let status = ready.borrow().clone();
+        assert_eq!(status.node.subnet, env.subnet.to_string());
+        assert_eq!(status.node.public_ip, "192.168.64.3");
+        assert_eq!(status.node.vtep_mac.as_deref(), Some("c6:d2:32:6f:8f:44"));
+        assert!(status.etcd.connected && status.peers.is_empty());
         env.subnet
     })
     .await;
@@ -199,7 +213,7 @@ async fn seeds_config_gives_flannels_lease_json_and_subnet_env_and_restart_reuse
         "the lease survives a clean stop"
     );
     // ...and a restart reuses it (found by PublicIP), with the new VtepMAC.
-    let (again, _) = with_node(&flags, public_ip, mac(0x55), async |mut ready| {
+    let (again, _) = with_node(&flags, public_ip, mac(0x55), async |mut ready, _log| {
         wait_until(LONG, "READY after restart", || {
             let r = ready.borrow_and_update().ready;
             async move { r }
@@ -227,7 +241,7 @@ async fn seeds_config_gives_flannels_lease_json_and_subnet_env_and_restart_reuse
         &flags,
         Ipv4Addr::new(192, 168, 64, 9),
         mac(0x66),
-        async |mut ready| {
+        async |mut ready, _log| {
             wait_until(LONG, "READY with the subnet file's subnet", || {
                 let r = ready.borrow_and_update().ready;
                 async move { r }
@@ -1128,4 +1142,42 @@ fn every_flag_also_reads_its_flanneld_environment_variable() {
             "--{long}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_endpoints_work_when_one_of_them_is_down() {
+    let etcd = Etcd::start();
+    // A port nobody listens on (bound, then released).
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let o = EtcdOptions {
+        endpoints: vec![dead.clone(), etcd.endpoint.clone()],
+        prefix: "/multi".into(),
+        ..Default::default()
+    };
+    let c = etcd::connect(&o).await.expect("the live endpoint serves");
+    let config = NetworkConfig::parse(r#"{"Network":"10.10.0.0/16"}"#).unwrap();
+    for n in 1..=5 {
+        lessor(&c, &o, &config, n)
+            .acquire(None)
+            .await
+            .expect("requests go to the live endpoint");
+    }
+    // All endpoints down: a clear error naming them.
+    let o = EtcdOptions {
+        endpoints: vec![dead.clone()],
+        ..o
+    };
+    let msg = etcd::connect(&o)
+        .await
+        .err()
+        .expect("nothing listens")
+        .to_string();
+    println!("all down: {msg}");
+    assert!(
+        msg.contains(&format!("cannot connect to etcd at {dead}")),
+        "{msg}"
+    );
 }

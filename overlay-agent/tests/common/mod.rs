@@ -218,15 +218,30 @@ pub enum Recorded {
     Applied(PeerEvent),
 }
 
+/// Everything a [`RecordingDataplane`] was asked to do, in order.
+pub type RecordLog = std::sync::Arc<std::sync::Mutex<Vec<Recorded>>>;
+
 /// A dataplane that records what the control plane asks of it.
 pub struct RecordingDataplane {
     pub tx: mpsc::UnboundedSender<Recorded>,
+    pub log: RecordLog,
 }
 
 impl RecordingDataplane {
     pub fn new() -> (RecordingDataplane, mpsc::UnboundedReceiver<Recorded>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (RecordingDataplane { tx }, rx)
+        (
+            RecordingDataplane {
+                tx,
+                log: RecordLog::default(),
+            },
+            rx,
+        )
+    }
+
+    fn record(&self, r: Recorded) {
+        self.log.lock().unwrap().push(r.clone());
+        let _ = self.tx.send(r);
     }
 }
 
@@ -235,11 +250,11 @@ impl Dataplane for RecordingDataplane {
         "recording"
     }
     async fn activate(&mut self, lease: &LocalLease) -> Result<(), DataplaneError> {
-        let _ = self.tx.send(Recorded::Activated(lease.clone()));
+        self.record(Recorded::Activated(lease.clone()));
         Ok(())
     }
     async fn apply(&mut self, event: &PeerEvent) -> Result<(), DataplaneError> {
-        let _ = self.tx.send(Recorded::Applied(event.clone()));
+        self.record(Recorded::Applied(event.clone()));
         Ok(())
     }
     async fn maintain(&mut self) -> Result<(), DataplaneError> {
