@@ -610,3 +610,83 @@ async fn start_backend(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peer::{MacAddr6, Peer};
+
+    fn config(json: &str) -> NetworkConfig {
+        NetworkConfig::parse(json).expect("valid test config")
+    }
+
+    #[test]
+    fn pod_mtu_subtracts_vxlan_overhead_except_for_host_gw() {
+        let vxlan = config(r#"{"Network":"10.5.0.0/16"}"#);
+        assert_eq!(pod_mtu(&vxlan, 1500), 1450);
+        let mut ebpf = vxlan.clone();
+        ebpf.backend.kind = BackendType::Ebpf;
+        assert_eq!(pod_mtu(&ebpf, 9000), 8950);
+        let jumbo = config(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","MTU":9000}}"#);
+        assert_eq!(
+            pod_mtu(&jumbo, 1500),
+            8950,
+            "Backend.MTU wins over the uplink's"
+        );
+        let host_gw = config(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#);
+        assert_eq!(pod_mtu(&host_gw, 1500), 1500);
+    }
+
+    #[test]
+    fn status_peer_list_follows_events_and_keeps_first_seen_times() {
+        let peer = |n: u8, mac: u8| Peer {
+            subnet: format!("10.5.{n}.0/24").parse().expect("net"),
+            public_ip: Ipv4Addr::new(192, 168, 1, n),
+            vtep_mac: Some(MacAddr6::new(0xc6, 0, 0, 0, 0, mac)),
+        };
+        let mut status = AgentStatus::default();
+        record_peer_event(
+            &mut status,
+            &PeerEvent::Snapshot(vec![peer(3, 3), peer(2, 2)]),
+        );
+        assert_eq!(status.peers.len(), 2);
+        assert_eq!(status.peers[0].subnet, "10.5.2.0/24", "sorted by subnet");
+        status.peers[0].since_unix = 1;
+        record_peer_event(&mut status, &PeerEvent::Upsert(peer(2, 9)));
+        assert_eq!(
+            status.peers[0].vtep_mac.as_deref(),
+            Some("c6:00:00:00:00:09")
+        );
+        assert_eq!(
+            status.peers[0].since_unix, 1,
+            "a changed peer keeps its first-seen time"
+        );
+        record_peer_event(
+            &mut status,
+            &PeerEvent::Remove("10.5.3.0/24".parse().expect("net")),
+        );
+        assert_eq!(status.peers.len(), 1);
+        record_peer_event(
+            &mut status,
+            &PeerEvent::Snapshot(vec![peer(2, 9), peer(4, 4)]),
+        );
+        assert_eq!(
+            status.peers[0].since_unix, 1,
+            "a snapshot keeps known peers' times"
+        );
+        assert_eq!(status.peers.len(), 2);
+        assert_eq!(status.events_applied, 4);
+    }
+
+    #[test]
+    fn problem_log_reports_each_distinct_problem_once() {
+        let mut log = ProblemLog::default();
+        log.report("a".into());
+        assert_eq!(log.last.as_deref(), Some("a"));
+        log.report("a".into());
+        log.report("b".into());
+        assert_eq!(log.last.as_deref(), Some("b"));
+        log.resolved("fine");
+        assert_eq!(log.last, None);
+    }
+}
