@@ -117,7 +117,9 @@ pub struct FlowKey {
     pub _pad: u8,
 }
 
-/// Indexes of [`map_names::STATS`]. Every packet the programs see bumps exactly one of them.
+/// Indexes of [`map_names::STATS`]. Every packet a program sees bumps exactly one reason
+/// counter (all but the two `*_BYTES` counters, which encap/decap bump alongside their packet
+/// counter).
 pub mod stat {
     /// Encapsulated and sent to a peer.
     pub const ENCAP_PACKETS: u32 = 0;
@@ -148,8 +150,10 @@ pub mod stat {
     pub const DROP_MALFORMED: u32 = 13;
     /// Passed to the kernel: truncated header on a packet that may not be ours.
     pub const PASS_TRUNCATED: u32 = 14;
+    /// Passed to the kernel: a GRO-merged VXLAN super-packet (its vxlan device decapsulates it).
+    pub const PASS_GSO: u32 = 15;
     /// Number of counters.
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     /// Names for metrics and status, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -168,7 +172,13 @@ pub mod stat {
         "drop_unknown_source",
         "drop_malformed",
         "pass_truncated",
+        "pass_gso",
     ];
+
+    /// Whether a counter counts packets by reason (as opposed to bytes).
+    pub const fn is_reason(index: u32) -> bool {
+        index != ENCAP_BYTES && index != DECAP_BYTES && index < COUNT
+    }
 }
 
 const _: () = assert!(core::mem::size_of::<PeerInfo>() == 16);

@@ -1,0 +1,176 @@
+//! Uplink ingress: a strict classifier for VXLAN addressed to this node. Spoofed VXLAN (from an
+//! address that holds no lease) is dropped; ours is decapsulated and delivered to the bridge.
+//! Everything else goes to the kernel untouched.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_CSUM_LEVEL_DEC, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_ADJ_ROOM_NO_CSUM_RESET,
+        TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_redir_neigh,
+        bpf_redir_neigh__bindgen_ty_1,
+    },
+    helpers::{bpf_csum_level, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use overlay_common::{DatapathConfig, FlowKey, VXLAN_OVERHEAD, stat};
+
+use crate::{
+    maps::{PEER_SOURCES, SERVICE_FLOWS, config},
+    parse::{
+        ETH_LEN, ETH_P_IPV4, EthHdr, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN, Ipv4Hdr, UDP_LEN,
+        UdpVxlanHdr, VXLAN_FLAG_I, VXLAN_LEN, decrement_ttl, gso_size, in_subnet, load, pass,
+        vni_wire,
+    },
+    stats::Verdict,
+};
+
+const OUTER_UDP_OFF: usize = ETH_LEN + IPV4_LEN;
+const INNER_ETH_OFF: usize = OUTER_UDP_OFF + UDP_LEN + VXLAN_LEN;
+const INNER_IP_OFF: usize = INNER_ETH_OFF + ETH_LEN;
+const AF_INET: u32 = 2;
+
+#[inline(always)]
+pub fn uplink_decap(ctx: &TcContext) -> Verdict {
+    let Some(cfg) = config() else {
+        return pass(stat::PASS_UNCONFIGURED);
+    };
+    let Some(proto) = load::<[u8; 2]>(ctx, 12) else {
+        return pass(stat::PASS_TRUNCATED);
+    };
+    if proto != ETH_P_IPV4 {
+        return pass(stat::PASS_NOT_OURS);
+    }
+    let Some(outer) = load::<Ipv4Hdr>(ctx, ETH_LEN) else {
+        return pass(stat::PASS_TRUNCATED);
+    };
+    if outer.version() != 4 || outer.proto != IPPROTO_UDP || outer.daddr != cfg.local_ip {
+        return pass(stat::PASS_NOT_OURS);
+    }
+    if outer.is_fragment() {
+        // The kernel reassembles; its vxlan device then decapsulates.
+        return pass(stat::PASS_FRAGMENT);
+    }
+    if outer.header_len() != IPV4_LEN {
+        // IP options: rare, left to the kernel rather than parsed here.
+        return pass(stat::PASS_NOT_OURS);
+    }
+    let Some(udp) = load::<UdpVxlanHdr>(ctx, OUTER_UDP_OFF) else {
+        return pass(stat::PASS_TRUNCATED);
+    };
+    if u16::from_ne_bytes(udp.dport) != cfg.udp_port_be
+        || udp.vxlan_flags & VXLAN_FLAG_I == 0
+        || udp.vni_reserved[..3] != vni_wire(cfg.vni)[..3]
+    {
+        return pass(stat::PASS_NOT_OURS);
+    }
+    // Our port, address and VNI: only nodes holding a lease may send it.
+    if PEER_SOURCES.get_ptr(&outer.saddr).is_none() {
+        return Verdict {
+            action: TC_ACT_SHOT as i32,
+            reason: stat::DROP_UNKNOWN_SOURCE,
+            bytes: 0,
+        };
+    }
+    let Some(inner_eth) = load::<EthHdr>(ctx, INNER_ETH_OFF) else {
+        return pass(stat::PASS_TRUNCATED);
+    };
+    if inner_eth.proto != ETH_P_IPV4 {
+        return pass(stat::PASS_NOT_OURS);
+    }
+    let Some(inner) = load::<Ipv4Hdr>(ctx, INNER_IP_OFF) else {
+        return pass(stat::PASS_TRUNCATED);
+    };
+    if inner.version() != 4 || inner.header_len() < IPV4_LEN {
+        return Verdict {
+            action: TC_ACT_SHOT as i32,
+            reason: stat::DROP_MALFORMED,
+            bytes: 0,
+        };
+    }
+    if !is_local_pod(cfg, inner.daddr) {
+        return pass(stat::PASS_NO_ROUTE);
+    }
+    if inner.is_fragment() {
+        return pass(stat::PASS_FRAGMENT);
+    }
+    if inner.ttl <= 1 {
+        return pass(stat::PASS_TTL);
+    }
+    if inner.proto == IPPROTO_TCP || inner.proto == IPPROTO_UDP {
+        let Some(dport) = load::<[u8; 2]>(ctx, INNER_IP_OFF + inner.header_len() + 2) else {
+            return pass(stat::PASS_TRUNCATED);
+        };
+        let key = FlowKey {
+            pod_ip: inner.daddr,
+            pod_port_be: u16::from_ne_bytes(dport),
+            protocol: inner.proto,
+            _pad: 0,
+        };
+        if SERVICE_FLOWS.get_ptr(&key).is_some() {
+            // A reply to a flow kube-proxy NATed: the kernel's conntrack must see it.
+            return pass(stat::PASS_SERVICE_FLOW);
+        }
+    }
+    if cfg.bridge_ifindex == 0 {
+        return pass(stat::PASS_NO_ROUTE);
+    }
+    if gso_size(ctx) != 0 {
+        // GRO-merged VXLAN: the helper cannot clear the tunnel GSO type on decap (no
+        // BPF_F_ADJ_ROOM_DECAP_L4_UDP on this kernel), so the kernel device decapsulates it.
+        return pass(stat::PASS_GSO);
+    }
+    if decap(ctx, &inner).is_err() {
+        return pass(stat::PASS_HELPER_ERROR);
+    }
+    let mut nexthop = bpf_redir_neigh {
+        nh_family: AF_INET,
+        __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 {
+            ipv4_nh: u32::from_ne_bytes(inner.daddr),
+        },
+    };
+    let action = unsafe {
+        bpf_redirect_neigh(
+            cfg.bridge_ifindex,
+            &mut nexthop,
+            core::mem::size_of::<bpf_redir_neigh>() as i32,
+            0,
+        )
+    };
+    if action != TC_ACT_REDIRECT as i64 {
+        return pass(stat::PASS_HELPER_ERROR);
+    }
+    Verdict {
+        action: TC_ACT_REDIRECT as i32,
+        reason: stat::DECAP_PACKETS,
+        bytes: ctx.len().saturating_sub(ETH_LEN as u32),
+    }
+}
+
+/// A unicast address of a pod in our subnet: not the network or broadcast address and not the
+/// bridge (gateway), which belong to the kernel.
+#[inline(always)]
+fn is_local_pod(cfg: &DatapathConfig, dst: [u8; 4]) -> bool {
+    let broadcast = u32::from_ne_bytes(cfg.subnet_addr) | !u32::from_ne_bytes(cfg.subnet_mask);
+    in_subnet(dst, cfg.subnet_addr, cfg.subnet_mask)
+        && dst != cfg.subnet_addr
+        && dst != cfg.gateway_ip
+        && u32::from_ne_bytes(dst) != broadcast
+}
+
+/// Removes outer IPv4 + UDP + VXLAN + inner Ethernet. With BPF_ADJ_ROOM_MAC the 50 bytes after
+/// the outer Ethernet header go, so the outer Ethernet header (type IPv4 already) now heads the
+/// inner IP packet; redirect_neigh rewrites its addresses.
+#[inline(always)]
+fn decap(ctx: &TcContext, inner: &Ipv4Hdr) -> Result<(), ()> {
+    decrement_ttl(ctx, INNER_IP_OFF, inner)?;
+    ctx.skb
+        .adjust_room(
+            -(VXLAN_OVERHEAD as i32),
+            BPF_ADJ_ROOM_MAC,
+            (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_NO_CSUM_RESET) as u64,
+        )
+        .map_err(|_| ())?;
+    // The outer checksum a NIC may have validated (CHECKSUM_UNNECESSARY) no longer applies.
+    // A no-op when the skb carries no such level.
+    unsafe { bpf_csum_level(ctx.skb.skb, BPF_CSUM_LEVEL_DEC as u64) };
+    Ok(())
+}
