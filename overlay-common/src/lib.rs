@@ -142,7 +142,8 @@ pub mod stat {
     pub const PASS_UNCONFIGURED: u32 = 9;
     /// Passed to the kernel: TTL would expire.
     pub const PASS_TTL: u32 = 10;
-    /// Passed to the kernel: a helper failed (adjust_room, store, redirect).
+    /// Passed to the kernel untouched: a helper failed before the packet changed
+    /// (adjust_room, redirect).
     pub const PASS_HELPER_ERROR: u32 = 11;
     /// Dropped: VXLAN for us from an underlay address that holds no lease.
     pub const DROP_UNKNOWN_SOURCE: u32 = 12;
@@ -152,8 +153,11 @@ pub mod stat {
     pub const PASS_TRUNCATED: u32 = 14;
     /// Passed to the kernel: a GRO-merged VXLAN super-packet (its vxlan device decapsulates it).
     pub const PASS_GSO: u32 = 15;
+    /// Dropped: a helper failed after the packet was already rewritten (half-built headers
+    /// must not reach the kernel).
+    pub const DROP_HELPER_ERROR: u32 = 16;
     /// Number of counters.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
 
     /// Names for metrics and status, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -173,6 +177,7 @@ pub mod stat {
         "drop_malformed",
         "pass_truncated",
         "pass_gso",
+        "drop_helper_error",
     ];
 
     /// Whether a counter counts packets by reason (as opposed to bytes).

@@ -110,6 +110,9 @@ pub fn uplink_decap(ctx: &TcContext) -> Verdict {
             return pass(stat::PASS_SERVICE_FLOW);
         }
     }
+    // With BPF_ADJ_ROOM_MAC the 50 bytes after the outer Ethernet header go (outer IPv4, UDP,
+    // VXLAN, inner Ethernet): the outer Ethernet header, type IPv4 already, now heads the inner
+    // packet, and redirect_neigh rewrites its addresses.
     if cfg.bridge_ifindex == 0 {
         return pass(stat::PASS_NO_ROUTE);
     }
@@ -118,8 +121,27 @@ pub fn uplink_decap(ctx: &TcContext) -> Verdict {
         // BPF_F_ADJ_ROOM_DECAP_L4_UDP on this kernel), so the kernel device decapsulates it.
         return pass(stat::PASS_GSO);
     }
-    if decap(ctx, &inner).is_err() {
+    if ctx
+        .skb
+        .adjust_room(
+            -(VXLAN_OVERHEAD as i32),
+            BPF_ADJ_ROOM_MAC,
+            (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_NO_CSUM_RESET) as u64,
+        )
+        .is_err()
+    {
         return pass(stat::PASS_HELPER_ERROR);
+    }
+    // The outer checksum a NIC may have validated (CHECKSUM_UNNECESSARY) no longer applies.
+    // A no-op when the skb carries no such level.
+    unsafe { bpf_csum_level(ctx.skb.skb, BPF_CSUM_LEVEL_DEC as u64) };
+    // We route the inner packet to the pod, as the kernel path would: TTL - 1.
+    if decrement_ttl(ctx, ETH_LEN, &inner).is_err() {
+        return Verdict {
+            action: TC_ACT_SHOT as i32,
+            reason: stat::DROP_HELPER_ERROR,
+            bytes: 0,
+        };
     }
     let mut nexthop = bpf_redir_neigh {
         nh_family: AF_INET,
@@ -154,23 +176,4 @@ fn is_local_pod(cfg: &DatapathConfig, dst: [u8; 4]) -> bool {
         && dst != cfg.subnet_addr
         && dst != cfg.gateway_ip
         && u32::from_ne_bytes(dst) != broadcast
-}
-
-/// Removes outer IPv4 + UDP + VXLAN + inner Ethernet. With BPF_ADJ_ROOM_MAC the 50 bytes after
-/// the outer Ethernet header go, so the outer Ethernet header (type IPv4 already) now heads the
-/// inner IP packet; redirect_neigh rewrites its addresses.
-#[inline(always)]
-fn decap(ctx: &TcContext, inner: &Ipv4Hdr) -> Result<(), ()> {
-    decrement_ttl(ctx, INNER_IP_OFF, inner)?;
-    ctx.skb
-        .adjust_room(
-            -(VXLAN_OVERHEAD as i32),
-            BPF_ADJ_ROOM_MAC,
-            (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_NO_CSUM_RESET) as u64,
-        )
-        .map_err(|_| ())?;
-    // The outer checksum a NIC may have validated (CHECKSUM_UNNECESSARY) no longer applies.
-    // A no-op when the skb carries no such level.
-    unsafe { bpf_csum_level(ctx.skb.skb, BPF_CSUM_LEVEL_DEC as u64) };
-    Ok(())
 }

@@ -4,7 +4,8 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_REDIRECT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     helpers::{bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect_neigh},
     maps::lpm_trie::Key,
@@ -93,9 +94,21 @@ pub fn bridge_encap(ctx: &TcContext) -> Verdict {
         // The kernel path (flannel.<VNI>, same MTU) fragments or answers "frag needed".
         return pass(stat::PASS_TOO_BIG);
     }
-    match encapsulate(ctx, cfg, &ip, &peer, inner_len) {
-        Ok(()) => {}
-        Err(()) => return pass(stat::PASS_HELPER_ERROR),
+    // The flow hash must be taken before the headers change (entropy for ECMP/RSS).
+    let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
+    if ctx
+        .skb
+        .adjust_room(VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
+        .is_err()
+    {
+        return pass(stat::PASS_HELPER_ERROR);
+    }
+    if write_headers(ctx, cfg, &ip, &peer, inner_len, hash).is_err() {
+        return Verdict {
+            action: TC_ACT_SHOT as i32,
+            reason: stat::DROP_HELPER_ERROR,
+            bytes: 0,
+        };
     }
     // FIB lookup + neighbour resolution by the kernel: works on routed underlays too.
     let action = unsafe { bpf_redirect_neigh(cfg.uplink_ifindex, core::ptr::null_mut(), 0, 0) };
@@ -109,20 +122,17 @@ pub fn bridge_encap(ctx: &TcContext) -> Verdict {
     }
 }
 
+/// Fills the 50 bytes adjust_room opened and routes the inner packet (TTL - 1).
 #[inline(always)]
-fn encapsulate(
+fn write_headers(
     ctx: &TcContext,
     cfg: &DatapathConfig,
     inner: &Ipv4Hdr,
     peer: &PeerInfo,
     inner_len: u32,
+    hash: u32,
 ) -> Result<(), ()> {
-    // The flow hash must be taken before the headers change (entropy for ECMP/RSS).
-    let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
-    decrement_ttl(ctx, ETH_LEN, inner)?;
-    ctx.skb
-        .adjust_room(VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
-        .map_err(|_| ())?;
+    decrement_ttl(ctx, ETH_LEN + VXLAN_OVERHEAD as usize, inner)?;
     let outer_len = inner_len + VXLAN_OVERHEAD;
     let mut hdr = EncapHdr {
         ip: Ipv4Hdr {
