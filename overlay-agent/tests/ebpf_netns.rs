@@ -1,0 +1,513 @@
+//! The eBPF datapath on real kernel objects: two node namespaces joined by a veth "underlay",
+//! a pod namespace behind a bridge on each. Node A runs `EbpfDataplane` (over a flannel-style
+//! kernel vxlan device), node B is a plain flannel kernel-vxlan node. Pods ping each other;
+//! the STATS map proves A's programs encapsulated and decapsulated the traffic, and B's kernel
+//! device accepting A's packets (and A's program accepting B's) proves wire compatibility.
+//!
+//! Needs root; fails loudly otherwise. Namespaces, links and pins are removed on drop.
+//! (Throwaway namespace helpers: to be replaced by overlay-tests fixtures once they land.)
+
+use std::{
+    fs::File,
+    net::Ipv4Addr,
+    os::fd::AsRawFd,
+    path::PathBuf,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use aya::programs::{SchedClassifier, TcAttachType};
+use ipnetwork::Ipv4Network;
+use overlay_agent::{
+    dataplane::{
+        Dataplane, DataplaneError, LocalLease,
+        ebpf::{EbpfDataplane, EbpfSettings, read_pinned_stats},
+    },
+    iface::Uplink,
+    peer::{MacAddr6, Peer, PeerEvent},
+};
+use overlay_common::{program_names, stat};
+
+fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}{}{}",
+        std::process::id() % 100_000,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn run(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A named network namespace, deleted on drop.
+struct Ns(String);
+
+impl Ns {
+    fn new(prefix: &str) -> Self {
+        let name = unique(prefix);
+        run(&["ip", "netns", "add", &name]);
+        let ns = Self(name);
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+    fn ip(&self, args: &[&str]) -> String {
+        let mut full = vec!["ip", "-n", &self.0];
+        full.extend_from_slice(args);
+        run(&full)
+    }
+    fn exec(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(args)
+            .output()
+            .expect("ip netns exec")
+    }
+    fn sysctl(&self, key: &str, value: &str) {
+        let out = self.exec(&["sysctl", "-qw", &format!("{key}={value}")]);
+        assert!(out.status.success(), "sysctl {key}: {out:?}");
+    }
+    fn ifindex(&self, name: &str) -> u32 {
+        let out = self.ip(&["-o", "link", "show", name]);
+        out.split(':')
+            .next()
+            .expect("index")
+            .trim()
+            .parse()
+            .expect("ifindex")
+    }
+    fn mac(&self, name: &str) -> MacAddr6 {
+        let out = self.ip(&["-o", "link", "show", name]);
+        let mac = out
+            .split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .expect("link/ether");
+        mac.parse().expect("mac")
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// Switches the current thread into a namespace; back on drop.
+struct InNs {
+    original: File,
+}
+
+impl InNs {
+    fn enter(ns: &Ns) -> Self {
+        let original = File::open("/proc/thread-self/ns/net").expect("own netns");
+        let target = File::open(format!("/run/netns/{}", ns.0)).expect("target netns");
+        // SAFETY: plain syscall on valid fds; affects only this thread.
+        let rc = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        Self { original }
+    }
+}
+
+impl Drop for InNs {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::setns(self.original.as_raw_fd(), libc::CLONE_NEWNET) };
+    }
+}
+
+/// A unique bpffs pin directory, removed on drop (unpinning detaches the links).
+struct PinDir(PathBuf);
+
+impl PinDir {
+    fn new() -> Self {
+        Self(PathBuf::from(format!(
+            "/sys/fs/bpf/{}",
+            unique("ovl-netns-test-")
+        )))
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The kernel vxlan device exactly as flannel programs it, via `ip` in the node namespace:
+/// the kernel path underneath the eBPF one on node A, and all of node B.
+struct FlannelDevice {
+    ns: String,
+    dev: String,
+}
+
+impl FlannelDevice {
+    fn create(ns: &Ns, local: Ipv4Addr, subnet: Ipv4Network) -> Self {
+        let dev = "flannel.1".to_string();
+        ns.ip(&[
+            "link",
+            "add",
+            &dev,
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "local",
+            &local.to_string(),
+            "dev",
+            "eth0",
+            "dstport",
+            "8472",
+            "nolearning",
+        ]);
+        ns.ip(&["link", "set", &dev, "mtu", "1450", "up"]);
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{}/32", subnet.network()),
+            "dev",
+            &dev,
+        ]);
+        Self {
+            ns: ns.0.clone(),
+            dev,
+        }
+    }
+    fn ip(&self, args: &[&str]) {
+        let mut full = vec!["ip", "-n", &self.ns];
+        full.extend_from_slice(args);
+        run(&full);
+    }
+    fn add_peer(&self, peer: &Peer) {
+        let gw = peer.subnet.network().to_string();
+        let mac = peer.vtep_mac.expect("vxlan peer").to_string();
+        self.ip(&[
+            "neigh",
+            "replace",
+            &gw,
+            "lladdr",
+            &mac,
+            "dev",
+            &self.dev,
+            "nud",
+            "permanent",
+        ]);
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.ns,
+            "bridge",
+            "fdb",
+            "replace",
+            &mac,
+            "dst",
+            &peer.public_ip.to_string(),
+            "dev",
+            &self.dev,
+            "self",
+            "permanent",
+        ]);
+        self.ip(&[
+            "route",
+            "replace",
+            &peer.subnet.to_string(),
+            "via",
+            &gw,
+            "dev",
+            &self.dev,
+            "onlink",
+        ]);
+    }
+}
+
+impl Dataplane for FlannelDevice {
+    fn name(&self) -> &'static str {
+        "test-kernel-vxlan"
+    }
+    async fn activate(&mut self, _lease: &LocalLease) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    async fn apply(&mut self, event: &PeerEvent) -> Result<(), DataplaneError> {
+        match event {
+            PeerEvent::Upsert(peer) => self.add_peer(peer),
+            PeerEvent::Snapshot(peers) => peers.iter().for_each(|p| self.add_peer(p)),
+            PeerEvent::Remove(subnet) => {
+                self.ip(&["route", "del", &subnet.to_string()]);
+            }
+        }
+        Ok(())
+    }
+    async fn maintain(&mut self) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+}
+
+struct Node {
+    ns: Ns,
+    pod: Ns,
+    pod_ip: Ipv4Addr,
+}
+
+impl Node {
+    /// Node namespace with `eth0` (already moved in), bridge cni0 = subnet .1, one pod (.2).
+    fn setup(ns: Ns, public_ip: Ipv4Addr, subnet: Ipv4Network) -> Self {
+        ns.sysctl("net.ipv4.ip_forward", "1");
+        ns.ip(&["addr", "add", &format!("{public_ip}/24"), "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        let gw = Ipv4Addr::from(u32::from(subnet.network()) + 1);
+        let pod_ip = Ipv4Addr::from(u32::from(subnet.network()) + 2);
+        ns.ip(&["link", "add", "cni0", "type", "bridge"]);
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{gw}/{}", subnet.prefix()),
+            "dev",
+            "cni0",
+        ]);
+        ns.ip(&["link", "set", "cni0", "up"]);
+        let pod = Ns::new("ovlpod");
+        ns.ip(&[
+            "link", "add", "vethpod", "type", "veth", "peer", "name", "eth0", "netns", &pod.0,
+        ]);
+        ns.ip(&["link", "set", "vethpod", "master", "cni0", "up"]);
+        pod.ip(&[
+            "addr",
+            "add",
+            &format!("{pod_ip}/{}", subnet.prefix()),
+            "dev",
+            "eth0",
+        ]);
+        pod.ip(&["link", "set", "eth0", "up"]);
+        pod.ip(&["route", "add", "default", "via", &gw.to_string()]);
+        Self { ns, pod, pod_ip }
+    }
+}
+
+fn require_root() {
+    // SAFETY: no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test creates namespaces and loads BPF programs: run it as root"
+    );
+    let mounts = std::fs::read_to_string("/proc/mounts").expect("/proc/mounts");
+    assert!(
+        mounts.lines().any(|l| l.contains(" /sys/fs/bpf bpf ")),
+        "/sys/fs/bpf is not a bpf filesystem: run `mount -t bpf bpf /sys/fs/bpf`"
+    );
+}
+
+fn ping(from: &Ns, to: Ipv4Addr, count: u32, interval: &str) -> std::process::Output {
+    from.exec(&[
+        "ping",
+        "-c",
+        &count.to_string(),
+        "-i",
+        interval,
+        "-W",
+        "2",
+        &to.to_string(),
+    ])
+}
+
+fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn ebpf_node_talks_to_kernel_vxlan_node_and_counts() {
+    require_root();
+    let subnet_a: Ipv4Network = "10.244.1.0/24".parse().expect("cidr");
+    let subnet_b: Ipv4Network = "10.244.2.0/24".parse().expect("cidr");
+    let (ip_a, ip_b) = (
+        Ipv4Addr::new(192, 168, 77, 1),
+        Ipv4Addr::new(192, 168, 77, 2),
+    );
+
+    let ns_a = Ns::new("ovlA");
+    let ns_b = Ns::new("ovlB");
+    // The underlay: one veth pair between the two node namespaces.
+    ns_a.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &ns_b.0,
+    ]);
+    let a = Node::setup(ns_a, ip_a, subnet_a);
+    let b = Node::setup(ns_b, ip_b, subnet_b);
+
+    let kernel_a = FlannelDevice::create(&a.ns, ip_a, subnet_a);
+    let kernel_b = FlannelDevice::create(&b.ns, ip_b, subnet_b);
+    let peer_a = Peer {
+        subnet: subnet_a,
+        public_ip: ip_a,
+        vtep_mac: Some(a.ns.mac("flannel.1")),
+    };
+    let peer_b = Peer {
+        subnet: subnet_b,
+        public_ip: ip_b,
+        vtep_mac: Some(b.ns.mac("flannel.1")),
+    };
+    // Node B: plain flannel, knows A.
+    kernel_b.add_peer(&peer_a);
+
+    let pin = PinDir::new();
+    let settings = EbpfSettings {
+        pin_dir: pin.0.clone(),
+        bridge: None,
+        uplink: Uplink {
+            name: "eth0".into(),
+            index: a.ns.ifindex("eth0"),
+            address: ip_a,
+            public_ip: ip_a,
+            mtu: 1500,
+        },
+        vni: 1,
+        port: 8472,
+        vtep_mac: peer_a.vtep_mac.expect("mac"),
+    };
+    let lease = LocalLease {
+        subnet: subnet_a,
+        network: "10.244.0.0/16".parse().expect("cidr"),
+        public_ip: ip_a,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    let dataplane = {
+        let _in_a = InNs::enter(&a.ns);
+        let mut dp = EbpfDataplane::new(kernel_a, settings.clone())
+            .expect("eBPF datapath loads and attaches");
+        rt.block_on(dp.activate(&lease)).expect("activate");
+        rt.block_on(dp.apply(&PeerEvent::Snapshot(vec![peer_b.clone()])))
+            .expect("snapshot");
+        dp
+    };
+    let before = dataplane.stats().expect("stats");
+
+    let out = ping(&a.pod, b.pod_ip, 5, "0.2");
+    assert!(out.status.success(), "pod A -> pod B ping failed: {out:?}");
+    let after = dataplane.stats().expect("stats");
+    let encap = after[stat::ENCAP_PACKETS as usize] - before[stat::ENCAP_PACKETS as usize];
+    let decap = after[stat::DECAP_PACKETS as usize] - before[stat::DECAP_PACKETS as usize];
+    assert!(
+        encap >= 5,
+        "A's bridge program encapsulated {encap} packets, expected >= 5: {after:?}"
+    );
+    assert!(
+        decap >= 5,
+        "A's uplink program decapsulated {decap} replies, expected >= 5: {after:?}"
+    );
+    // The agent-down path (`status`) reads the same counters from the pins.
+    let pinned = read_pinned_stats(&pin.0).expect("pinned stats");
+    assert!(pinned[stat::ENCAP_PACKETS as usize] >= after[stat::ENCAP_PACKETS as usize]);
+
+    // Pod B -> pod A also works (B encapsulates with the kernel, A decapsulates in BPF).
+    let out = ping(&b.pod, a.pod_ip, 3, "0.2");
+    assert!(out.status.success(), "pod B -> pod A ping failed: {out:?}");
+
+    // Restart: a second instance on the same pins replaces the links under continuous
+    // traffic; no ping may be lost.
+    let pinger = std::thread::spawn({
+        let pod = a.pod.0.clone();
+        let target = b.pod_ip.to_string();
+        move || {
+            Command::new("ip")
+                .args([
+                    "netns", "exec", &pod, "ping", "-c", "150", "-i", "0.01", "-W", "2", &target,
+                ])
+                .output()
+                .expect("ping")
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let dataplane2 = {
+        let _in_a = InNs::enter(&a.ns);
+        let kernel_a2 = FlannelDevice {
+            ns: a.ns.0.clone(),
+            dev: "flannel.1".into(),
+        };
+        let mut dp = EbpfDataplane::new(kernel_a2, settings).expect("restart loads");
+        rt.block_on(dp.activate(&lease)).expect("activate");
+        rt.block_on(dp.apply(&PeerEvent::Snapshot(vec![peer_b.clone()])))
+            .expect("snapshot");
+        dp
+    };
+    drop(dataplane);
+    let out = pinger.join().expect("pinger");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains(" 0% packet loss"),
+        "traffic interrupted by the restart: {text}"
+    );
+    let stats2 = dataplane2.stats().expect("stats");
+    assert!(
+        stats2[stat::ENCAP_PACKETS as usize] >= after[stat::ENCAP_PACKETS as usize] + 150,
+        "maps survived the restart and the new programs kept encapsulating: {stats2:?}"
+    );
+    // Exactly one TCX program on each hook after the handoff (the old links are gone).
+    {
+        let _in_a = InNs::enter(&a.ns);
+        for (ifname, program) in [
+            ("eth0", program_names::UPLINK_INGRESS),
+            ("cni0", program_names::BRIDGE_EGRESS),
+        ] {
+            let (_, programs) =
+                SchedClassifier::query_tcx(ifname, TcAttachType::Ingress).expect("query tcx");
+            let names: Vec<_> = programs
+                .iter()
+                .map(|p| p.name_as_str().unwrap_or("?").to_string())
+                .collect();
+            // The kernel truncates program names to 15 bytes.
+            assert_eq!(
+                names,
+                [&program[..15]],
+                "TCX programs on {ifname} after restart"
+            );
+        }
+    }
+
+    // The bridge is deleted and re-created: maintain re-attaches to the new one.
+    a.ns.ip(&["link", "del", "cni0"]);
+    a.ns.ip(&["link", "add", "cni0", "type", "bridge"]);
+    a.ns.ip(&["addr", "add", "10.244.1.1/24", "dev", "cni0"]);
+    a.ns.ip(&["link", "set", "cni0", "up"]);
+    a.ns.ip(&["link", "set", "vethpod", "master", "cni0"]);
+    let mut dataplane2 = dataplane2;
+    {
+        let _in_a = InNs::enter(&a.ns);
+        rt.block_on(dataplane2.maintain()).expect("maintain");
+    }
+    let before = dataplane2.stats().expect("stats");
+    wait_until(
+        Duration::from_secs(20),
+        "pod ping over the re-created bridge",
+        || ping(&a.pod, b.pod_ip, 1, "0.2").status.success(),
+    );
+    let after = dataplane2.stats().expect("stats");
+    assert!(
+        after[stat::ENCAP_PACKETS as usize] > before[stat::ENCAP_PACKETS as usize],
+        "encap resumed on the re-created bridge: {after:?}"
+    );
+
+    drop(dataplane2);
+    drop(pin);
+    drop(a);
+    drop(b);
+}
