@@ -18,7 +18,8 @@ use aya::{
 };
 use overlay_agent::dataplane::ebpf::{classifier, load};
 use overlay_common::{
-    DatapathConfig, FlowKey, PeerInfo, PeerSource, map_names, peer_flags, program_names, stat,
+    DatapathConfig, FlowKey, PeerInfo, PeerSource, config_flags, map_names, peer_flags,
+    program_names, stat,
 };
 
 const TC_ACT_UNSPEC: u32 = -1i32 as u32;
@@ -97,9 +98,11 @@ fn config() -> DatapathConfig {
         vni: 1,
         uplink_ifindex: 1,
         bridge_ifindex: 1,
+        vxlan_ifindex: 1,
         max_inner_len: 1450,
         vtep_mac: LOCAL_VTEP,
         udp_port_be: 8472u16.to_be(),
+        flags: 0,
         enabled: 1,
     }
 }
@@ -343,7 +346,7 @@ fn encap_produces_flannel_vxlan_bytes() {
 }
 
 #[test]
-fn decap_of_a_flannel_frame() {
+fn decap_of_a_flannel_frame_enters_the_stack_as_from_the_vxlan_device() {
     let mut h = Harness::new();
     let input = flannel_frame();
     let out = h.expect(
@@ -353,6 +356,27 @@ fn decap_of_a_flannel_frame() {
         TC_ACT_REDIRECT,
         stat::DECAP_PACKETS,
     );
+    // Exactly what flannel.1 would hand the stack: the inner frame, untouched (the kernel
+    // routes it and decrements the TTL).
+    assert_eq!(out, input[50..]);
+}
+
+#[test]
+fn direct_decap_of_a_flannel_frame() {
+    let mut h = Harness::new();
+    let mut cfg = config();
+    cfg.flags = config_flags::DECAP_DIRECT;
+    h.config.set(0, cfg, 0).expect("config");
+    let input = flannel_frame();
+    let out = h.expect(
+        program_names::UPLINK_INGRESS,
+        &input,
+        None,
+        TC_ACT_REDIRECT,
+        stat::DECAP_PACKETS,
+    );
+    // Outer Ethernet kept for redirect_neigh to readdress; inner IPv4 routed by us: TTL 63,
+    // checksum 0x219e (by hand).
     let mut expected = input[..14].to_vec();
     expected.extend_from_slice(&[
         0x45, 0x00, 0x00, 0x20, 0x43, 0x21, 0x00, 0x00, 63, 17, 0x21, 0x9e, 10, 5, 2, 3, 10, 5, 1,
@@ -360,6 +384,44 @@ fn decap_of_a_flannel_frame() {
     ]);
     expected.extend_from_slice(&input[84..]);
     assert_eq!(out, expected);
+
+    // Direct mode honours the Service guard: a remembered flow's reply goes to the kernel.
+    h.service_flows
+        .insert(
+            FlowKey {
+                pod_ip: [10, 5, 1, 2],
+                pod_port_be: 40000u16.to_be(),
+                protocol: 17,
+                _pad: 0,
+            },
+            1,
+            0,
+        )
+        .expect("flow");
+    h.expect(
+        program_names::UPLINK_INGRESS,
+        &input,
+        None,
+        TC_ACT_UNSPEC,
+        stat::PASS_SERVICE_FLOW,
+    );
+    // And without a bridge it leaves everything to the kernel.
+    cfg.bridge_ifindex = 0;
+    h.config.set(0, cfg, 0).expect("config");
+    h.service_flows.remove(&FlowKey {
+        pod_ip: [10, 5, 1, 2],
+        pod_port_be: 40000u16.to_be(),
+        protocol: 17,
+        _pad: 0,
+    })
+    .expect("remove flow");
+    h.expect(
+        program_names::UPLINK_INGRESS,
+        &input,
+        None,
+        TC_ACT_UNSPEC,
+        stat::PASS_NO_ROUTE,
+    );
 }
 
 #[test]
@@ -391,12 +453,8 @@ fn encap_then_decap_round_trips() {
         TC_ACT_REDIRECT,
         stat::DECAP_PACKETS,
     );
-    // The inner packet comes out as sent, routed twice (each node decrements the TTL, as the
-    // kernel path does): TTL 62, checksum 0x138b (by hand).
-    let mut expected = encapped[64..].to_vec();
-    expected[8] = 62;
-    expected[10..12].copy_from_slice(&[0x13, 0x8b]);
-    assert_eq!(out[14..], expected);
+    // The inner frame comes out exactly as encapsulated (the receiving kernel routes it).
+    assert_eq!(out, encapped[50..]);
 }
 
 #[test]
@@ -484,20 +542,12 @@ fn decap_pass_and_drop_reasons() {
 
     h.expect(prog, &good, Some(1400), TC_ACT_UNSPEC, stat::PASS_GSO);
 
-    // A reply to a flow the Service guard remembered stays on the kernel path.
-    h.service_flows
-        .insert(
-            FlowKey {
-                pod_ip: [10, 5, 1, 2],
-                pod_port_be: 40000u16.to_be(),
-                protocol: 17,
-                _pad: 0,
-            },
-            1,
-            0,
-        )
-        .expect("flow");
-    h.expect(prog, &good, None, TC_ACT_UNSPEC, stat::PASS_SERVICE_FLOW);
+    // Without the vxlan device to deliver through, everything is left to the kernel.
+    let mut cfg = config();
+    cfg.vxlan_ifindex = 0;
+    h.config.set(0, cfg, 0).expect("config");
+    h.expect(prog, &good, None, TC_ACT_UNSPEC, stat::PASS_NO_ROUTE);
+    h.config.set(0, config(), 0).expect("config");
 
     // Removing the peer source turns its traffic into drops.
     h.sources.remove(&PEER_IP).expect("remove source");

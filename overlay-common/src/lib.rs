@@ -89,17 +89,32 @@ pub struct DatapathConfig {
     pub gateway_ip: [u8; 4],
     /// VXLAN network identifier (host byte order, < 2^24).
     pub vni: u32,
-    /// Interface indexes in the node's network namespace.
+    /// Interface indexes in the node's network namespace (0: not present).
     pub uplink_ifindex: u32,
     pub bridge_ifindex: u32,
+    /// The kernel's `flannel.<VNI>` device: decapsulated packets enter the stack through it.
+    pub vxlan_ifindex: u32,
     /// Largest inner IPv4 packet the underlay carries without fragmenting (uplink MTU - 50).
     pub max_inner_len: u32,
-    /// Our VtepMAC (inner source MAC on encap).
+    /// Our VtepMAC (inner source MAC on encap; the kernel device's MAC).
     pub vtep_mac: [u8; 6],
     /// VXLAN UDP destination port, network byte order.
     pub udp_port_be: u16,
+    /// Bit set of [`config_flags`].
+    pub flags: u32,
     /// Nonzero once the agent has written a complete configuration.
     pub enabled: u32,
+}
+
+/// Flags of [`DatapathConfig::flags`].
+pub mod config_flags {
+    /// Decap delivers straight to the pod through the bridge (`bpf_redirect_neigh`), skipping
+    /// the node's netfilter/conntrack; replies of flows the Service guard remembered still go
+    /// the kernel way. Only correct when no NAT happens before the bridge's TC hook (e.g.
+    /// br_netfilter off). Without this flag, decapsulated packets enter the stack through the
+    /// kernel vxlan device exactly as if it had decapsulated them (conntrack, iptables and
+    /// rp_filter see what flannel would give them).
+    pub const DECAP_DIRECT: u32 = 1;
 }
 
 /// Key of [`map_names::SERVICE_FLOWS`]: a local pod's endpoint of a flow that left through the
@@ -132,7 +147,8 @@ pub mod stat {
     pub const PASS_NOT_OURS: u32 = 4;
     /// Passed to the kernel: IP fragment.
     pub const PASS_FRAGMENT: u32 = 5;
-    /// Passed to the kernel: no peer for the destination, or an address the kernel owns.
+    /// Passed to the kernel: no peer for the destination, an address the kernel owns, or the
+    /// device to deliver through is missing.
     pub const PASS_NO_ROUTE: u32 = 6;
     /// Passed to the kernel: larger than the underlay carries (the kernel answers PMTU).
     pub const PASS_TOO_BIG: u32 = 7;
@@ -188,7 +204,7 @@ pub mod stat {
 
 const _: () = assert!(core::mem::size_of::<PeerInfo>() == 16);
 const _: () = assert!(core::mem::size_of::<PeerSource>() == 8);
-const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 44);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 52);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 8);
 
 #[cfg(feature = "user")]

@@ -1,17 +1,18 @@
 //! Uplink ingress: a strict classifier for VXLAN addressed to this node. Spoofed VXLAN (from an
-//! address that holds no lease) is dropped; ours is decapsulated and delivered to the bridge.
+//! address that holds no lease) is dropped; ours is decapsulated and delivered (through the
+//! kernel vxlan device by default, or straight to the bridge, see `config_flags`).
 //! Everything else goes to the kernel untouched.
 
 use aya_ebpf::{
     bindings::{
-        BPF_CSUM_LEVEL_DEC, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_ADJ_ROOM_NO_CSUM_RESET,
+        BPF_CSUM_LEVEL_DEC, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, BPF_F_ADJ_ROOM_NO_CSUM_RESET,
         TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_redir_neigh,
         bpf_redir_neigh__bindgen_ty_1,
     },
-    helpers::{bpf_csum_level, bpf_redirect_neigh},
+    helpers::{bpf_csum_level, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use overlay_common::{DatapathConfig, FlowKey, VXLAN_OVERHEAD, stat};
+use overlay_common::{DatapathConfig, FlowKey, VXLAN_OVERHEAD, config_flags, stat};
 
 use crate::{
     maps::{PEER_SOURCES, SERVICE_FLOWS, config},
@@ -95,7 +96,8 @@ pub fn uplink_decap(ctx: &TcContext) -> Verdict {
     if inner.ttl <= 1 {
         return pass(stat::PASS_TTL);
     }
-    if inner.proto == IPPROTO_TCP || inner.proto == IPPROTO_UDP {
+    let direct = cfg.flags & config_flags::DECAP_DIRECT != 0;
+    if direct && (inner.proto == IPPROTO_TCP || inner.proto == IPPROTO_UDP) {
         let Some(dport) = load::<[u8; 2]>(ctx, INNER_IP_OFF + inner.header_len() + 2) else {
             return pass(stat::PASS_TRUNCATED);
         };
@@ -110,10 +112,12 @@ pub fn uplink_decap(ctx: &TcContext) -> Verdict {
             return pass(stat::PASS_SERVICE_FLOW);
         }
     }
-    // With BPF_ADJ_ROOM_MAC the 50 bytes after the outer Ethernet header go (outer IPv4, UDP,
-    // VXLAN, inner Ethernet): the outer Ethernet header, type IPv4 already, now heads the inner
-    // packet, and redirect_neigh rewrites its addresses.
-    if cfg.bridge_ifindex == 0 {
+    let target_ifindex = if direct {
+        cfg.bridge_ifindex
+    } else {
+        cfg.vxlan_ifindex
+    };
+    if target_ifindex == 0 {
         return pass(stat::PASS_NO_ROUTE);
     }
     if gso_size(ctx) != 0 {
@@ -121,6 +125,9 @@ pub fn uplink_decap(ctx: &TcContext) -> Verdict {
         // BPF_F_ADJ_ROOM_DECAP_L4_UDP on this kernel), so the kernel device decapsulates it.
         return pass(stat::PASS_GSO);
     }
+    // With BPF_ADJ_ROOM_MAC the 50 bytes after the outer Ethernet header go (outer IPv4, UDP,
+    // VXLAN, inner Ethernet): the outer Ethernet header (type IPv4 already) now heads the
+    // inner packet.
     if ctx
         .skb
         .adjust_room(
@@ -135,14 +142,49 @@ pub fn uplink_decap(ctx: &TcContext) -> Verdict {
     // The outer checksum a NIC may have validated (CHECKSUM_UNNECESSARY) no longer applies.
     // A no-op when the skb carries no such level.
     unsafe { bpf_csum_level(ctx.skb.skb, BPF_CSUM_LEVEL_DEC as u64) };
-    // We route the inner packet to the pod, as the kernel path would: TTL - 1.
-    if decrement_ttl(ctx, ETH_LEN, &inner).is_err() {
-        return Verdict {
+    let delivered = if direct {
+        deliver_to_bridge(ctx, cfg, &inner)
+    } else {
+        deliver_through_vxlan_device(ctx, cfg, &inner_eth)
+    };
+    match delivered {
+        Ok(()) => Verdict {
+            action: TC_ACT_REDIRECT as i32,
+            reason: stat::DECAP_PACKETS,
+            bytes: ctx.len().saturating_sub(ETH_LEN as u32),
+        },
+        // The packet is already decapsulated: it must not reach the kernel half-done.
+        Err(()) => Verdict {
             action: TC_ACT_SHOT as i32,
             reason: stat::DROP_HELPER_ERROR,
             bytes: 0,
-        };
+        },
     }
+}
+
+/// Default delivery: the packet enters the stack through the kernel's `flannel.<VNI>` device
+/// with the inner Ethernet header, exactly as if that device had decapsulated it, so
+/// conntrack (Service replies), iptables and rp_filter see what flannel gives them.
+#[inline(always)]
+fn deliver_through_vxlan_device(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    inner_eth: &EthHdr,
+) -> Result<(), ()> {
+    ctx.store(0, inner_eth, 0).map_err(|_| ())?;
+    let action = unsafe { bpf_redirect(cfg.vxlan_ifindex, u64::from(BPF_F_INGRESS)) };
+    if action == TC_ACT_REDIRECT as i64 {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
+/// Direct delivery: route the inner packet to the pod ourselves (TTL - 1, as a router does)
+/// and let the neighbour layer address it on the bridge.
+#[inline(always)]
+fn deliver_to_bridge(ctx: &TcContext, cfg: &DatapathConfig, inner: &Ipv4Hdr) -> Result<(), ()> {
+    decrement_ttl(ctx, ETH_LEN, inner)?;
     let mut nexthop = bpf_redir_neigh {
         nh_family: AF_INET,
         __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 {
@@ -157,13 +199,10 @@ pub fn uplink_decap(ctx: &TcContext) -> Verdict {
             0,
         )
     };
-    if action != TC_ACT_REDIRECT as i64 {
-        return pass(stat::PASS_HELPER_ERROR);
-    }
-    Verdict {
-        action: TC_ACT_REDIRECT as i32,
-        reason: stat::DECAP_PACKETS,
-        bytes: ctx.len().saturating_sub(ETH_LEN as u32),
+    if action == TC_ACT_REDIRECT as i64 {
+        Ok(())
+    } else {
+        Err(())
     }
 }
 

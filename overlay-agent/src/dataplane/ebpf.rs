@@ -24,7 +24,8 @@ use aya::{
 };
 use ipnetwork::Ipv4Network;
 use overlay_common::{
-    DatapathConfig, PeerInfo, PeerSource, PeerSubnet, VXLAN_OVERHEAD, map_names, peer_flags,
+    DatapathConfig, PeerInfo, PeerSource, PeerSubnet, VXLAN_OVERHEAD, config_flags, map_names,
+    peer_flags,
     program_names, stat,
 };
 use tracing::{debug, info, warn};
@@ -180,6 +181,56 @@ pub struct EbpfSettings {
     pub port: u16,
     /// Our VtepMAC: the kernel device's (from its `LeaseAttrs::Vxlan`).
     pub vtep_mac: MacAddr6,
+    /// The kernel vxlan device (`flannel.<VNI>`), through which decapsulated packets enter
+    /// the stack in [`DecapMode::ViaKernelDevice`].
+    pub vxlan_device: String,
+    pub decap: DecapMode,
+}
+
+/// How decapsulated packets reach the pods.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DecapMode {
+    /// Through the kernel vxlan device's receive path, as if it had decapsulated them:
+    /// conntrack (kube-proxy Service replies, also with br_netfilter), iptables (network
+    /// policies) and rp_filter behave exactly as on a flannel node. The safe default.
+    #[default]
+    ViaKernelDevice,
+    /// Straight to the pod through the bridge (`bpf_redirect_neigh`), skipping the node's
+    /// netfilter. Replies of flows the Service guard remembered still take the kernel path,
+    /// but the guard only sees Service traffic when no NAT happens before the bridge's TC hook
+    /// (br_netfilter's `bridge-nf-call-iptables=0`). Faster; opt-in.
+    DirectToBridge,
+}
+
+/// [`EbpfDataplane::new`] failed: the kernel dataplane, untouched, and why.
+#[derive(Debug)]
+pub struct EbpfUnavailable<K> {
+    pub kernel: K,
+    pub error: EbpfError,
+}
+
+impl<K> std::fmt::Display for EbpfUnavailable<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the eBPF datapath is unavailable: {}", self.error)
+    }
+}
+
+/// Removes the pinned links and maps under `pin_dir`: detaches the programs and turns the node
+/// back into a plain kernel-vxlan (flannel) node. For `--backend=vxlan|host-gw` after an eBPF
+/// run, or an explicit uninstall. Returns whether anything was there.
+pub fn remove_pinned(pin_dir: &Path) -> Result<bool, EbpfError> {
+    match std::fs::remove_dir_all(pin_dir) {
+        Ok(()) => {
+            info!(pin_dir = %pin_dir.display(), "eBPF datapath removed (links and maps unpinned)");
+            Ok(true)
+        }
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(EbpfError::Pin {
+            what: "removing the pinned eBPF datapath",
+            path: pin_dir.to_owned(),
+            source,
+        }),
+    }
 }
 
 /// The bridge the programs are attached to.
@@ -233,11 +284,35 @@ pub struct EbpfDataplane<K: Dataplane> {
 impl<K: Dataplane> EbpfDataplane<K> {
     /// Loads the programs (maps pinned under `settings.pin_dir`) and attaches the decap program
     /// to the uplink's TCX ingress. The bridge is attached once [`Dataplane::activate`] or
-    /// [`Dataplane::maintain`] finds it. Fails (with the reason) when the programs cannot be
-    /// loaded or attached: the caller then runs `kernel` alone and says so.
-    pub fn new(kernel: K, settings: EbpfSettings) -> Result<Self, EbpfError> {
+    /// [`Dataplane::maintain`] finds it. When the programs cannot be loaded or attached, the
+    /// error hands `kernel` back: the caller runs it alone and says so loudly.
+    pub fn new(kernel: K, settings: EbpfSettings) -> Result<Self, EbpfUnavailable<K>> {
+        match Self::try_new(&settings) {
+            Ok((ebpf, maps)) => {
+                let mut dataplane = Self::assemble(kernel, settings, ebpf, maps);
+                let uplink = dataplane.settings.uplink.name.clone();
+                match dataplane.attach(program_names::UPLINK_INGRESS, &uplink, UPLINK_LINK_PIN) {
+                    Ok(()) => {
+                        info!(uplink = %uplink, pin_dir = %dataplane.settings.pin_dir.display(), "eBPF decap program attached to the uplink");
+                        Ok(dataplane)
+                    }
+                    Err(error) => Err(EbpfUnavailable {
+                        kernel: dataplane.kernel,
+                        error,
+                    }),
+                }
+            }
+            Err(error) => Err(EbpfUnavailable { kernel, error }),
+        }
+    }
+
+    fn try_new(settings: &EbpfSettings) -> Result<(Ebpf, Maps), EbpfError> {
         let mut ebpf = load(&settings.pin_dir)?;
         let maps = Maps::take(&mut ebpf)?;
+        Ok((ebpf, maps))
+    }
+
+    fn assemble(kernel: K, settings: EbpfSettings, ebpf: Ebpf, maps: Maps) -> Self {
         let mut dataplane = Self {
             kernel,
             settings,
@@ -250,10 +325,7 @@ impl<K: Dataplane> EbpfDataplane<K> {
         };
         // Start from a generation above anything a previous run wrote.
         dataplane.generation = dataplane.max_generation_in_maps();
-        let uplink = dataplane.settings.uplink.name.clone();
-        dataplane.attach(program_names::UPLINK_INGRESS, &uplink, UPLINK_LINK_PIN)?;
-        info!(uplink = %uplink, pin_dir = %dataplane.settings.pin_dir.display(), "eBPF decap program attached to the uplink");
-        Ok(dataplane)
+        dataplane
     }
 
     /// The kernel dataplane underneath.
@@ -417,9 +489,16 @@ impl<K: Dataplane> EbpfDataplane<K> {
             vni: self.settings.vni,
             uplink_ifindex: uplink.index,
             bridge_ifindex: self.bridge.as_ref().map_or(0, |b| b.index),
+            // 0 until the kernel dataplane has created it: decap then leaves VXLAN to the kernel.
+            vxlan_ifindex: nix::net::if_::if_nametoindex(self.settings.vxlan_device.as_str())
+                .unwrap_or(0),
             max_inner_len: uplink.mtu.saturating_sub(VXLAN_OVERHEAD),
             vtep_mac: self.settings.vtep_mac.into_array(),
             udp_port_be: self.settings.port.to_be(),
+            flags: match self.settings.decap {
+                DecapMode::ViaKernelDevice => 0,
+                DecapMode::DirectToBridge => config_flags::DECAP_DIRECT,
+            },
             enabled: 1,
         };
         let current = self.maps.config.get(&0, 0).ok();
