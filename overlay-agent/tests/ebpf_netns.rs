@@ -22,7 +22,7 @@ use ipnetwork::Ipv4Network;
 use overlay_agent::{
     dataplane::{
         Dataplane, DataplaneError, LocalLease,
-        ebpf::{DecapMode, EbpfDataplane, EbpfSettings, read_pinned_stats},
+        ebpf::{DatapathMode, EbpfDataplane, EbpfSettings, read_pinned_stats},
     },
     iface::Uplink,
     peer::{MacAddr6, Peer, PeerEvent},
@@ -346,18 +346,23 @@ struct Topology {
 
 impl Topology {
     fn new() -> Self {
-        Self::with_decap(DecapMode::ViaKernelDevice)
+        Self::with_mode(DatapathMode::KernelRouted)
     }
 
-    fn with_decap(decap: DecapMode) -> Self {
+    fn with_mode(mode: DatapathMode) -> Self {
         require_root();
         let subnet_a: Ipv4Network = "10.244.1.0/24".parse().expect("cidr");
         let subnet_b: Ipv4Network = "10.244.2.0/24".parse().expect("cidr");
-        let (ip_a, ip_b) = (Ipv4Addr::new(192, 168, 77, 1), Ipv4Addr::new(192, 168, 77, 2));
+        let (ip_a, ip_b) = (
+            Ipv4Addr::new(192, 168, 77, 1),
+            Ipv4Addr::new(192, 168, 77, 2),
+        );
         let ns_a = Ns::new("ovlA");
         let ns_b = Ns::new("ovlB");
         // The underlay: one veth pair between the two node namespaces.
-        ns_a.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &ns_b.0]);
+        ns_a.ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &ns_b.0,
+        ]);
         let a = Node::setup(ns_a, ip_a, subnet_a);
         let b = Node::setup(ns_b, ip_b, subnet_b);
         let kernel_a = FlannelDevice::create(&a.ns, ip_a, subnet_a);
@@ -388,7 +393,7 @@ impl Topology {
             port: 8472,
             vtep_mac: peer_a.vtep_mac.expect("mac"),
             vxlan_device: "flannel.1".into(),
-            decap,
+            mode,
         };
         let lease = LocalLease {
             subnet: subnet_a,
@@ -418,7 +423,9 @@ impl Topology {
         let _in_a = InNs::enter(&self.a.ns);
         let mut dp = EbpfDataplane::new(kernel, self.settings.clone())
             .unwrap_or_else(|e| panic!("eBPF datapath loads and attaches: {e}"));
-        self.rt.block_on(dp.activate(&self.lease)).expect("activate");
+        self.rt
+            .block_on(dp.activate(&self.lease))
+            .expect("activate");
         self.rt
             .block_on(dp.apply(&PeerEvent::Snapshot(vec![self.peer_b.clone()])))
             .expect("snapshot");
@@ -457,8 +464,14 @@ fn ebpf_node_talks_to_kernel_vxlan_node_and_counts() {
     let after = t.stats();
     let encap = delta(&before, &after, stat::ENCAP_PACKETS);
     let decap = delta(&before, &after, stat::DECAP_PACKETS);
-    assert!(encap >= 5, "A's bridge program encapsulated {encap} packets, expected >= 5: {after:?}");
-    assert!(decap >= 5, "A's uplink program decapsulated {decap} replies, expected >= 5: {after:?}");
+    assert!(
+        encap >= 5,
+        "A's bridge program encapsulated {encap} packets, expected >= 5: {after:?}"
+    );
+    assert!(
+        decap >= 5,
+        "A's uplink program decapsulated {decap} replies, expected >= 5: {after:?}"
+    );
     // The agent-down path (`status`) reads the same counters from the pins.
     let pinned = read_pinned_stats(&t.pin.0).expect("pinned stats");
     assert!(pinned[stat::ENCAP_PACKETS as usize] >= after[stat::ENCAP_PACKETS as usize]);
@@ -470,58 +483,94 @@ fn ebpf_node_talks_to_kernel_vxlan_node_and_counts() {
     assert!(delta(&before, &t.stats(), stat::DECAP_PACKETS) >= 3);
 }
 
-#[test]
-fn restart_under_traffic_loses_nothing_and_bridge_recreation_is_followed() {
-    let mut t = Topology::new();
-    let pinger = std::thread::spawn({
-        let pod = t.a.pod.0.clone();
-        let target = t.b.pod_ip.to_string();
-        move || {
-            Command::new("ip")
-                .args(["netns", "exec", &pod, "ping", "-c", "150", "-i", "0.01", "-W", "2", &target])
-                .output()
-                .expect("ping")
-        }
-    });
-    let before = t.stats();
-    wait_until(Duration::from_secs(10), "traffic through the first instance", || {
-        delta(&before, &t.dp().stats().expect("stats"), stat::ENCAP_PACKETS) >= 20
-    });
-    // A second instance on the same pins (the first one is still alive, as in a restart where
-    // the old process lingers): it attaches first, then the old links are unpinned.
-    let kernel = FlannelDevice {
-        ns: t.a.ns.0.clone(),
-        dev: "flannel.1".into(),
-    };
-    t.start_agent(kernel);
-    let out = pinger.join().expect("pinger");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && text.contains(" 0% packet loss"),
-        "traffic interrupted by the restart: {text}"
-    );
-    let after = t.stats();
-    assert!(
-        delta(&before, &after, stat::ENCAP_PACKETS) >= 150,
-        "maps survived the restart and the programs kept encapsulating: {after:?}"
-    );
-    // Exactly one TCX program on each hook after the handoff (the old links are gone).
+fn tcx_programs(t: &mut Topology, ifname: &str, attach_type: TcAttachType) -> Vec<String> {
     t.in_a(|_| {
-        for (ifname, program) in [
-            ("eth0", program_names::UPLINK_INGRESS),
-            ("cni0", program_names::BRIDGE_EGRESS),
-        ] {
-            let (_, programs) =
-                SchedClassifier::query_tcx(ifname, TcAttachType::Ingress).expect("query tcx");
-            let names: Vec<_> = programs
-                .iter()
-                .map(|p| p.name_as_str().unwrap_or("?").to_string())
-                .collect();
-            // The kernel truncates program names to 15 bytes.
-            assert_eq!(names, [&program[..15]], "TCX programs on {ifname} after restart");
-        }
-    });
+        let (_, programs) = SchedClassifier::query_tcx(ifname, attach_type).expect("query tcx");
+        programs
+            .iter()
+            .map(|p| p.name_as_str().unwrap_or("?").to_string())
+            .collect()
+    })
+}
 
+#[test]
+fn restart_under_traffic_loses_nothing() {
+    for mode in [DatapathMode::KernelRouted, DatapathMode::Direct] {
+        let mut t = Topology::with_mode(mode);
+        let pinger = std::thread::spawn({
+            let pod = t.a.pod.0.clone();
+            let target = t.b.pod_ip.to_string();
+            move || {
+                Command::new("ip")
+                    .args([
+                        "netns", "exec", &pod, "ping", "-c", "150", "-i", "0.01", "-W", "2",
+                        &target,
+                    ])
+                    .output()
+                    .expect("ping")
+            }
+        });
+        let before = t.stats();
+        wait_until(
+            Duration::from_secs(10),
+            "traffic through the first instance",
+            || {
+                delta(
+                    &before,
+                    &t.dp().stats().expect("stats"),
+                    stat::ENCAP_PACKETS,
+                ) >= 20
+            },
+        );
+        // A second instance on the same pins while the first is still alive (as when the old
+        // process lingers): it attaches first, then the old links are unpinned.
+        let kernel = FlannelDevice {
+            ns: t.a.ns.0.clone(),
+            dev: "flannel.1".into(),
+        };
+        t.start_agent(kernel);
+        let out = pinger.join().expect("pinger");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains(" 0% packet loss"),
+            "{mode:?}: traffic interrupted by the restart: {text}"
+        );
+        let after = t.stats();
+        assert!(
+            delta(&before, &after, stat::ENCAP_PACKETS) >= 150
+                && delta(&before, &after, stat::DECAP_PACKETS) >= 150,
+            "{mode:?}: maps survived the restart and the programs kept working: {:?}",
+            moved(&before, &after)
+        );
+        // Exactly one TCX program per hook after the handoff (the old links are gone). The
+        // kernel truncates program names to 15 bytes.
+        let short = |name: &str| name[..15].to_string();
+        let (encap_if, encap_hook, encap_prog) = match mode {
+            DatapathMode::KernelRouted => (
+                "flannel.1",
+                TcAttachType::Egress,
+                program_names::VXLAN_EGRESS,
+            ),
+            DatapathMode::Direct => ("cni0", TcAttachType::Ingress, program_names::BRIDGE_EGRESS),
+        };
+        assert_eq!(
+            tcx_programs(&mut t, "eth0", TcAttachType::Ingress),
+            [short(program_names::UPLINK_INGRESS)]
+        );
+        assert_eq!(
+            tcx_programs(&mut t, encap_if, encap_hook),
+            [short(encap_prog)]
+        );
+    }
+}
+
+#[test]
+fn direct_mode_follows_a_recreated_bridge_and_mode_switch_detaches() {
+    let mut t = Topology::with_mode(DatapathMode::Direct);
+    assert!(
+        ping(&t.a.pod, t.b.pod_ip, 1, "0.2").status.success(),
+        "baseline"
+    );
     // The bridge is deleted and re-created: maintain re-attaches to the new one.
     t.a.ns.ip(&["link", "del", "cni0"]);
     t.a.ns.ip(&["link", "add", "cni0", "type", "bridge"]);
@@ -534,14 +583,32 @@ fn restart_under_traffic_loses_nothing_and_bridge_recreation_is_followed() {
         rt.block_on(dp.maintain()).expect("maintain");
     });
     let before = t.stats();
-    wait_until(Duration::from_secs(20), "pod ping over the re-created bridge", || {
-        ping(&t.a.pod, t.b.pod_ip, 1, "0.2").status.success()
-    });
+    wait_until(
+        Duration::from_secs(20),
+        "pod ping over the re-created bridge",
+        || ping(&t.a.pod, t.b.pod_ip, 1, "0.2").status.success(),
+    );
     let after = t.stats();
     assert!(
         delta(&before, &after, stat::ENCAP_PACKETS) > 0,
-        "encap resumed on the re-created bridge: {after:?}"
+        "encap resumed on the re-created bridge: {:?}",
+        moved(&before, &after)
     );
+    // Restart in the default mode: the bridge program goes, the vxlan one comes.
+    t.settings.mode = DatapathMode::KernelRouted;
+    let kernel = FlannelDevice {
+        ns: t.a.ns.0.clone(),
+        dev: "flannel.1".into(),
+    };
+    t.start_agent(kernel);
+    assert!(tcx_programs(&mut t, "cni0", TcAttachType::Ingress).is_empty());
+    assert_eq!(
+        tcx_programs(&mut t, "flannel.1", TcAttachType::Egress),
+        [program_names::VXLAN_EGRESS[..15].to_string()]
+    );
+    let before = t.stats();
+    assert!(ping(&t.a.pod, t.b.pod_ip, 2, "0.2").status.success());
+    assert!(delta(&before, &t.stats(), stat::ENCAP_PACKETS) >= 2);
 }
 
 fn start_iperf_server(t: &Topology, port: u16) {
@@ -566,7 +633,9 @@ fn iperf(t: &Topology, port: u16, reverse: bool) -> (u64, f64) {
     let out = t.a.pod.exec(&args);
     assert!(out.status.success(), "iperf3: {out:?}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 json");
-    let bytes = report["end"]["sum_received"]["bytes"].as_f64().expect("bytes") as u64;
+    let bytes = report["end"]["sum_received"]["bytes"]
+        .as_f64()
+        .expect("bytes") as u64;
     let bps = report["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .expect("bps");
@@ -582,13 +651,13 @@ fn moved(before: &[u64], after: &[u64]) -> Vec<(&'static str, u64)> {
 
 #[test]
 fn tcp_with_gso_is_encapsulated_and_decapsulated_in_both_modes() {
-    for decap in [DecapMode::ViaKernelDevice, DecapMode::DirectToBridge] {
-        let mut t = Topology::with_decap(decap);
+    for mode in [DatapathMode::KernelRouted, DatapathMode::Direct] {
+        let mut t = Topology::with_mode(mode);
         let before = t.stats();
         let (bytes, bps) = iperf(&t, 5201, false);
         let after = t.stats();
         eprintln!(
-            "{decap:?}: pod A -> pod B through the eBPF encap: {:.2} Gbit/s, {} encap packets for {bytes} bytes",
+            "{mode:?}: pod A -> pod B through the eBPF encap: {:.2} Gbit/s, {} encap packets for {bytes} bytes",
             bps / 1e9,
             delta(&before, &after, stat::ENCAP_PACKETS),
         );
@@ -601,18 +670,28 @@ fn tcp_with_gso_is_encapsulated_and_decapsulated_in_both_modes() {
         let (bytes, bps) = iperf(&t, 5202, true);
         let after = t.stats();
         eprintln!(
-            "{decap:?}: pod B -> pod A through the eBPF decap: {:.2} Gbit/s, {:?}",
+            "{mode:?}: pod B -> pod A through the eBPF decap: {:.2} Gbit/s, {:?}",
             bps / 1e9,
             moved(&before, &after)
         );
         assert!(
-            delta(&before, &after, stat::DECAP_BYTES) + delta(&before, &after, stat::PASS_GSO) * 65536
+            delta(&before, &after, stat::DECAP_BYTES)
+                + delta(&before, &after, stat::PASS_GSO) * 65536
                 >= bytes,
             "the reverse TCP stream was decapsulated by the eBPF program: {:?}",
             moved(&before, &after)
         );
-        for bad in [stat::PASS_HELPER_ERROR, stat::DROP_HELPER_ERROR, stat::DROP_MALFORMED] {
-            assert_eq!(delta(&before, &after, bad), 0, "{:?}", moved(&before, &after));
+        for bad in [
+            stat::PASS_HELPER_ERROR,
+            stat::DROP_HELPER_ERROR,
+            stat::DROP_MALFORMED,
+        ] {
+            assert_eq!(
+                delta(&before, &after, bad),
+                0,
+                "{:?}",
+                moved(&before, &after)
+            );
         }
     }
 }
@@ -622,13 +701,34 @@ fn tcp_with_gso_is_encapsulated_and_decapsulated_in_both_modes() {
 fn service_dnat_works(t: &mut Topology, port: u16) -> Vec<(&'static str, u64)> {
     start_iperf_server(t, port);
     let dnat = t.a.ns.exec(&[
-        "iptables", "-t", "nat", "-A", "PREROUTING", "-d", "10.96.0.10", "-p", "tcp", "--dport",
-        "80", "-j", "DNAT", "--to-destination", &format!("10.244.2.2:{port}"),
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-d",
+        "10.96.0.10",
+        "-p",
+        "tcp",
+        "--dport",
+        "80",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        &format!("10.244.2.2:{port}"),
     ]);
     assert!(dnat.status.success(), "iptables DNAT: {dnat:?}");
     let before = t.stats();
     let out = t.a.pod.exec(&[
-        "iperf3", "-c", "10.96.0.10", "-p", "80", "-t", "1", "--connect-timeout", "3000",
+        "iperf3",
+        "-c",
+        "10.96.0.10",
+        "-p",
+        "80",
+        "-t",
+        "1",
+        "--connect-timeout",
+        "3000",
     ]);
     let after = t.stats();
     assert!(
@@ -642,13 +742,19 @@ fn service_dnat_works(t: &mut Topology, port: u16) -> Vec<(&'static str, u64)> {
 #[test]
 fn service_dnat_replies_meet_conntrack_with_br_netfilter() {
     // Default mode, br_netfilter on (as kube-proxy requires): the DNAT happens before the
-    // bridge's TC hook, so only delivery through the kernel device keeps replies correct.
+    // bridge's TC hook; the kernel routes (and confirms conntrack) before our encap, and the
+    // decapsulated replies enter through the vxlan device, so conntrack un-NATs them.
     let mut t = Topology::new();
     t.a.ns.sysctl("net.bridge.bridge-nf-call-iptables", "1");
     let moved = service_dnat_works(&mut t, 5301);
     assert!(
-        moved.iter().any(|(name, n)| *name == "decap_packets" && *n > 0),
-        "the replies were decapsulated by eBPF (and still un-NATed): {moved:?}"
+        moved
+            .iter()
+            .any(|(name, n)| *name == "decap_packets" && *n > 0)
+            && moved
+                .iter()
+                .any(|(name, n)| *name == "encap_packets" && *n > 0),
+        "the Service flow went through eBPF encap and decap (and was still un-NATed): {moved:?}"
     );
 }
 
@@ -656,11 +762,13 @@ fn service_dnat_replies_meet_conntrack_with_br_netfilter() {
 fn service_dnat_replies_take_the_kernel_path_in_direct_mode() {
     // Direct mode is only correct when the DNAT happens after the bridge's TC hook
     // (br_netfilter off): then the Service guard hands the replies to the kernel.
-    let mut t = Topology::with_decap(DecapMode::DirectToBridge);
+    let mut t = Topology::with_mode(DatapathMode::Direct);
     t.a.ns.sysctl("net.bridge.bridge-nf-call-iptables", "0");
     let moved = service_dnat_works(&mut t, 5302);
     assert!(
-        moved.iter().any(|(name, n)| *name == "pass_service_flow" && *n > 0),
+        moved
+            .iter()
+            .any(|(name, n)| *name == "pass_service_flow" && *n > 0),
         "the Service replies were handed to the kernel: {moved:?}"
     );
 }
@@ -668,12 +776,16 @@ fn service_dnat_replies_take_the_kernel_path_in_direct_mode() {
 #[test]
 fn removed_peer_is_no_longer_reached_and_its_vxlan_is_dropped() {
     let mut t = Topology::new();
-    assert!(ping(&t.b.pod, t.a.pod_ip, 1, "0.2").status.success(), "baseline");
+    assert!(
+        ping(&t.b.pod, t.a.pod_ip, 1, "0.2").status.success(),
+        "baseline"
+    );
     let subnet_b = t.peer_b.subnet;
     t.in_a(|t| {
         let rt = &t.rt;
         let dp = t.dataplane.as_mut().expect("dp");
-        rt.block_on(dp.apply(&PeerEvent::Remove(subnet_b))).expect("remove");
+        rt.block_on(dp.apply(&PeerEvent::Remove(subnet_b)))
+            .expect("remove");
     });
     let before = t.stats();
     // B still believes in A and sends VXLAN; A no longer accepts it from B.

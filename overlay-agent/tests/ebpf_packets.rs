@@ -408,13 +408,14 @@ fn direct_decap_of_a_flannel_frame() {
     // And without a bridge it leaves everything to the kernel.
     cfg.bridge_ifindex = 0;
     h.config.set(0, cfg, 0).expect("config");
-    h.service_flows.remove(&FlowKey {
-        pod_ip: [10, 5, 1, 2],
-        pod_port_be: 40000u16.to_be(),
-        protocol: 17,
-        _pad: 0,
-    })
-    .expect("remove flow");
+    h.service_flows
+        .remove(&FlowKey {
+            pod_ip: [10, 5, 1, 2],
+            pod_port_be: 40000u16.to_be(),
+            protocol: 17,
+            _pad: 0,
+        })
+        .expect("remove flow");
     h.expect(
         program_names::UPLINK_INGRESS,
         &input,
@@ -650,4 +651,68 @@ fn unconfigured_datapath_passes_everything() {
         TC_ACT_UNSPEC,
         stat::PASS_UNCONFIGURED,
     );
+}
+
+/// What the kernel hands flannel.1 for pod 10.5.1.2 -> remote pod 10.5.2.3 after routing it:
+/// inner Ethernet from the permanent neighbour (peer VtepMAC <- ours), TTL already 63.
+fn routed_into_vxlan_device(ttl: u8, checksum: [u8; 2]) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&PEER_VTEP);
+    p.extend_from_slice(&LOCAL_VTEP);
+    p.extend_from_slice(&[0x08, 0x00]);
+    p.extend_from_slice(&[
+        0x45,
+        0x00,
+        0x00,
+        0x20,
+        0x12,
+        0x34,
+        0x40,
+        0x00,
+        ttl,
+        0x11,
+        checksum[0],
+        checksum[1],
+        10,
+        5,
+        1,
+        2,
+        10,
+        5,
+        2,
+        3,
+    ]);
+    p.extend_from_slice(&[
+        0x9c, 0x40, 0x13, 0x88, 0x00, 0x0c, 0x00, 0x00, b'p', b'i', b'n', b'g',
+    ]);
+    p
+}
+
+#[test]
+fn vxlan_device_egress_encap_produces_flannel_bytes_and_keeps_the_ttl() {
+    let mut h = Harness::new();
+    let prog = program_names::VXLAN_EGRESS;
+    // TTL 63 / checksum 0x128b and TTL 1 / 0x508b computed by hand.
+    for (ttl, check) in [(63u8, [0x12, 0x8b]), (1, [0x50, 0x8b])] {
+        let input = routed_into_vxlan_device(ttl, check);
+        let out = h.expect(prog, &input, None, TC_ACT_REDIRECT, stat::ENCAP_PACKETS);
+        assert_eq!(out.len(), input.len() + 50);
+        assert_eq!(out[14..18], [0x45, 0x00, 0x00, 82]);
+        assert_eq!(out[20..24], [0x00, 0x00, 64, 17]);
+        assert_eq!(out[26..34], [192, 168, 100, 1, 192, 168, 100, 2]);
+        assert_eq!(checksum(&out[14..34]), 0, "outer IPv4 checksum must verify");
+        let sport = u16::from_be_bytes([out[34], out[35]]);
+        assert!((32768..61000).contains(&sport), "source port {sport}");
+        assert_eq!(out[36..42], [0x21, 0x18, 0x00, 62, 0x00, 0x00]);
+        assert_eq!(out[42..50], [0x08, 0, 0, 0, 0x00, 0x00, 0x01, 0x00]);
+        // The inner frame exactly as the kernel built it (the kernel already routed it).
+        assert_eq!(out[50..], input[..]);
+    }
+    // Not for a peer (e.g. a route someone else added to the device): the kernel's.
+    let mut other = routed_into_vxlan_device(63, [0x12, 0x8b]);
+    other[30..34].copy_from_slice(&[10, 9, 9, 9]);
+    h.expect(prog, &other, None, TC_ACT_UNSPEC, stat::PASS_NO_ROUTE);
+    let mut fragment = routed_into_vxlan_device(63, [0x12, 0x8b]);
+    fragment[20] = 0x20;
+    h.expect(prog, &fragment, None, TC_ACT_UNSPEC, stat::PASS_FRAGMENT);
 }

@@ -23,8 +23,12 @@ pub mod map_names {
 
 /// Program names (the Rust function names in `overlay-ebpf`).
 pub mod program_names {
-    /// TC ingress on the pod bridge: encapsulates pod traffic towards remote subnets.
+    /// TC ingress on the pod bridge: encapsulates pod traffic towards remote subnets (direct
+    /// mode).
     pub const BRIDGE_EGRESS: &str = "overlay_bridge_encap";
+    /// TC egress on the kernel vxlan device (`flannel.<VNI>`): encapsulates what the kernel
+    /// routed there (default mode).
+    pub const VXLAN_EGRESS: &str = "overlay_vxlan_encap";
     /// TC ingress on the uplink: filters and decapsulates VXLAN towards local pods.
     pub const UPLINK_INGRESS: &str = "overlay_uplink_decap";
 }
@@ -108,7 +112,7 @@ pub struct DatapathConfig {
 
 /// Flags of [`DatapathConfig::flags`].
 pub mod config_flags {
-    /// Decap delivers straight to the pod through the bridge (`bpf_redirect_neigh`), skipping
+    /// Direct mode (the bridge program encapsulates). Decap delivers straight to the pod through the bridge (`bpf_redirect_neigh`), skipping
     /// the node's netfilter/conntrack; replies of flows the Service guard remembered still go
     /// the kernel way. Only correct when no NAT happens before the bridge's TC hook (e.g.
     /// br_netfilter off). Without this flag, decapsulated packets enter the stack through the

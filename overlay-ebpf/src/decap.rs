@@ -5,7 +5,7 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_CSUM_LEVEL_DEC, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, BPF_F_ADJ_ROOM_NO_CSUM_RESET,
+        BPF_CSUM_LEVEL_DEC, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_ADJ_ROOM_NO_CSUM_RESET, BPF_F_INGRESS,
         TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_redir_neigh,
         bpf_redir_neigh__bindgen_ty_1,
     },

@@ -1,5 +1,7 @@
-//! Pod bridge ingress: VXLAN-encapsulate IPv4 towards remote pod subnets, exactly as flannel's
-//! `flannel.<VNI>` device would put it on the wire, and send it out of the uplink.
+//! VXLAN encapsulation towards remote pod subnets, exactly as flannel's `flannel.<VNI>` device
+//! puts it on the wire, then straight out of the uplink. Two attach points: TC egress of the
+//! kernel vxlan device (default: the kernel routes and runs netfilter first) and TC ingress of
+//! the pod bridge (direct mode: skips the node's routing and netfilter for pod traffic).
 
 use aya_ebpf::{
     bindings::{
@@ -89,6 +91,52 @@ pub fn bridge_encap(ctx: &TcContext) -> Verdict {
     if ip.ttl <= 1 {
         return pass(stat::PASS_TTL);
     }
+    encapsulate_and_send(ctx, cfg, &ip, &peer, true)
+}
+
+/// TC egress on the kernel's `flannel.<VNI>` device: the kernel has routed the packet (and run
+/// netfilter: conntrack confirmation, NAT, policies) and put the inner Ethernet header on it;
+/// only the device's own encapsulation and outer-packet transmit are replaced.
+#[inline(always)]
+pub fn vxlan_device_encap(ctx: &TcContext) -> Verdict {
+    let Some(cfg) = config() else {
+        return pass(stat::PASS_UNCONFIGURED);
+    };
+    let Some(eth) = load::<EthHdr>(ctx, 0) else {
+        return pass(stat::PASS_TRUNCATED);
+    };
+    if eth.proto != ETH_P_IPV4 {
+        return pass(stat::PASS_NOT_OURS);
+    }
+    let Some(ip) = load::<Ipv4Hdr>(ctx, ETH_LEN) else {
+        return pass(stat::PASS_TRUNCATED);
+    };
+    if ip.version() != 4 || ip.header_len() < IPV4_LEN {
+        return pass(stat::PASS_NOT_OURS);
+    }
+    if ip.is_fragment() {
+        return pass(stat::PASS_FRAGMENT);
+    }
+    match PEERS.get(Key::new(32, ip.daddr)) {
+        Some(peer) if peer.flags & peer_flags::VALID != 0 => {
+            let peer = *peer;
+            encapsulate_and_send(ctx, cfg, &ip, &peer, false)
+        }
+        _ => pass(stat::PASS_NO_ROUTE),
+    }
+}
+
+/// Size check, encapsulation, redirect to the uplink. `route_inner`: we are the router for
+/// the inner packet (bridge ingress) and decrement its TTL; at the vxlan device the kernel
+/// already did.
+#[inline(always)]
+fn encapsulate_and_send(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    ip: &Ipv4Hdr,
+    peer: &PeerInfo,
+    route_inner: bool,
+) -> Verdict {
     let inner_len = ctx.len().saturating_sub(ETH_LEN as u32);
     if inner_len > cfg.max_inner_len && gso_size(ctx) == 0 {
         // The kernel path (flannel.<VNI>, same MTU) fragments or answers "frag needed".
@@ -103,7 +151,7 @@ pub fn bridge_encap(ctx: &TcContext) -> Verdict {
     {
         return pass(stat::PASS_HELPER_ERROR);
     }
-    if write_headers(ctx, cfg, &ip, &peer, inner_len, hash).is_err() {
+    if write_headers(ctx, cfg, ip, peer, inner_len, hash, route_inner).is_err() {
         return Verdict {
             action: TC_ACT_SHOT as i32,
             reason: stat::DROP_HELPER_ERROR,
@@ -122,7 +170,7 @@ pub fn bridge_encap(ctx: &TcContext) -> Verdict {
     }
 }
 
-/// Fills the 50 bytes adjust_room opened and routes the inner packet (TTL - 1).
+/// Fills the 50 bytes adjust_room opened (and routes the inner packet: TTL - 1).
 #[inline(always)]
 fn write_headers(
     ctx: &TcContext,
@@ -131,8 +179,11 @@ fn write_headers(
     peer: &PeerInfo,
     inner_len: u32,
     hash: u32,
+    route_inner: bool,
 ) -> Result<(), ()> {
-    decrement_ttl(ctx, ETH_LEN + VXLAN_OVERHEAD as usize, inner)?;
+    if route_inner {
+        decrement_ttl(ctx, ETH_LEN + VXLAN_OVERHEAD as usize, inner)?;
+    }
     let outer_len = inner_len + VXLAN_OVERHEAD;
     let mut hdr = EncapHdr {
         ip: Ipv4Hdr {

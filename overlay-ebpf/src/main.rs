@@ -28,6 +28,14 @@ mod programs {
         verdict.action
     }
 
+    /// TC egress on the kernel vxlan device: replaces its encapsulation and transmit.
+    #[classifier]
+    pub fn overlay_vxlan_encap(ctx: TcContext) -> i32 {
+        let verdict = encap::vxlan_device_encap(&ctx);
+        stats::count(&verdict);
+        verdict.action
+    }
+
     /// TC ingress on the uplink: drops spoofed VXLAN, decapsulates ours towards local pods.
     #[classifier]
     pub fn overlay_uplink_decap(ctx: TcContext) -> i32 {

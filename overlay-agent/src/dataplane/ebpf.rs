@@ -25,8 +25,7 @@ use aya::{
 use ipnetwork::Ipv4Network;
 use overlay_common::{
     DatapathConfig, PeerInfo, PeerSource, PeerSubnet, VXLAN_OVERHEAD, config_flags, map_names,
-    peer_flags,
-    program_names, stat,
+    peer_flags, program_names, stat,
 };
 use tracing::{debug, info, warn};
 
@@ -45,6 +44,7 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/overlay/v1";
 
 const UPLINK_LINK_PIN: &str = "link_uplink_ingress";
 const BRIDGE_LINK_PIN: &str = "link_bridge_ingress";
+const VXLAN_LINK_PIN: &str = "link_vxlan_egress";
 
 /// Errors of the eBPF datapath, each naming what it was doing.
 #[derive(Debug, thiserror::Error)]
@@ -114,7 +114,11 @@ pub fn load(pin_dir: &Path) -> Result<Ebpf, EbpfError> {
             pin_dir: pin_dir.to_owned(),
             source,
         })?;
-    for name in [program_names::BRIDGE_EGRESS, program_names::UPLINK_INGRESS] {
+    for name in [
+        program_names::BRIDGE_EGRESS,
+        program_names::VXLAN_EGRESS,
+        program_names::UPLINK_INGRESS,
+    ] {
         classifier(&mut ebpf, name)?
             .load()
             .map_err(|source| EbpfError::Program {
@@ -181,25 +185,28 @@ pub struct EbpfSettings {
     pub port: u16,
     /// Our VtepMAC: the kernel device's (from its `LeaseAttrs::Vxlan`).
     pub vtep_mac: MacAddr6,
-    /// The kernel vxlan device (`flannel.<VNI>`), through which decapsulated packets enter
-    /// the stack in [`DecapMode::ViaKernelDevice`].
+    /// The kernel vxlan device (`flannel.<VNI>`), created by the kernel dataplane.
     pub vxlan_device: String,
-    pub decap: DecapMode,
+    pub mode: DatapathMode,
 }
 
-/// How decapsulated packets reach the pods.
+/// Where the programs sit, i.e. how much of the node's own stack pod traffic still crosses.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum DecapMode {
-    /// Through the kernel vxlan device's receive path, as if it had decapsulated them:
-    /// conntrack (kube-proxy Service replies, also with br_netfilter), iptables (network
-    /// policies) and rp_filter behave exactly as on a flannel node. The safe default.
+pub enum DatapathMode {
+    /// Encapsulation at TC egress of the kernel vxlan device (after the kernel routed the
+    /// packet and ran netfilter) and decapsulated packets delivered into the stack through
+    /// that device's receive path. Conntrack (kube-proxy Service replies, also with
+    /// br_netfilter), iptables network policies, masquerade and rp_filter behave exactly as
+    /// on a flannel node; the vxlan driver's transmit/receive and the outer packet's trip
+    /// through the stack are what eBPF replaces. The safe default.
     #[default]
-    ViaKernelDevice,
-    /// Straight to the pod through the bridge (`bpf_redirect_neigh`), skipping the node's
-    /// netfilter. Replies of flows the Service guard remembered still take the kernel path,
-    /// but the guard only sees Service traffic when no NAT happens before the bridge's TC hook
-    /// (br_netfilter's `bridge-nf-call-iptables=0`). Faster; opt-in.
-    DirectToBridge,
+    KernelRouted,
+    /// Encapsulation at TC ingress of the pod bridge and decapsulation straight to the pod
+    /// (`bpf_redirect_neigh`): pod traffic skips the node's routing and netfilter (no FORWARD
+    /// policies, no conntrack confirmation). Replies of flows the Service guard remembered take
+    /// the kernel path, but the guard only sees Service traffic when no NAT happens before the
+    /// bridge's TC hook, i.e. `net.bridge.bridge-nf-call-iptables=0`. Fastest; opt-in.
+    Direct,
 }
 
 /// [`EbpfDataplane::new`] failed: the kernel dataplane, untouched, and why.
@@ -275,6 +282,8 @@ pub struct EbpfDataplane<K: Dataplane> {
     maps: Maps,
     lease: Option<LocalLease>,
     bridge: Option<Bridge>,
+    /// ifindex of the kernel vxlan device the egress program is attached to.
+    vxlan_ifindex: Option<u32>,
     /// The desired peers (what the control plane last said), by subnet.
     peers: BTreeMap<Ipv4Network, Peer>,
     /// Mark-and-sweep generation written into map entries.
@@ -291,7 +300,12 @@ impl<K: Dataplane> EbpfDataplane<K> {
             Ok((ebpf, maps)) => {
                 let mut dataplane = Self::assemble(kernel, settings, ebpf, maps);
                 let uplink = dataplane.settings.uplink.name.clone();
-                match dataplane.attach(program_names::UPLINK_INGRESS, &uplink, UPLINK_LINK_PIN) {
+                match dataplane.attach(
+                    program_names::UPLINK_INGRESS,
+                    &uplink,
+                    TcAttachType::Ingress,
+                    UPLINK_LINK_PIN,
+                ) {
                     Ok(()) => {
                         info!(uplink = %uplink, pin_dir = %dataplane.settings.pin_dir.display(), "eBPF decap program attached to the uplink");
                         Ok(dataplane)
@@ -320,6 +334,7 @@ impl<K: Dataplane> EbpfDataplane<K> {
             maps,
             lease: None,
             bridge: None,
+            vxlan_ifindex: None,
             peers: BTreeMap::new(),
             generation: 0,
         };
@@ -354,13 +369,14 @@ impl<K: Dataplane> EbpfDataplane<K> {
         peers.chain(sources).max().unwrap_or(0)
     }
 
-    /// Attaches `program` to `ifname`'s TCX ingress and pins the link as `pin_name`. A link
+    /// Attaches `program` to `ifname`'s TCX hook and pins the link as `pin_name`. A link
     /// pinned there before (a previous agent, or a re-created interface) is unpinned only
     /// after the new one is attached, so no packet misses the datapath.
     fn attach(
         &mut self,
         program: &'static str,
         ifname: &str,
+        attach_type: TcAttachType,
         pin_name: &'static str,
     ) -> Result<(), EbpfError> {
         let pin_path = self.settings.pin_dir.join(pin_name);
@@ -375,10 +391,12 @@ impl<K: Dataplane> EbpfDataplane<K> {
         let link_id = prog
             .attach_with_options(
                 ifname,
-                TcAttachType::Ingress,
+                attach_type,
                 TcAttachOptions::TcxOrder(LinkOrder::first()),
             )
-            .map_err(prog_err(format!("attaching to TCX ingress of {ifname}")))?;
+            .map_err(prog_err(format!(
+                "attaching to TCX {attach_type:?} of {ifname}"
+            )))?;
         let link = prog
             .take_link(link_id)
             .map_err(prog_err("taking the link".into()))?;
@@ -450,25 +468,70 @@ impl<K: Dataplane> EbpfDataplane<K> {
         }))
     }
 
-    /// Follows the bridge (appeared, re-created, gone) and rewrites CONFIG.
+    /// Unpins (= detaches) a link of the other mode left by a previous run.
+    fn detach_pinned(&self, pin_name: &'static str) -> Result<(), EbpfError> {
+        let path = self.settings.pin_dir.join(pin_name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                info!(
+                    link = pin_name,
+                    "detached a program of the other datapath mode"
+                );
+                Ok(())
+            }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(EbpfError::Pin {
+                what: "unpinning a link of the other mode",
+                path,
+                source,
+            }),
+        }
+    }
+
+    /// Follows the bridge and the kernel vxlan device (appeared, re-created, gone), keeps the
+    /// mode's program attached to them, and rewrites CONFIG.
     fn sync_bridge_and_config(&mut self) -> Result<(), EbpfError> {
         let Some(lease) = self.lease.clone() else {
             return Ok(());
         };
         let bridge = self.find_bridge(lease.subnet)?;
+        let direct = self.settings.mode == DatapathMode::Direct;
         if bridge != self.bridge {
             match &bridge {
-                Some(b) if self.bridge.as_ref().map(|old| old.index) != Some(b.index) => {
+                Some(b) if direct && self.bridge.as_ref().map(|old| old.index) != Some(b.index) => {
                     let name = b.name.clone();
-                    self.attach(program_names::BRIDGE_EGRESS, &name, BRIDGE_LINK_PIN)?;
+                    self.attach(
+                        program_names::BRIDGE_EGRESS,
+                        &name,
+                        TcAttachType::Ingress,
+                        BRIDGE_LINK_PIN,
+                    )?;
                     info!(bridge = %b.name, ifindex = b.index, "eBPF encap program attached to the bridge");
                 }
-                Some(_) => {}
-                None => {
-                    info!("bridge gone; eBPF encap waits for it to reappear");
-                }
+                Some(b) => debug!(bridge = %b.name, "bridge found"),
+                None if direct => info!("bridge gone; eBPF encap waits for it to reappear"),
+                None => {}
             }
             self.bridge = bridge;
+        }
+        let vxlan_ifindex = nix::net::if_::if_nametoindex(self.settings.vxlan_device.as_str()).ok();
+        if vxlan_ifindex != self.vxlan_ifindex {
+            if let (Some(index), false) = (vxlan_ifindex, direct) {
+                let name = self.settings.vxlan_device.clone();
+                self.attach(
+                    program_names::VXLAN_EGRESS,
+                    &name,
+                    TcAttachType::Egress,
+                    VXLAN_LINK_PIN,
+                )?;
+                info!(device = %name, ifindex = index, "eBPF encap program attached to the vxlan device");
+            }
+            self.vxlan_ifindex = vxlan_ifindex;
+        }
+        if direct {
+            self.detach_pinned(VXLAN_LINK_PIN)?;
+        } else {
+            self.detach_pinned(BRIDGE_LINK_PIN)?;
         }
         self.write_config(&lease)
     }
@@ -490,14 +553,13 @@ impl<K: Dataplane> EbpfDataplane<K> {
             uplink_ifindex: uplink.index,
             bridge_ifindex: self.bridge.as_ref().map_or(0, |b| b.index),
             // 0 until the kernel dataplane has created it: decap then leaves VXLAN to the kernel.
-            vxlan_ifindex: nix::net::if_::if_nametoindex(self.settings.vxlan_device.as_str())
-                .unwrap_or(0),
+            vxlan_ifindex: self.vxlan_ifindex.unwrap_or(0),
             max_inner_len: uplink.mtu.saturating_sub(VXLAN_OVERHEAD),
             vtep_mac: self.settings.vtep_mac.into_array(),
             udp_port_be: self.settings.port.to_be(),
-            flags: match self.settings.decap {
-                DecapMode::ViaKernelDevice => 0,
-                DecapMode::DirectToBridge => config_flags::DECAP_DIRECT,
+            flags: match self.settings.mode {
+                DatapathMode::KernelRouted => 0,
+                DatapathMode::Direct => config_flags::DECAP_DIRECT,
             },
             enabled: 1,
         };
@@ -678,7 +740,7 @@ impl<K: Dataplane> Dataplane for EbpfDataplane<K> {
         self.kernel.activate(lease).await?;
         self.lease = Some(lease.clone());
         self.sync_bridge_and_config()?;
-        if self.bridge.is_none() {
+        if self.bridge.is_none() && self.settings.mode == DatapathMode::Direct {
             warn!(subnet = %lease.subnet, "no bridge holds an address in our subnet yet; pod traffic takes the kernel path until one appears (or pass --bridge)");
         }
         Ok(())
