@@ -58,7 +58,8 @@ pub enum EbpfError {
     )]
     Load {
         pin_dir: PathBuf,
-        source: aya::EbpfError,
+        // Boxed: aya's errors are large and this enum travels through every Result here.
+        source: Box<aya::EbpfError>,
     },
     #[error("the eBPF object has no program {0}: the build is inconsistent")]
     MissingProgram(&'static str),
@@ -68,13 +69,13 @@ pub enum EbpfError {
     Program {
         what: String,
         program: &'static str,
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("{what} (map {map}): {source}")]
     Map {
         what: String,
         map: &'static str,
-        source: MapError,
+        source: Box<MapError>,
     },
     #[error("{what} ({path}): {source}")]
     Pin {
@@ -97,7 +98,11 @@ impl From<EbpfError> for DataplaneError {
 
 fn map_err(what: impl Into<String>, map: &'static str) -> impl FnOnce(MapError) -> EbpfError {
     let what = what.into();
-    move |source| EbpfError::Map { what, map, source }
+    move |source| EbpfError::Map {
+        what,
+        map,
+        source: Box::new(source),
+    }
 }
 
 /// Loads the embedded object with its maps pinned (created or reused) under `pin_dir`, and
@@ -112,7 +117,7 @@ pub fn load(pin_dir: &Path) -> Result<Ebpf, EbpfError> {
         .load(EBPF_OBJECT)
         .map_err(|source| EbpfError::Load {
             pin_dir: pin_dir.to_owned(),
-            source,
+            source: Box::new(source),
         })?;
     for name in [
         program_names::BRIDGE_EGRESS,
@@ -124,7 +129,7 @@ pub fn load(pin_dir: &Path) -> Result<Ebpf, EbpfError> {
             .map_err(|source| EbpfError::Program {
                 what: "loading (verifier)".into(),
                 program: name,
-                source,
+                source: Box::new(source),
             })?;
     }
     Ok(ebpf)
@@ -141,7 +146,7 @@ pub fn classifier<'a>(
     program.try_into().map_err(|source| EbpfError::Program {
         what: "not a TC classifier".into(),
         program: name,
-        source,
+        source: Box::new(source),
     })
 }
 
@@ -385,7 +390,7 @@ impl<K: Dataplane> EbpfDataplane<K> {
             move |source| EbpfError::Program {
                 what,
                 program,
-                source,
+                source: Box::new(source),
             }
         };
         let link_id = prog
@@ -442,10 +447,11 @@ impl<K: Dataplane> EbpfDataplane<K> {
                 .map(|sin| sin.ip());
             let in_subnet = ip.filter(|ip| subnet.contains(*ip) && *ip != subnet.network());
             match &self.settings.bridge {
-                Some(name) if *name == addr.interface_name => {
-                    if found.is_none() || in_subnet.is_some() {
-                        found = Some((addr.interface_name.clone(), in_subnet));
-                    }
+                // The named bridge, preferably with its address in our subnet.
+                Some(name)
+                    if *name == addr.interface_name && (found.is_none() || in_subnet.is_some()) =>
+                {
+                    found = Some((addr.interface_name.clone(), in_subnet));
                 }
                 None if in_subnet.is_some() && found.is_none() => {
                     found = Some((addr.interface_name.clone(), in_subnet));
@@ -618,7 +624,7 @@ impl<K: Dataplane> EbpfDataplane<K> {
                 Err(source) => Err(EbpfError::Map {
                     what: format!("removing peer source {ip}"),
                     map: map_names::PEER_SOURCES,
-                    source,
+                    source: Box::new(source),
                 }),
             }
         } else {
@@ -642,7 +648,7 @@ impl<K: Dataplane> EbpfDataplane<K> {
             Err(source) => Err(EbpfError::Map {
                 what: format!("removing peer {subnet}"),
                 map: map_names::PEERS,
-                source,
+                source: Box::new(source),
             }),
         }
     }
@@ -696,7 +702,7 @@ impl<K: Dataplane> EbpfDataplane<K> {
                     return Err(EbpfError::Map {
                         what: "sweeping a stale peer".into(),
                         map: map_names::PEERS,
-                        source,
+                        source: Box::new(source),
                     });
                 }
             }
@@ -722,7 +728,7 @@ impl<K: Dataplane> EbpfDataplane<K> {
                     return Err(EbpfError::Map {
                         what: "sweeping a stale peer source".into(),
                         map: map_names::PEER_SOURCES,
-                        source,
+                        source: Box::new(source),
                     });
                 }
             }
