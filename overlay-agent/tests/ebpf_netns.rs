@@ -391,7 +391,8 @@ impl Topology {
             },
             vni: 1,
             port: 8472,
-            vtep_mac: peer_a.vtep_mac.expect("mac"),
+            // Read from A's flannel.1, as the agent does by default.
+            vtep_mac: None,
             vxlan_device: "flannel.1".into(),
             mode,
         };

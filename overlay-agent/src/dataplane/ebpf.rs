@@ -188,8 +188,9 @@ pub struct EbpfSettings {
     pub vni: u32,
     /// VXLAN UDP port (Backend.Port, 8472 when 0).
     pub port: u16,
-    /// Our VtepMAC: the kernel device's (from its `LeaseAttrs::Vxlan`).
-    pub vtep_mac: MacAddr6,
+    /// Our VtepMAC (the lease's). `None`: read it from the kernel vxlan device, which is what
+    /// it must be anyway (peers address inner frames to it, and the device drops others).
+    pub vtep_mac: Option<MacAddr6>,
     /// The kernel vxlan device (`flannel.<VNI>`), created by the kernel dataplane.
     pub vxlan_device: String,
     pub mode: DatapathMode,
@@ -243,6 +244,15 @@ pub fn remove_pinned(pin_dir: &Path) -> Result<bool, EbpfError> {
             source,
         }),
     }
+}
+
+/// The MAC address of interface `name`, if it exists.
+fn link_mac(name: &str) -> Option<MacAddr6> {
+    nix::ifaddrs::getifaddrs()
+        .ok()?
+        .filter(|a| a.interface_name == name)
+        .find_map(|a| a.address?.as_link_addr()?.addr())
+        .map(MacAddr6::from)
 }
 
 /// The bridge the programs are attached to.
@@ -543,6 +553,13 @@ impl<K: Dataplane> EbpfDataplane<K> {
     }
 
     fn write_config(&mut self, lease: &LocalLease) -> Result<(), EbpfError> {
+        let vtep_mac = self
+            .settings
+            .vtep_mac
+            .or_else(|| link_mac(&self.settings.vxlan_device));
+        if vtep_mac.is_none() && self.maps.config.get(&0, 0).is_ok_and(|c| c.enabled != 0) {
+            warn!(device = %self.settings.vxlan_device, "no VtepMAC (the vxlan device is missing): eBPF datapath passes everything to the kernel until it is back");
+        }
         let uplink = &self.settings.uplink;
         let default_gateway = Ipv4Addr::from(u32::from(lease.subnet.network()) + 1);
         let config = DatapathConfig {
@@ -561,13 +578,14 @@ impl<K: Dataplane> EbpfDataplane<K> {
             // 0 until the kernel dataplane has created it: decap then leaves VXLAN to the kernel.
             vxlan_ifindex: self.vxlan_ifindex.unwrap_or(0),
             max_inner_len: uplink.mtu.saturating_sub(VXLAN_OVERHEAD),
-            vtep_mac: self.settings.vtep_mac.into_array(),
+            vtep_mac: vtep_mac.map_or([0; 6], MacAddr6::into_array),
             udp_port_be: self.settings.port.to_be(),
             flags: match self.settings.mode {
                 DatapathMode::KernelRouted => 0,
                 DatapathMode::Direct => config_flags::DECAP_DIRECT,
             },
-            enabled: 1,
+            // Without our VtepMAC we cannot build frames peers accept: stay out of the way.
+            enabled: u32::from(vtep_mac.is_some()),
         };
         let current = self.maps.config.get(&0, 0).ok();
         if current != Some(config) {
