@@ -875,3 +875,66 @@ fn bench_kernel_vs_ebpf_modes() {
     }
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_was);
 }
+
+#[test]
+fn mtu_sized_and_fragmented_packets_take_the_kernel_path() {
+    for (mode, reason) in [
+        // The kernel fragments for flannel.1's MTU before our egress program sees them.
+        (DatapathMode::KernelRouted, stat::PASS_FRAGMENT),
+        // The bridge program sees the whole packet, too big for the underlay.
+        (DatapathMode::Direct, stat::PASS_TOO_BIG),
+    ] {
+        let mut t = Topology::with_mode(mode);
+        let before = t.stats();
+        // 1500-byte IPv4 packets (pods here keep MTU 1500), DF off: must arrive fragmented.
+        let out = t.a.pod.exec(&[
+            "ping",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            "-M",
+            "dont",
+            "-s",
+            "1472",
+            &t.b.pod_ip.to_string(),
+        ]);
+        let after = t.stats();
+        assert!(
+            out.status.success(),
+            "{mode:?}: MTU-sized ping failed: {out:?}; counters {:?}",
+            moved(&before, &after)
+        );
+        assert!(
+            delta(&before, &after, reason) >= 3,
+            "{mode:?}: expected {} >= 3: {:?}",
+            stat::NAMES[reason as usize],
+            moved(&before, &after)
+        );
+        // The replies come back fragmented inside VXLAN: the kernel reassembles them.
+        assert!(
+            delta(&before, &after, stat::PASS_FRAGMENT) >= 3,
+            "{mode:?}: fragmented replies passed to the kernel: {:?}",
+            moved(&before, &after)
+        );
+        // With DF set the kernel answers "frag needed" instead (PMTU discovery keeps working).
+        let out = t.a.pod.exec(&[
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            "-M",
+            "do",
+            "-s",
+            "1472",
+            &t.b.pod_ip.to_string(),
+        ]);
+        assert!(
+            !out.status.success(),
+            "{mode:?}: DF ping larger than the path MTU must fail"
+        );
+    }
+}
