@@ -162,6 +162,18 @@ fn sum_stats(stats: &PerCpuArray<MapData, u64>) -> Result<[u64; stat::COUNT as u
     Ok(totals)
 }
 
+/// Counters by name (`overlay_common::stat::NAMES`), as `AgentStatus::datapath_counters`
+/// holds them.
+pub fn counters_by_name(
+    stats: &[u64; stat::COUNT as usize],
+) -> std::collections::BTreeMap<String, u64> {
+    stat::NAMES
+        .iter()
+        .zip(stats)
+        .map(|(name, value)| ((*name).to_owned(), *value))
+        .collect()
+}
+
 /// Reads the counters from the pinned STATS map: works while the agent is down (`status`).
 pub fn read_pinned_stats(pin_dir: &Path) -> Result<[u64; stat::COUNT as usize], EbpfError> {
     let path = pin_dir.join(map_names::STATS);
