@@ -716,3 +716,64 @@ fn vxlan_device_egress_encap_produces_flannel_bytes_and_keeps_the_ttl() {
     fragment[20] = 0x20;
     h.expect(prog, &fragment, None, TC_ACT_UNSPEC, stat::PASS_FRAGMENT);
 }
+
+/// Mutated and random frames: every run returns one of the three documented verdicts, bumps
+/// exactly one reason counter, and a pass or drop leaves the bytes untouched.
+#[test]
+fn mutated_and_random_frames_get_a_documented_verdict() {
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+    let mut h = Harness::new();
+    let seed: u64 = rand::random();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let sources = [
+        (program_names::UPLINK_INGRESS, flannel_frame()),
+        (program_names::BRIDGE_EGRESS, pod_to_remote()),
+        (
+            program_names::VXLAN_EGRESS,
+            routed_into_vxlan_device(63, [0x12, 0x8b]),
+        ),
+    ];
+    for round in 0..3000 {
+        let (program, golden) = &sources[round % sources.len()];
+        let mut packet = golden.clone();
+        if round % 10 == 0 {
+            // Entirely random after an IPv4 Ethernet header.
+            let len = rng.random_range(34..200);
+            packet = (0..len).map(|_| rng.random()).collect();
+            packet[12..14].copy_from_slice(&[0x08, 0x00]);
+        } else {
+            for _ in 0..rng.random_range(1..4) {
+                let at = rng.random_range(12..packet.len());
+                packet[at] ^= 1 << rng.random_range(0..8);
+            }
+            if rng.random_bool(0.2) {
+                let cut = rng.random_range(34..packet.len());
+                packet.truncate(cut);
+            }
+        }
+        let before = h.stats();
+        let (verdict, out) = h.run(program, &packet, None);
+        let after = h.stats();
+        let reasons: Vec<_> = moved(&before, &after)
+            .into_iter()
+            .filter(|(name, _)| !name.ends_with("_bytes"))
+            .collect();
+        let context = format!("seed {seed} round {round} {program} packet {packet:02x?}");
+        assert!(
+            [TC_ACT_UNSPEC, TC_ACT_SHOT, TC_ACT_REDIRECT].contains(&verdict),
+            "verdict {verdict}: {context}"
+        );
+        assert_eq!(
+            reasons.len(),
+            1,
+            "one reason counter: {reasons:?}: {context}"
+        );
+        assert_eq!(reasons[0].1, 1, "{context}");
+        if verdict != TC_ACT_REDIRECT {
+            assert_eq!(
+                out, packet,
+                "pass/drop leaves the packet untouched: {context}"
+            );
+        }
+    }
+}
