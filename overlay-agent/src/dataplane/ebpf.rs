@@ -258,6 +258,12 @@ pub fn remove_pinned(pin_dir: &Path) -> Result<bool, EbpfError> {
     }
 }
 
+/// Whether br_netfilter hands bridged IPv4 to iptables in this network namespace.
+fn br_netfilter_calls_iptables() -> bool {
+    std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables")
+        .is_ok_and(|value| value.trim() == "1")
+}
+
 /// The MAC address of interface `name`, if it exists.
 fn link_mac(name: &str) -> Option<MacAddr6> {
     nix::ifaddrs::getifaddrs()
@@ -776,6 +782,11 @@ impl<K: Dataplane> Dataplane for EbpfDataplane<K> {
         self.kernel.activate(lease).await?;
         self.lease = Some(lease.clone());
         self.sync_bridge_and_config()?;
+        if self.settings.mode == DatapathMode::Direct && br_netfilter_calls_iptables() {
+            warn!(
+                "direct eBPF mode with net.bridge.bridge-nf-call-iptables=1: DNAT (kube-proxy Services) happens before the bridge program, whose fast path then skips conntrack, and Service replies break; use the default (kernel-routed) mode or set the sysctl to 0"
+            );
+        }
         if self.bridge.is_none() && self.settings.mode == DatapathMode::Direct {
             warn!(subnet = %lease.subnet, "no bridge holds an address in our subnet yet; pod traffic takes the kernel path until one appears (or pass --bridge)");
         }
