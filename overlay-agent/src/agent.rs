@@ -17,11 +17,16 @@ use tracing::{error, info, warn};
 use crate::{
     config::{BackendType, NetworkConfig},
     dataplane::{
-        self, DataplaneCommand, DataplaneError, LeaseAttrs, LocalLease, host_gw::HostGwDataplane,
+        self, DataplaneCommand, DataplaneError, LeaseAttrs, LocalLease,
+        ebpf::{
+            DatapathMode, EbpfDataplane, EbpfSettings, counters_by_name, read_pinned_stats,
+            remove_pinned,
+        },
+        host_gw::HostGwDataplane,
         vxlan::VxlanDataplane,
     },
     etcd::{self, EtcdError, EtcdOptions},
-    flags::Flags,
+    flags::{EbpfMode, Flags},
     health, iface,
     lease::{HeldLease, LEASE_TTL, LeaseError, Lessor, format_mac},
     masq, notify,
@@ -541,7 +546,7 @@ pub async fn run(flags: Flags) -> Result<(), AgentError> {
 ///
 /// - `host-gw`: [`HostGwDataplane`] on the uplink;
 /// - `vxlan`: [`VxlanDataplane`] (`flannel.<VNI>` exactly as flanneld programs it);
-/// - `ebpf`: the same kernel device with the eBPF dataplane on top; when the programs cannot
+/// - `ebpf`: the same kernel device with [`EbpfDataplane`] on top; when the programs cannot
 ///   be loaded or attached, the node runs the kernel device alone (a plain flannel vxlan
 ///   node, wire-compatible) and says why in the log and the status.
 async fn start_backend(
@@ -561,6 +566,7 @@ async fn start_backend(
     let public_ip = uplink.public_ip;
     match kind {
         BackendType::HostGw => {
+            remove_stale_ebpf(&flags.bpf_pin_dir);
             let (dataplane, attrs) = HostGwDataplane::new(uplink.clone())
                 .await
                 .map_err(setup_err)?;
@@ -574,6 +580,7 @@ async fn start_backend(
             run_node(flags, client, config, setup, LEASE_TTL, status, shutdown).await
         }
         BackendType::Vxlan => {
+            remove_stale_ebpf(&flags.bpf_pin_dir);
             let (dataplane, attrs) = VxlanDataplane::new(uplink.clone(), &config.backend)
                 .await
                 .map_err(setup_err)?;
@@ -588,26 +595,94 @@ async fn start_backend(
             run_node(flags, client, config, setup, LEASE_TTL, status, shutdown).await
         }
         BackendType::Ebpf => {
-            // The eBPF dataplane is not on this branch yet: run the kernel device it sits on
-            // (wire-compatible), and say so.
-            let reason = "the eBPF dataplane is not built into this binary yet".to_string();
-            warn!(reason = %reason, "the eBPF datapath cannot run here; this node forwards through the kernel vxlan device alone (a plain flannel vxlan node)");
-            let (dataplane, attrs) = VxlanDataplane::new(uplink.clone(), &config.backend)
+            let (kernel, attrs) = VxlanDataplane::new(uplink.clone(), &config.backend)
                 .await
                 .map_err(setup_err)?;
-            let pod_mtu = dataplane.mtu();
-            status.send_modify(|s| {
-                s.node.active_datapath = "vxlan".into();
-                s.node.fallback_reason = Some(reason);
-            });
-            let setup = NodeSetup {
-                dataplane,
-                attrs,
-                public_ip,
-                pod_mtu,
+            let pod_mtu = kernel.mtu();
+            let vtep_mac = match &attrs {
+                LeaseAttrs::Vxlan { vtep_mac, .. } => Some(*vtep_mac),
+                LeaseAttrs::HostGw => None,
             };
-            run_node(flags, client, config, setup, LEASE_TTL, status, shutdown).await
+            let settings = EbpfSettings {
+                pin_dir: flags.bpf_pin_dir.clone(),
+                bridge: flags.bridge.clone(),
+                uplink: uplink.clone(),
+                vni: config.backend.vni,
+                port: config.backend.port,
+                vtep_mac,
+                vxlan_device: kernel.device_name().to_string(),
+                mode: match flags.ebpf_mode {
+                    EbpfMode::KernelRouted => DatapathMode::KernelRouted,
+                    EbpfMode::Direct => DatapathMode::Direct,
+                },
+            };
+            match EbpfDataplane::new(kernel, settings) {
+                Ok(dataplane) => {
+                    status.send_modify(|s| s.node.active_datapath = "ebpf".into());
+                    let stats = tokio::spawn(copy_datapath_counters(
+                        flags.bpf_pin_dir.clone(),
+                        status.clone(),
+                    ));
+                    let setup = NodeSetup {
+                        dataplane,
+                        attrs,
+                        public_ip,
+                        pod_mtu,
+                    };
+                    let result =
+                        run_node(flags, client, config, setup, LEASE_TTL, status, shutdown).await;
+                    stats.abort();
+                    result
+                }
+                Err(unavailable) => {
+                    let reason = unavailable.to_string();
+                    warn!(reason = %reason, "the eBPF datapath cannot run here; this node forwards through the kernel vxlan device alone (a plain flannel vxlan node)");
+                    status.send_modify(|s| {
+                        s.node.active_datapath = "vxlan".into();
+                        s.node.fallback_reason = Some(reason);
+                    });
+                    let setup = NodeSetup {
+                        dataplane: unavailable.kernel,
+                        attrs,
+                        public_ip,
+                        pod_mtu,
+                    };
+                    run_node(flags, client, config, setup, LEASE_TTL, status, shutdown).await
+                }
+            }
         }
+    }
+}
+
+/// How often the eBPF datapath's counters are copied into the status.
+pub const STATS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Copies the pinned eBPF counters into the status every [`STATS_INTERVAL`].
+async fn copy_datapath_counters(pin_dir: std::path::PathBuf, status: watch::Sender<AgentStatus>) {
+    let mut ticker = tokio::time::interval(STATS_INTERVAL);
+    let mut warned = false;
+    loop {
+        ticker.tick().await;
+        match read_pinned_stats(&pin_dir) {
+            Ok(values) => status.send_modify(|s| s.datapath_counters = counters_by_name(&values)),
+            Err(err) if !warned => {
+                warn!(error = %err, "cannot read the eBPF counters for the status");
+                warned = true;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// A node switched from `ebpf` to `vxlan`/`host-gw` must not keep running the old programs:
+/// unpinning their links detaches them (the kernel path underneath stays).
+fn remove_stale_ebpf(pin_dir: &std::path::Path) {
+    match remove_pinned(pin_dir) {
+        Ok(true) => {
+            info!(pin_dir = %pin_dir.display(), "removed the eBPF datapath of an earlier --backend=ebpf run")
+        }
+        Ok(false) => {}
+        Err(err) => warn!(error = %err, "cannot remove the eBPF datapath of an earlier run"),
     }
 }
 

@@ -17,6 +17,14 @@ pub const DEFAULT_SUBNET_FILE: &str = "/run/flannel/subnet.env";
 /// Default `--bpf-pin-dir`: versioned so an incompatible layout gets a fresh directory.
 pub const DEFAULT_BPF_PIN_DIR: &str = "/sys/fs/bpf/overlay/v1";
 
+/// `--ebpf-mode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum EbpfMode {
+    #[default]
+    KernelRouted,
+    Direct,
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "overlay-agent",
@@ -204,6 +212,12 @@ pub struct Flags {
     /// Dataplane: ebpf, vxlan or host-gw (default: the config's Backend.Type).
     #[arg(long, global = true, env = "FLANNELD_BACKEND")]
     pub backend: Option<BackendType>,
+    /// Where the eBPF programs sit (`--backend=ebpf`): `kernel-routed` (encapsulation at the
+    /// vxlan device's egress, after the node's routing and netfilter; the safe default) or
+    /// `direct` (pod bridge straight to the uplink, skipping the node's netfilter; fastest,
+    /// breaks Service replies under br_netfilter, see docs/ebpf-datapath.md).
+    #[arg(long, global = true, env = "FLANNELD_EBPF_MODE", value_enum, default_value_t = EbpfMode::KernelRouted)]
+    pub ebpf_mode: EbpfMode,
     /// bpffs directory for pinned maps and links (versioned layout).
     #[arg(long, global = true, env = "FLANNELD_BPF_PIN_DIR", default_value = DEFAULT_BPF_PIN_DIR)]
     pub bpf_pin_dir: PathBuf,
@@ -400,7 +414,10 @@ mod tests {
             "--bpf-pin-dir=/sys/fs/bpf/t1",
             "--bridge",
             "cni0",
+            "-ebpf-mode=direct",
         ]);
+        assert_eq!(cli.flags.ebpf_mode, EbpfMode::Direct);
+        assert_eq!(parse(&[]).flags.ebpf_mode, EbpfMode::KernelRouted);
         assert_eq!(cli.flags.backend, Some(BackendType::Ebpf));
         assert_eq!(cli.flags.bpf_pin_dir, PathBuf::from("/sys/fs/bpf/t1"));
         assert_eq!(cli.flags.bridge.as_deref(), Some("cni0"));

@@ -129,9 +129,47 @@ fn readyz(cluster: &Cluster, node: usize, port: u16) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// `overlay-agent status` run in node 0's namespace against its agent.
+fn status_text(cluster: &Cluster, port: u16) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", cluster.nodes[0].ns.name()))
+        .arg(agent_binary())
+        .args([
+            "status".to_owned(),
+            format!("-healthz-port={port}"),
+            format!("-etcd-endpoints={}", cluster.etcd_endpoint()),
+            format!("-etcd-prefix={PREFIX}"),
+            format!("-subnet-file={}", cluster.nodes[0].subnet_file().display()),
+        ])
+        .output()
+        .expect("overlay-agent status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A counter's value from the status table (`  name   value`), 0 when absent.
+fn counter(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some(name)).then(|| words.next()?.parse().ok())?
+        })
+        .next()
+        .unwrap_or(0)
+}
+
 #[test]
 fn seeds_style_vxlan_agents_connect_pods_and_survive_sigterm_restart_and_lease_deletion() {
     lifecycle("vxlan");
+}
+
+#[test]
+fn seeds_style_ebpf_agents_connect_pods_and_survive_sigterm_restart_and_lease_deletion() {
+    lifecycle("ebpf");
 }
 
 #[test]
@@ -228,24 +266,7 @@ fn lifecycle(backend: &str) {
     });
 
     // `overlay-agent status` shows the running agent's view (from its /status endpoint).
-    let status = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", cluster.nodes[0].ns.name()))
-        .arg(agent_binary())
-        .args([
-            "status".to_owned(),
-            format!("-healthz-port={port}"),
-            format!("-etcd-endpoints={}", cluster.etcd_endpoint()),
-            format!("-etcd-prefix={PREFIX}"),
-            format!("-subnet-file={}", cluster.nodes[0].subnet_file().display()),
-        ])
-        .output()
-        .expect("overlay-agent status");
-    let text = String::from_utf8_lossy(&status.stdout);
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
-    );
+    let text = status_text(&cluster, port);
     let subnet1_net = lease_key(&subnet1)
         .rsplit('/')
         .next()
@@ -259,6 +280,13 @@ fn lifecycle(backend: &str) {
         text.contains(&subnet1_net) && text.contains("192.168.100.2"),
         "{text}"
     );
+    if backend == "ebpf" {
+        // The pings went through the eBPF programs, not just the kernel device.
+        wait_until(LONG, "eBPF encap and decap counters in the status", || {
+            let text = status_text(&cluster, port);
+            counter(&text, "encap_packets") > 0 && counter(&text, "decap_packets") > 0
+        });
+    }
 
     // SIGTERM: a clean exit that leaves lease, datapath and subnet.env in place.
     agent0.signal(libc::SIGTERM);
