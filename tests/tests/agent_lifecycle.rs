@@ -340,4 +340,22 @@ fn lifecycle(backend: &str) {
         cluster.nodes[0].pods[0].ping_once(pod1)
     });
     assert!(agent0.is_running() && agent1.is_running());
+
+    if backend == "ebpf" {
+        // Switching the node to --backend=vxlan removes the eBPF datapath (no stale programs)
+        // and keeps the subnet and the traffic.
+        agent0.signal(libc::SIGTERM);
+        assert_eq!(agent0.wait_exit(LONG), Some(0), "log:\n{}", agent0.log());
+        assert!(cluster.nodes[0].pin_dir.exists(), "SIGTERM leaves the pins");
+        let agent0 = Agent::spawn(&cluster.nodes[0].ns, &seeds_args(&cluster, 0, "vxlan"), &[]);
+        agent0.wait_for_log("wrote the subnet file", LONG);
+        assert!(
+            !cluster.nodes[0].pin_dir.exists(),
+            "the eBPF pins were removed"
+        );
+        assert_eq!(subnet_of(&cluster, 0), subnet0);
+        wait_until(LONG, "pod 1 -> pod 0 on the kernel path", || {
+            cluster.nodes[1].pods[0].ping_once(pod0)
+        });
+    }
 }
