@@ -651,6 +651,12 @@ impl Lessor {
                     warn!(error = %err, "cannot check our lease; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
+                    // Probe the endpoints again: the one we used may be the one that died.
+                    if self.opts.endpoints.len() > 1
+                        && let Ok(client) = crate::etcd::connect(&self.opts).await
+                    {
+                        self.client = client;
+                    }
                     continue;
                 }
             };

@@ -96,6 +96,12 @@ impl PeerWatcher {
                         _ = self.tx.closed() => return,
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(10));
+                    // Probe the endpoints again: the one we used may be the one that died.
+                    if self.opts.endpoints.len() > 1
+                        && let Ok(client) = crate::etcd::connect(&self.opts).await
+                    {
+                        self.client = client;
+                    }
                 }
             }
         }
