@@ -1181,3 +1181,68 @@ async fn several_endpoints_work_when_one_of_them_is_down() {
         "{msg}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_events_keep_flowing_when_the_etcd_member_in_use_dies() {
+    let mut cluster = common::EtcdCluster::start();
+    // The agent knows members 0 and 1; member 2 keeps quorum while either of them is down.
+    let o = EtcdOptions {
+        endpoints: cluster.endpoints[..2].to_vec(),
+        prefix: "/failover".into(),
+        ..Default::default()
+    };
+    let mut writer = client(&cluster.endpoints[2]).await;
+    let deadline = std::time::Instant::now() + LONG;
+    let agent_client = loop {
+        match etcd::connect(&o).await {
+            Ok(c) => break c,
+            Err(err) => assert!(
+                std::time::Instant::now() < deadline,
+                "cluster not up: {err}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (tx, mut rx) = mpsc::channel(64);
+    let (_own_tx, own_rx) = watch::channel("10.11.1.0/24".parse::<Ipv4Network>().unwrap());
+    let watcher = tokio::spawn(
+        PeerWatcher::new(agent_client, o.clone(), LeaseBackend::Vxlan, own_rx, tx).run(),
+    );
+    assert_eq!(next_event(&mut rx).await, PeerEvent::Snapshot(vec![]));
+
+    // Kill member 0, then (after it is back) member 1: whichever one carries the watch
+    // dies at some point, and events must still arrive.
+    for (round, member) in [0usize, 1].into_iter().enumerate() {
+        cluster.kill(member);
+        let n = 2 + round as u8;
+        // A new leader may take a moment to be elected when the leader died.
+        let key = format!("/failover/subnets/10.11.{n}.0-24");
+        let value = vxlan_value(
+            &format!("192.168.11.{n}"),
+            &format!("c6:d2:32:6f:8f:{n:02x}"),
+        );
+        let deadline = std::time::Instant::now() + LONG;
+        while let Err(err) = writer.put(key.as_str(), value.as_str(), None).await {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "cluster without quorum: {err}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Either the watch survives (an Upsert) or it re-lists elsewhere (a Snapshot holding
+        // the new peer); nothing is removed.
+        let subnet: Ipv4Network = format!("10.11.{n}.0/24").parse().unwrap();
+        loop {
+            match next_event(&mut rx).await {
+                PeerEvent::Upsert(p) if p.subnet == subnet => break,
+                PeerEvent::Snapshot(peers) if peers.iter().any(|p| p.subnet == subnet) => break,
+                PeerEvent::Snapshot(_) => {}
+                other => panic!("round {round}: unexpected {other:?}"),
+            }
+        }
+        cluster.restart(member);
+        // `client` waits until the member answers reads again.
+        let _ = client(&cluster.endpoints[member]).await;
+    }
+    watcher.abort();
+}
