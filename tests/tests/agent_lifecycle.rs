@@ -7,81 +7,16 @@
 
 use std::{
     os::unix::net::UnixDatagram,
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use overlay_tests::{
-    agent::agent_binary, netns::NetNs, require_root, topology::Cluster, try_wait_until, wait_until,
+    agent::{AgentProcess, agent_binary},
+    require_root,
+    topology::Cluster,
+    wait_until,
 };
-
-/// The agent in a node's network namespace, entered with `nsenter --net` rather than
-/// `ip netns exec`: the latter remounts /sys, hiding the host's bpffs at /sys/fs/bpf, so an
-/// eBPF agent could not pin its maps (it would fall back to the kernel path).
-struct Agent {
-    child: Child,
-    log: tempfile::NamedTempFile,
-}
-
-impl Agent {
-    fn spawn(ns: &NetNs, args: &[String], env: &[(&str, &str)]) -> Agent {
-        let log = tempfile::NamedTempFile::with_prefix("overlay-agent-log-").expect("log file");
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", ns.name()))
-            .arg(agent_binary())
-            .args(args)
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "info,overlay_agent=debug")
-            .stdin(Stdio::null())
-            .stdout(log.reopen().expect("log"))
-            .stderr(log.reopen().expect("log"))
-            .spawn()
-            .expect("start overlay-agent");
-        Agent { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap_or_default()
-    }
-
-    fn signal(&self, signal: i32) {
-        // SAFETY: kill(2) on the pid of a child we own and have not reaped.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let mut status = None;
-        let exited = try_wait_until(timeout, || {
-            status = self.child.try_wait().expect("try_wait");
-            status.is_some()
-        });
-        assert!(
-            exited,
-            "agent did not exit within {timeout:?}; log:\n{}",
-            self.log()
-        );
-        status.and_then(|s| s.code())
-    }
-
-    fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    fn wait_for_log(&self, needle: &str, timeout: Duration) {
-        let found = try_wait_until(timeout, || self.log().contains(needle));
-        assert!(found, "agent never logged {needle:?}; log:\n{}", self.log());
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- overlay-agent log ---\n{}", self.log());
-        }
-    }
-}
 
 const PREFIX: &str = "/kube-centos/network";
 /// The seeds' config (written there with etcdctl v2 `mk`; here through the v3 API).
@@ -208,12 +143,13 @@ fn lifecycle(backend: &str) {
         )
     };
     args0.push(format!("-healthz-port={port}"));
-    let mut agent0 = Agent::spawn(
+    let mut agent0 = AgentProcess::spawn_with_env(
         &cluster.nodes[0].ns,
         &args0,
         &[("NOTIFY_SOCKET", notify_path.to_str().expect("utf-8"))],
     );
-    let mut agent1 = Agent::spawn(&cluster.nodes[1].ns, &seeds_args(&cluster, 1, backend), &[]);
+    let mut agent1 =
+        AgentProcess::spawn_with_env(&cluster.nodes[1].ns, &seeds_args(&cluster, 1, backend), &[]);
 
     let mut buf = [0u8; 64];
     let n = notify
@@ -322,7 +258,8 @@ fn lifecycle(backend: &str) {
     );
 
     // Restart: same subnet.
-    let mut agent0 = Agent::spawn(&cluster.nodes[0].ns, &seeds_args(&cluster, 0, backend), &[]);
+    let mut agent0 =
+        AgentProcess::spawn_with_env(&cluster.nodes[0].ns, &seeds_args(&cluster, 0, backend), &[]);
     agent0.wait_for_log("wrote the subnet file", LONG);
     assert_eq!(subnet_of(&cluster, 0), subnet0, "restart keeps the subnet");
 
@@ -347,7 +284,11 @@ fn lifecycle(backend: &str) {
         agent0.signal(libc::SIGTERM);
         assert_eq!(agent0.wait_exit(LONG), Some(0), "log:\n{}", agent0.log());
         assert!(cluster.nodes[0].pin_dir.exists(), "SIGTERM leaves the pins");
-        let agent0 = Agent::spawn(&cluster.nodes[0].ns, &seeds_args(&cluster, 0, "vxlan"), &[]);
+        let agent0 = AgentProcess::spawn_with_env(
+            &cluster.nodes[0].ns,
+            &seeds_args(&cluster, 0, "vxlan"),
+            &[],
+        );
         agent0.wait_for_log("wrote the subnet file", LONG);
         assert!(
             !cluster.nodes[0].pin_dir.exists(),
