@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod dataplane;
+pub mod docker_opts;
 pub mod iface;
 pub mod netlink;
 pub mod peer;

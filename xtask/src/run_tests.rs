@@ -165,11 +165,15 @@ fn nextest_available() -> bool {
         .is_ok_and(|status| status.success())
 }
 
-/// PATH with cargo's bin dir in front, so the agent's build script finds bpf-linker even
-/// when the caller's PATH lacks it.
+/// PATH with cargo's bin dir in front when bpf-linker is not already on it, so the agent's
+/// build script finds it. An unchanged PATH keeps cargo's build-script fingerprints (and so
+/// a later plain `cargo build`) from rebuilding.
 fn path_with_cargo_bin() -> anyhow::Result<std::ffi::OsString> {
-    let bin = setup::cargo_bin_dir()?;
     let current = std::env::var_os("PATH").unwrap_or_default();
+    if util::which("bpf-linker").is_some() {
+        return Ok(current);
+    }
+    let bin = setup::cargo_bin_dir()?;
     std::env::join_paths(std::iter::once(bin).chain(std::env::split_paths(&current)))
         .context("building PATH")
 }
