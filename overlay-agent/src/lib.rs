@@ -8,5 +8,7 @@ pub mod config;
 pub mod dataplane;
 pub mod docker_opts;
 pub mod iface;
+pub mod masq;
 pub mod netlink;
 pub mod peer;
+pub mod status;
