@@ -25,32 +25,42 @@ const PROC_ROUTE: &str = "/proc/net/route";
 /// `RTF_GATEWAY` in /proc/net/route's Flags column: the route goes `via` a gateway.
 const RTF_GATEWAY: u32 = 0x2;
 
+/// flannel's default subnet file, read when neither `-f` nor `--subnet-file` says otherwise.
+pub const DEFAULT_SUBNET_FILE: &str = "/run/flannel/subnet.env";
+
 /// Flags as `mk-docker-opts.sh` spells them (`getopts "f:d:icmk:"`), with long aliases.
+/// The long names leave `--subnet-file` to the agent's global flag: `-f` overrides it.
 #[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
 pub struct Args {
-    /// Subnet file to read (flannel env file).
-    #[arg(
-        short = 'f',
-        long = "subnet-file",
-        default_value = "/run/flannel/subnet.env"
-    )]
-    pub subnet_file: PathBuf,
-    /// Docker env file to write.
+    /// Subnet file to read (mk-docker-opts.sh -f) [default: --subnet-file, i.e.
+    /// /run/flannel/subnet.env].
+    #[arg(short = 'f', long = "input")]
+    pub input: Option<PathBuf>,
+    /// Docker env file to write (mk-docker-opts.sh -d).
     #[arg(short = 'd', long = "output", default_value = "/run/docker_opts.env")]
     pub output: PathBuf,
-    /// Write each Docker option as its own variable (DOCKER_OPT_BIP=...). Without -i and -c,
-    /// both are written.
-    #[arg(short = 'i', long = "individual")]
-    pub individual: bool,
-    /// Write the combined options into one variable (see -k).
-    #[arg(short = 'c', long = "combined")]
-    pub combined: bool,
-    /// Do not write --ip-masq (for old Docker versions).
+    /// Write each Docker option as its own variable, DOCKER_OPT_BIP=... (mk-docker-opts.sh
+    /// -i). Without -i and -c, both kinds are written.
+    #[arg(short = 'i', long = "individual-only")]
+    pub individual_only: bool,
+    /// Write the combined options into one variable, see -k (mk-docker-opts.sh -c).
+    #[arg(short = 'c', long = "combined-only")]
+    pub combined_only: bool,
+    /// Leave out --ip-masq, for old Docker versions (mk-docker-opts.sh -m).
     #[arg(short = 'm', long = "no-ip-masq")]
     pub no_ip_masq: bool,
-    /// Name of the combined variable.
+    /// Name of the combined variable (mk-docker-opts.sh -k).
     #[arg(short = 'k', long = "key", default_value = "DOCKER_OPTS")]
     pub key: String,
+}
+
+impl Args {
+    /// The file to read: `-f`, else the agent's `--subnet-file` value.
+    pub fn subnet_file(&self, default_subnet_file: &Path) -> PathBuf {
+        self.input
+            .clone()
+            .unwrap_or_else(|| default_subnet_file.to_owned())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,15 +101,16 @@ pub enum DockerOptsError {
     Write { path: PathBuf, source: io::Error },
 }
 
-/// Reads the subnet file, checks the routing table and writes the Docker env file.
-pub fn run(args: &Args) -> Result<(), DockerOptsError> {
-    let text = fs::read_to_string(&args.subnet_file).map_err(|source| {
-        DockerOptsError::ReadSubnetFile {
-            path: args.subnet_file.clone(),
+/// Reads the subnet file (`-f`, else `default_subnet_file`: pass the agent's `--subnet-file`),
+/// checks the routing table and writes the Docker env file.
+pub fn run(args: &Args, default_subnet_file: &Path) -> Result<(), DockerOptsError> {
+    let subnet_file = args.subnet_file(default_subnet_file);
+    let text =
+        fs::read_to_string(&subnet_file).map_err(|source| DockerOptsError::ReadSubnetFile {
+            path: subnet_file.clone(),
             source,
-        }
-    })?;
-    let file_vars = parse_env_file(&args.subnet_file, &text)?;
+        })?;
+    let file_vars = parse_env_file(&subnet_file, &text)?;
     let docker_env = render(args, std::env::vars(), file_vars)?;
     if let Some(subnet) = docker_env.subnet {
         check_routes(Path::new(PROC_ROUTE), subnet)?;
@@ -192,8 +203,8 @@ pub fn render(
         vars.insert(name.to_owned(), value);
     }
 
-    let (individual, combined) = if args.individual || args.combined {
-        (args.individual, args.combined)
+    let (individual, combined) = if args.individual_only || args.combined_only {
+        (args.individual_only, args.combined_only)
     } else {
         (true, true)
     };
@@ -305,6 +316,42 @@ mod tests {
             .args
     }
 
+    /// The agent's CLI has global flanneld flags (`--subnet-file`, `-v`, ...): these flags
+    /// must not collide with them when flattened into its `docker-opts` subcommand.
+    #[test]
+    fn flags_fit_under_the_agents_global_flags() {
+        #[derive(Parser)]
+        struct Agent {
+            #[arg(long, global = true, default_value = DEFAULT_SUBNET_FILE)]
+            subnet_file: PathBuf,
+            #[arg(short = 'v', global = true, default_value_t = 0)]
+            verbosity: u8,
+            #[command(subcommand)]
+            command: Sub,
+        }
+        #[derive(clap::Subcommand)]
+        enum Sub {
+            DockerOpts(Args),
+        }
+        use clap::CommandFactory as _;
+        Agent::command().debug_assert();
+        let agent = Agent::try_parse_from([
+            "overlay-agent",
+            "docker-opts",
+            "--subnet-file=/tmp/s.env",
+            "-k",
+            "K",
+        ])
+        .expect("parses");
+        let Sub::DockerOpts(parsed) = agent.command;
+        assert_eq!(
+            parsed.subnet_file(&agent.subnet_file),
+            Path::new("/tmp/s.env")
+        );
+        assert_eq!(parsed.key, "K");
+        assert_eq!(agent.verbosity, 0);
+    }
+
     /// Renders with an empty process environment, like `env -i sh mk-docker-opts.sh`.
     fn render_text(flags: &[&str], subnet_env: &str) -> String {
         let vars = parse_env_file(Path::new("subnet.env"), subnet_env).expect("subnet file parses");
@@ -318,7 +365,10 @@ mod tests {
     fn seeds_flags_rename_the_combined_key_and_keep_individual_lines() {
         let parsed = args(&["-k", "DOCKER_NETWORK_OPTIONS", "-d", "/run/flannel/docker"]);
         assert_eq!(parsed.output, PathBuf::from("/run/flannel/docker"));
-        assert_eq!(parsed.subnet_file, PathBuf::from("/run/flannel/subnet.env"));
+        assert_eq!(
+            parsed.subnet_file(Path::new(DEFAULT_SUBNET_FILE)),
+            PathBuf::from("/run/flannel/subnet.env")
+        );
         assert_eq!(
             render_text(
                 &["-k", "DOCKER_NETWORK_OPTIONS", "-d", "/run/flannel/docker"],
@@ -334,7 +384,11 @@ mod tests {
     #[test]
     fn defaults_match_the_script() {
         let parsed = args(&[]);
-        assert_eq!(parsed.subnet_file, PathBuf::from("/run/flannel/subnet.env"));
+        assert_eq!(parsed.input, None);
+        assert_eq!(
+            parsed.subnet_file(Path::new("/etc/elsewhere.env")),
+            PathBuf::from("/etc/elsewhere.env")
+        );
         assert_eq!(parsed.output, PathBuf::from("/run/docker_opts.env"));
         assert_eq!(parsed.key, "DOCKER_OPTS");
         assert_eq!(
@@ -464,7 +518,7 @@ mod tests {
             "-d",
             output.to_str().expect("utf-8"),
         ]);
-        let error = run(&parsed).expect_err("no subnet file");
+        let error = run(&parsed, Path::new(DEFAULT_SUBNET_FILE)).expect_err("no subnet file");
         assert!(
             matches!(error, DockerOptsError::ReadSubnetFile { .. }),
             "{error}"
@@ -488,7 +542,7 @@ mod tests {
             output.to_str().expect("utf-8"),
         ]);
         // The test's own environment may hold DOCKER_OPT_* presets; compare with render().
-        run(&parsed).expect("docker-opts runs");
+        run(&parsed, Path::new("/nonexistent")).expect("docker-opts runs");
         let expected = render(
             &parsed,
             std::env::vars(),

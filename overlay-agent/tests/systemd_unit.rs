@@ -102,7 +102,10 @@ fn exec_start_post_is_a_valid_docker_opts_command() {
         .unwrap_or_else(|error| panic!("ExecStartPost flags do not parse: {error}"));
     assert_eq!(cli.args.key, "DOCKER_NETWORK_OPTIONS");
     assert_eq!(cli.args.output, Path::new("/run/flannel/docker"));
-    assert_eq!(cli.args.subnet_file, Path::new("/run/flannel/subnet.env"));
+    assert_eq!(
+        cli.args.input, None,
+        "the unit should rely on --subnet-file / FLANNELD_SUBNET_FILE"
+    );
 }
 
 #[test]
