@@ -7,6 +7,8 @@ mod run_tests;
 mod setup;
 mod util;
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -30,11 +32,18 @@ enum Command {
     Demo(demo::Args),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let result = match cli.command {
         Command::Setup(args) => setup::run(&args),
         Command::Test(args) => run_tests::run(&args),
         Command::Demo(args) => demo::run(&args),
+    };
+    // The error chain only: a backtrace of xtask itself (RUST_BACKTRACE is set for the tests)
+    // would bury the message.
+    if let Err(error) = result {
+        eprintln!("error: {error:#}");
+        return ExitCode::FAILURE;
     }
+    ExitCode::SUCCESS
 }

@@ -105,14 +105,19 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             .args(["nextest", "run", "--workspace", "--no-fail-fast"])
             .arg(format!("--test-threads={threads}"))
             .args(&args.filter);
-        outcomes.push(run_runner("tests (nextest)", runner, deadline)?);
+        outcomes.push(run_runner(
+            "tests (nextest)",
+            Runner::Nextest,
+            runner,
+            deadline,
+        )?);
         step("running doc tests (nextest does not run them)");
         let mut doc = Command::new(util::cargo());
         doc.current_dir(&workspace.root)
             .env("PATH", &path)
             .args(["test", "--workspace", "--doc"])
             .args(&args.filter);
-        outcomes.push(run_runner("doc tests", doc, deadline)?);
+        outcomes.push(run_runner("doc tests", Runner::Libtest, doc, deadline)?);
     } else {
         step(&format!(
             "running tests with cargo test, {threads} threads per test binary (cargo-nextest not found)"
@@ -122,7 +127,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             .args(&args.filter)
             .arg("--")
             .arg(format!("--test-threads={threads}"));
-        outcomes.push(run_runner("tests (cargo test)", runner, deadline)?);
+        outcomes.push(run_runner(
+            "tests (cargo test)",
+            Runner::Libtest,
+            runner,
+            deadline,
+        )?);
     }
 
     step("summary");
@@ -180,7 +190,12 @@ fn path_with_cargo_bin() -> anyhow::Result<std::ffi::OsString> {
 
 /// Runs a test runner, copying its output through while picking out the count lines and
 /// failures, and stops it (SIGTERM, then SIGKILL) if it passes the deadline.
-fn run_runner(label: &'static str, mut cmd: Command, deadline: Instant) -> anyhow::Result<Outcome> {
+fn run_runner(
+    label: &'static str,
+    kind: Runner,
+    mut cmd: Command,
+    deadline: Instant,
+) -> anyhow::Result<Outcome> {
     note(&format!("$ {}", util::describe(&cmd)));
     let started = Instant::now();
     let mut child = cmd
@@ -238,32 +253,13 @@ fn run_runner(label: &'static str, mut cmd: Command, deadline: Instant) -> anyho
         let _ = reader.join();
     }
     let lines = lines.lock().map(|lines| lines.clone()).unwrap_or_default();
-    let mut summary: Vec<String> = lines
-        .iter()
-        .map(|line| line.trim())
-        .filter(|line| line.starts_with("Summary [") || line.starts_with("test result:"))
-        .map(str::to_owned)
-        .collect();
-    if summary.iter().any(|line| line.starts_with("test result:")) {
-        summary = vec![sum_libtest(&summary)];
-    }
+    let (mut summary, mut failures) = match kind {
+        Runner::Nextest => nextest_lines(&lines),
+        Runner::Libtest => libtest_lines(&lines),
+    };
     if timed_out {
         summary.push("stopped: time budget exhausted".into());
     }
-    let mut failures: Vec<String> = lines
-        .iter()
-        .map(|line| line.trim())
-        .filter_map(|line| {
-            // nextest: "FAIL [   1.234s] crate::binary test::name"; libtest: "test x ... FAILED".
-            if line.starts_with("FAIL [") || line.starts_with("TIMEOUT [") {
-                line.split_once("] ").map(|(_, name)| name.to_owned())
-            } else {
-                line.strip_prefix("test ")
-                    .and_then(|rest| rest.strip_suffix(" ... FAILED"))
-                    .map(str::to_owned)
-            }
-        })
-        .collect();
     failures.sort();
     failures.dedup();
     Ok(Outcome {
@@ -273,6 +269,67 @@ fn run_runner(label: &'static str, mut cmd: Command, deadline: Instant) -> anyho
         summary,
         failures,
     })
+}
+
+/// Which output format a runner prints.
+#[derive(Clone, Copy)]
+enum Runner {
+    Nextest,
+    Libtest,
+}
+
+/// nextest's "Summary [...] N tests run: ..." line and its failed tests, from lines such as
+/// "FAIL [   0.186s] (1/1) overlay-tests::binary test_name" (also TIMEOUT and signals).
+/// Captured test output is indented by nextest, so libtest's own lines there are ignored.
+fn nextest_lines(lines: &[String]) -> (Vec<String>, Vec<String>) {
+    let mut summary = Vec::new();
+    let mut failures = Vec::new();
+    for line in lines.iter().map(|line| line.trim_start()) {
+        if line.starts_with("Summary [") {
+            summary.push(line.to_owned());
+            continue;
+        }
+        let Some((status, rest)) = line.split_once(" [") else {
+            continue;
+        };
+        let failed = status == "FAIL" || status == "TIMEOUT" || status.starts_with("SIG");
+        if !failed {
+            continue;
+        }
+        if let Some((_, name)) = rest.split_once("] ") {
+            // Drop the "(1/43) " progress counter.
+            let name = match name.split_once(") ") {
+                Some((counter, name)) if counter.starts_with('(') => name,
+                _ => name,
+            };
+            failures.push(format!("{name} ({status})"));
+        }
+    }
+    (summary, failures)
+}
+
+/// libtest's "test result:" lines (added up) and its "test name ... FAILED" lines, which it
+/// prints at the start of a line.
+fn libtest_lines(lines: &[String]) -> (Vec<String>, Vec<String>) {
+    let results: Vec<String> = lines
+        .iter()
+        .filter(|line| line.starts_with("test result:"))
+        .cloned()
+        .collect();
+    let failures = lines
+        .iter()
+        .filter_map(|line| {
+            line.strip_prefix("test ")?
+                .strip_suffix(" ... FAILED")
+                .map(str::to_owned)
+        })
+        .collect();
+    let summary = if results.is_empty() {
+        Vec::new()
+    } else {
+        vec![sum_libtest(&results)]
+    };
+    (summary, failures)
 }
 
 /// Adds up libtest's per-binary "test result: ok. 3 passed; 0 failed; 1 ignored; ..." lines.
@@ -308,7 +365,36 @@ fn signal(pid: u32, signal: libc::c_int) {
 
 #[cfg(test)]
 mod tests {
-    use super::sum_libtest;
+    use super::{nextest_lines, sum_libtest};
+
+    #[test]
+    fn picks_nextest_summary_and_failures_but_not_captured_output() {
+        let lines: Vec<String> = [
+            "        PASS [   0.010s] ( 1/3) overlay-agent a::passes",
+            "        FAIL [   0.186s] ( 2/3) overlay-tests::zz broken",
+            "    test broken ... FAILED",
+            "    test result: FAILED. 0 passed; 1 failed; 0 ignored",
+            "     TIMEOUT [ 300.001s] ( 3/3) overlay-tests::zz hangs",
+            "     Summary [ 300.191s] 3 tests run: 1 passed, 1 failed, 1 timed out, 0 skipped",
+            "        FAIL [   0.186s] ( 2/3) overlay-tests::zz broken",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let (summary, mut failures) = nextest_lines(&lines);
+        failures.dedup();
+        assert_eq!(
+            summary,
+            ["Summary [ 300.191s] 3 tests run: 1 passed, 1 failed, 1 timed out, 0 skipped"]
+        );
+        assert_eq!(
+            failures,
+            [
+                "overlay-tests::zz broken (FAIL)",
+                "overlay-tests::zz hangs (TIMEOUT)",
+                "overlay-tests::zz broken (FAIL)"
+            ]
+        );
+    }
 
     #[test]
     fn sums_libtest_result_lines() {
