@@ -33,6 +33,8 @@ const CONFIG: &str =
     r#"{"Network": "10.5.0.0/16", "SubnetLen": 24, "Backend": {"Type": "vxlan", "VNI": 1}}"#;
 /// Node 1 and 2 run the eBPF datapath, node 3 the kernel's vxlan device.
 const BACKENDS: [&str; 3] = ["ebpf", "ebpf", "vxlan"];
+/// The agents' /healthz, /readyz and /status port, on loopback inside each node namespace.
+const HEALTHZ_PORT: u16 = 9901;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -62,7 +64,8 @@ fn check_interrupt() {
 struct AgentAbilities {
     runs: bool,
     config_set: bool,
-    status_json: bool,
+    /// Serves its status as JSON on `--healthz-port` (`GET /status`).
+    status_endpoint: bool,
     help: String,
 }
 
@@ -85,7 +88,7 @@ impl AgentAbilities {
         Self {
             runs: top.contains("--etcd-endpoints"),
             config_set: help(&["config", "set", "--help"]).contains("Usage"),
-            status_json: help(&["status", "--help"]).contains("--json"),
+            status_endpoint: top.contains("--healthz-port"),
             help: top,
         }
     }
@@ -222,7 +225,11 @@ fn demo(args: &Args, abilities: &AgentAbilities, report: &mut Report) {
     step("starting overlay-agent on every node");
     let mut agents = Vec::new();
     for (node, backend) in cluster.nodes.iter().zip(BACKENDS) {
-        let agent_args = node.agent_args(&endpoint, backend);
+        let mut agent_args = node.agent_args(&endpoint, backend);
+        if abilities.status_endpoint {
+            agent_args.push("--healthz-ip=127.0.0.1".into());
+            agent_args.push(format!("--healthz-port={HEALTHZ_PORT}"));
+        }
         note(&format!(
             "{}: overlay-agent {}",
             node.ns.name(),
@@ -357,28 +364,51 @@ fn demo(args: &Args, abilities: &AgentAbilities, report: &mut Report) {
             .ns
             .try_run(&["ip", "-4", "route", "show", "root", "10.5.0.0/16"])
             .stdout_text();
-        if abilities.status_json {
-            let output = node
-                .ns
-                .command(&util_agent())
-                .args(node.agent_args(&endpoint, &node_report.backend))
-                .args(["status", "--json"])
-                .output()
-                .expect("run overlay-agent status --json");
-            node_report.status = serde_json::from_slice(&output.stdout).ok();
+        if abilities.status_endpoint {
+            match fetch_status(node) {
+                Ok(status) => node_report.status = Some(status),
+                Err(error) => report
+                    .problems
+                    .push(format!("{}: GET /status failed: {error}", node_report.name)),
+            }
         }
         let log = agent.log();
         let lines: Vec<&str> = log.lines().collect();
         node_report.log_tail = lines[lines.len().saturating_sub(8)..].join("\n");
     }
-    if !abilities.status_json {
-        report
-            .problems
-            .push("the agent has no `status --json` yet: no datapath counters to show".into());
+    if !abilities.status_endpoint {
+        report.problems.push(
+            "the agent has no --healthz-port (GET /status) yet: no datapath counters to show"
+                .into(),
+        );
     }
     step("tearing down (agents, pods, nodes, etcd)");
     drop(agents);
     drop(cluster);
+}
+
+/// The agent's status (`GET /status` on its health port), fetched from inside the node's
+/// namespace where the agent listens on loopback.
+fn fetch_status(node: &Node) -> Result<serde_json::Value, String> {
+    use std::io::{Read as _, Write as _};
+    node.ns.enter(|| {
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], HEALTHZ_PORT));
+        let mut stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(2))
+            .map_err(|error| format!("connecting to {address}: {error}"))?;
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        stream
+            .write_all(b"GET /status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .map_err(|error| format!("sending the request: {error}"))?;
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .map_err(|error| format!("reading the response: {error}"))?;
+        let (head, body) = response.split_once("\r\n\r\n").ok_or("no HTTP response")?;
+        if !head.starts_with("HTTP/1.1 200") {
+            return Err(head.lines().next().unwrap_or("").to_owned());
+        }
+        serde_json::from_str(body).map_err(|error| format!("not JSON: {error}"))
+    })
 }
 
 fn util_agent() -> String {
