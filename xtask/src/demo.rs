@@ -374,7 +374,7 @@ fn demo(args: &Args, abilities: &AgentAbilities, report: &mut Report) {
         }
         let log = agent.log();
         let lines: Vec<&str> = log.lines().collect();
-        node_report.log_tail = lines[lines.len().saturating_sub(8)..].join("\n");
+        node_report.log_tail = strip_ansi(&lines[lines.len().saturating_sub(8)..].join("\n"));
     }
     if !abilities.status_endpoint {
         report.problems.push(
@@ -409,6 +409,24 @@ fn fetch_status(node: &Node) -> Result<serde_json::Value, String> {
         }
         serde_json::from_str(body).map_err(|error| format!("not JSON: {error}"))
     })
+}
+
+/// Removes terminal colour codes (ESC [ ... letter) from the agents' logs.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for code in chars.by_ref() {
+                if code.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn util_agent() -> String {
@@ -495,14 +513,16 @@ fn tcp(from: &Node, to: &Node, seconds: u32) -> TcpResult {
         to: format!("{} ({})", target.ip, to.ns.name()),
         outcome: Err(String::new()),
     };
+    // A persistent server (not `-1`): a failed attempt must not take it down before the
+    // retry. Killed by pid when the guard drops.
     let server = target
         .ns
         .command("iperf3")
-        .args(["-s", "-1", "-B", &target.ip.to_string()])
+        .args(["-s", "-B", &target.ip.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn();
-    let mut server = match server {
+    let _server = match server {
         Ok(child) => ServerGuard(child),
         Err(error) => {
             result.outcome = Err(format!("cannot start iperf3 server: {error}"));
@@ -510,8 +530,8 @@ fn tcp(from: &Node, to: &Node, seconds: u32) -> TcpResult {
         }
     };
     // The server needs a moment to listen: retry the client for a few seconds.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut last_error = String::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last_error = String::from("no attempt finished");
     while Instant::now() < deadline {
         check_interrupt();
         let output = source
@@ -526,32 +546,34 @@ fn tcp(from: &Node, to: &Node, seconds: u32) -> TcpResult {
             ])
             .args(["--connect-timeout", "2000"])
             .output();
-        match output {
-            Ok(output) if output.status.success() => {
-                let json: serde_json::Value =
-                    serde_json::from_slice(&output.stdout).unwrap_or_default();
-                result.outcome = json["end"]["sum_received"]["bits_per_second"]
-                    .as_f64()
-                    .map(|bps| bps / 1e9)
-                    .ok_or_else(|| "iperf3 printed no result".to_owned());
-                break;
-            }
-            Ok(output) => {
-                let json: serde_json::Value =
-                    serde_json::from_slice(&output.stdout).unwrap_or_default();
-                last_error = json["error"].as_str().unwrap_or("iperf3 failed").to_owned();
-            }
+        let output = match output {
+            Ok(output) => output,
             Err(error) => {
                 last_error = format!("cannot run iperf3: {error}");
                 break;
             }
+        };
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        if let Some(bps) = json["end"]["sum_received"]["bits_per_second"].as_f64() {
+            result.outcome = Ok(bps / 1e9);
+            break;
         }
+        last_error = json["error"].as_str().map_or_else(
+            || {
+                let text = String::from_utf8_lossy(&output.stdout);
+                format!(
+                    "iperf3 ({}) printed no result: {}",
+                    output.status,
+                    text.chars().take(200).collect::<String>()
+                )
+            },
+            str::to_owned,
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
-    if result.outcome.as_ref().is_err_and(String::is_empty) {
+    if result.outcome.is_err() {
         result.outcome = Err(last_error);
     }
-    let _ = server.0.try_wait();
     match &result.outcome {
         Ok(gbps) => note(&format!(
             "{} -> {}: {gbps:.2} Gbit/s",
