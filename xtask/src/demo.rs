@@ -366,7 +366,20 @@ fn demo(args: &Args, abilities: &AgentAbilities, report: &mut Report) {
             .stdout_text();
         if abilities.status_endpoint {
             match fetch_status(node) {
-                Ok(status) => node_report.status = Some(status),
+                Ok(status) => {
+                    let active = status["node"]["active_datapath"].as_str().unwrap_or("?");
+                    if active != node_report.backend {
+                        report.problems.push(format!(
+                            "{} asked for --backend={} but forwards with {active}: {}",
+                            node_report.name,
+                            node_report.backend,
+                            status["node"]["fallback_reason"]
+                                .as_str()
+                                .unwrap_or("no reason given")
+                        ));
+                    }
+                    node_report.status = Some(status);
+                }
                 Err(error) => report
                     .problems
                     .push(format!("{}: GET /status failed: {error}", node_report.name)),
