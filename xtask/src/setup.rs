@@ -333,6 +333,17 @@ fn bpf_linker(check_only: bool, missing: &mut Vec<String>) -> anyhow::Result<()>
     Ok(())
 }
 
+/// LLVM's major version from the shared library's file name:
+/// `libLLVM.so.22.1-rust-1.97.0-nightly` (current) or `libLLVM-17-rust-1.75.0-stable.so`.
+fn llvm_major(file_name: &str) -> Option<u32> {
+    file_name
+        .strip_prefix("libLLVM")?
+        .split(|c: char| !c.is_ascii_digit())
+        .find(|part| !part.is_empty())?
+        .parse()
+        .ok()
+}
+
 /// The nightly toolchain's shared libLLVM, which bpf-linker links against (there is no LLVM
 /// 22 development package on Debian 12).
 struct NightlyLlvm {
@@ -357,11 +368,7 @@ impl NightlyLlvm {
             if entry.file_type()?.is_symlink() {
                 continue;
             }
-            let major = name["libLLVM".len()..]
-                .split(|c: char| !c.is_ascii_digit())
-                .find(|part| !part.is_empty())
-                .and_then(|part| part.parse().ok());
-            if let Some(major) = major {
+            if let Some(major) = llvm_major(&name) {
                 return Ok(Self {
                     library: entry.path(),
                     major,
@@ -403,5 +410,18 @@ impl NightlyLlvm {
             note(&format!("{} -> {}", link.display(), self.library.display()));
         }
         Ok(prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::llvm_major;
+
+    #[test]
+    fn llvm_major_from_rust_library_names() {
+        assert_eq!(llvm_major("libLLVM.so.22.1-rust-1.97.0-nightly"), Some(22));
+        assert_eq!(llvm_major("libLLVM-17-rust-1.75.0-stable.so"), Some(17));
+        assert_eq!(llvm_major("libLLVM.so"), None);
+        assert_eq!(llvm_major("librustc_driver.so"), None);
     }
 }
