@@ -75,6 +75,9 @@ fn unit_has_the_ordering_and_service_life_flanneld_units_rely_on() {
     assert_eq!(directive("Wants"), ["network-online.target"]);
     assert_eq!(directive("Before"), ["docker.service"]);
     assert_eq!(directive("Restart"), ["on-failure"]);
+    // Requires/RequiredBy would restart Docker (and its containers) with the agent.
+    assert_eq!(directive("WantedBy"), ["multi-user.target docker.service"]);
+    assert!(directive("RequiredBy").is_empty() && directive("Requires").is_empty());
     assert_eq!(
         directive("EnvironmentFile"),
         ["-/etc/sysconfig/overlay-agent"]
