@@ -8,6 +8,7 @@ pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod docker_opts;
 pub mod etcd;
 pub mod flags;
 pub mod health;

@@ -1,1 +1,49 @@
-fn main() {}
+//! `cargo xtask <command>`: the project's one entry point for setting up a machine, running
+//! every test and showing the agent at work. Must build on a bare machine (no protoc, no
+//! bpf-linker), so it depends only on light crates and the fixtures library.
+
+mod demo;
+mod run_tests;
+mod setup;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Set-up, tests and demo for overlay-agent"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+// New subcommands (e.g. `Bench`) add a variant here and one arm in `main`.
+#[derive(Subcommand)]
+enum Command {
+    /// Install and check everything the build and the tests need (idempotent; needs root).
+    Setup(setup::Args),
+    /// Set up, build the workspace, run every test and print a summary.
+    Test(run_tests::Args),
+    /// Set up, then run three real agents in network namespaces and show what they do.
+    Demo(demo::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup(args) => setup::run(&args),
+        Command::Test(args) => run_tests::run(&args),
+        Command::Demo(args) => demo::run(&args),
+    };
+    // The error chain only: a backtrace of xtask itself (RUST_BACKTRACE is set for the tests)
+    // would bury the message.
+    if let Err(error) = result {
+        eprintln!("error: {error:#}");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
