@@ -7,5 +7,7 @@
 pub mod config;
 pub mod dataplane;
 pub mod iface;
+pub mod masq;
 pub mod netlink;
 pub mod peer;
+pub mod status;
