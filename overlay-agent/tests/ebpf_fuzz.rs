@@ -837,42 +837,33 @@ fn decap_allowed(p: &[u8], gso: Option<u32>) -> Result<(), String> {
 }
 
 /// Whether the decap program may drop this packet as spoofed: VXLAN to our port, address and
-/// VNI from a source that holds no lease.
+/// VNI (the first fragment, or with IP options, included) from a source that holds no lease.
 fn is_spoof_candidate(p: &[u8]) -> bool {
-    p.len() >= 50
-        && p[12..14] == [0x08, 0x00]
-        && p[14] >> 4 == 4
-        && p[14] & 0x0f == 5
+    if p.len() < 34 || p[12..14] != [0x08, 0x00] || p[14] >> 4 != 4 {
+        return false;
+    }
+    let ihl = usize::from(p[14] & 0x0f) * 4;
+    let udp = 14 + ihl;
+    ihl >= 20
         && p[23] == 17
         && ip4(p, 30) == LOCAL_IP
-        && !is_fragment(p, 14)
-        && be16(p, 36) == PORT
-        && p[42] & 0x08 != 0
-        && p[46..49] == (VNI << 8).to_be_bytes()[..3]
         && ip4(p, 26) != PEER_IP
+        && be16(p, 20) & 0x1fff == 0
+        && p.len() >= udp + 16
+        && be16(p, udp + 2) == PORT
+        && p[udp + 8] & 0x08 != 0
+        && p[udp + 12..udp + 15] == (VNI << 8).to_be_bytes()[..3]
 }
 
 /// VXLAN from a source without a lease that the kernel's vxlan device would accept (once
 /// reassembled, for a first fragment) if the program handed it on: passing it is a hole in
 /// the anti-spoof filter. `Some(how)` describes the packet.
 fn spoof_the_kernel_would_take(p: &[u8]) -> Option<&'static str> {
-    if p.len() < 14 || p[12..14] != [0x08, 0x00] || sane_ipv4(p, 14).is_err() {
+    if !is_spoof_candidate(p) || sane_ipv4(p, 14).is_err() {
         return None;
     }
-    let ihl = usize::from(p[14] & 0x0f) * 4;
-    let udp = 14 + ihl;
     let frag = be16(p, 20);
-    if p[23] != 17
-        || ip4(p, 30) != LOCAL_IP
-        || ip4(p, 26) == PEER_IP
-        || frag & 0x1fff != 0
-        || p.len() < udp + 16
-        || be16(p, udp + 2) != PORT
-        || p[udp + 8] & 0x08 == 0
-        || p[udp + 12..udp + 15] != (VNI << 8).to_be_bytes()[..3]
-    {
-        return None;
-    }
+    let ihl = usize::from(p[14] & 0x0f) * 4;
     Some(if frag & 0x2000 != 0 {
         "first fragment"
     } else if ihl > 20 {
@@ -1325,14 +1316,63 @@ fn vxlan_payload(vtep_mac: [u8; 6], data: &[u8]) -> Vec<u8> {
     p
 }
 
-fn send_vxlan(ns: &NetNs, from: [u8; 4], payload: &[u8]) {
+/// How the sender's kernel puts the VXLAN datagram on the wire.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Shape {
+    Plain,
+    /// With IPv4 options (NOPs): outer header length 24.
+    IpOptions,
+    /// Larger than the link MTU without DF: the sender's kernel fragments it.
+    Fragmented,
+}
+
+fn set_ip_option(socket: &UdpSocket, name: libc::c_int, value: &[u8]) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setsockopt on a valid socket with a buffer of the given length.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            name,
+            value.as_ptr().cast(),
+            value.len() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "setsockopt {name}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+fn send_vxlan(ns: &NetNs, from: [u8; 4], payload: &[u8], shape: Shape) {
     ns.enter(|| {
         let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::from(from), 0))
             .unwrap_or_else(|e| panic!("bind {from:?} in the sender namespace: {e}"));
+        match shape {
+            Shape::Plain => {}
+            Shape::IpOptions => set_ip_option(&socket, libc::IP_OPTIONS, &[1, 1, 1, 0]),
+            Shape::Fragmented => set_ip_option(
+                &socket,
+                libc::IP_MTU_DISCOVER,
+                &libc::IP_PMTUDISC_DONT.to_ne_bytes(),
+            ),
+        }
         socket
             .send_to(payload, SocketAddrV4::new(Ipv4Addr::from(LOCAL_IP), PORT))
             .expect("send VXLAN");
     });
+}
+
+/// The pod datagram for a shape: big enough to be fragmented on the 1500-byte underlay (the
+/// inner packet still fits the pod's 1500-byte link).
+fn data_for(shape: Shape, who: &str) -> Vec<u8> {
+    let mut data = format!("{who} {shape:?}").into_bytes();
+    if shape == Shape::Fragmented {
+        data.resize(1440, b'.');
+    }
+    data
 }
 
 /// Waits for the next datagram on the pod's socket.
@@ -1431,7 +1471,8 @@ fn vxlan_from_a_source_without_lease_is_dropped_on_a_real_link() {
     node.run(&["ip", "link", "set", "vpod", "master", "cni0", "up"]);
     node.sysctl("net.ipv4.ip_forward", "1");
     for conf in ["all", "default", "flannel.1"] {
-        node.sysctl(&format!("net.ipv4.conf.{conf}.rp_filter"), "0");
+        // Slash form: the device name has a dot.
+        node.sysctl(&format!("net/ipv4/conf/{conf}/rp_filter"), "0");
     }
     pod.run(&["ip", "addr", "add", "10.5.1.2/24", "dev", "eth0"]);
     pod.run(&["ip", "link", "set", "eth0", "up"]);
@@ -1441,22 +1482,31 @@ fn vxlan_from_a_source_without_lease_is_dropped_on_a_real_link() {
         .set_read_timeout(Some(Duration::from_millis(200)))
         .expect("timeout");
 
-    // Control, no program attached: the kernel vxlan device accepts VXLAN from anyone, so the
-    // stranger's packet reaches the pod (the packet is right; only the filter can stop it).
+    // Control, no program attached: the kernel vxlan device accepts VXLAN from anyone, in
+    // every shape, so the stranger's packets reach the pod (they are right; only the filter
+    // can stop them).
     let in_before = udp_in_datagrams(&node);
-    send_vxlan(&sender, STRANGER_IP, &vxlan_payload(LOCAL_VTEP, b"control"));
-    let mut got = None;
-    wait_until(
-        Duration::from_secs(20),
-        "control datagram reaches the pod",
-        || {
-            got = receive(&socket);
-            got.is_some()
-        },
-    );
-    assert_eq!(got.as_deref(), Some(&b"control"[..]));
+    for shape in [Shape::Plain, Shape::IpOptions, Shape::Fragmented] {
+        let data = data_for(shape, "control");
+        send_vxlan(
+            &sender,
+            STRANGER_IP,
+            &vxlan_payload(LOCAL_VTEP, &data),
+            shape,
+        );
+        let mut got = None;
+        wait_until(
+            Duration::from_secs(20),
+            &format!("control datagram ({shape:?}) reaches the pod"),
+            || {
+                got = receive(&socket);
+                got.is_some()
+            },
+        );
+        assert_eq!(got, Some(data), "control ({shape:?})");
+    }
     assert!(
-        udp_in_datagrams(&node) > in_before,
+        udp_in_datagrams(&node) >= in_before + 3,
         "the kernel vxlan socket counts what it decapsulates (else the check below is vacuous)"
     );
 
@@ -1478,60 +1528,68 @@ fn vxlan_from_a_source_without_lease_is_dropped_on_a_real_link() {
             .expect("attach the decap program to the node's uplink (TCX ingress)");
     });
 
-    let before = h.stats();
-    let in_before = udp_in_datagrams(&node);
-    send_vxlan(
-        &sender,
-        STRANGER_IP,
-        &vxlan_payload(LOCAL_VTEP, b"stranger"),
-    );
-    wait_until(
-        Duration::from_secs(20),
-        "drop_unknown_source counts the stranger",
-        || {
-            h.stats()[stat::DROP_UNKNOWN_SOURCE as usize]
-                > before[stat::DROP_UNKNOWN_SOURCE as usize]
-        },
-    );
-    // The same packet from the peer's address: accepted, decapsulated, delivered. Both go the
-    // same path in order, so had the stranger's got through, the pod would read it first.
-    send_vxlan(&sender, PEER_IP, &vxlan_payload(LOCAL_VTEP, b"peer"));
-    let mut got = None;
-    wait_until(
-        Duration::from_secs(20),
-        "the peer's datagram reaches the pod",
-        || {
-            got = receive(&socket);
-            got.is_some()
-        },
-    );
-    assert_eq!(
-        got.as_deref(),
-        Some(&b"peer"[..]),
-        "the stranger's datagram got through to the pod"
-    );
-    let after = h.stats();
-    let moved: Vec<(&str, u64)> = after
-        .iter()
-        .zip(before)
-        .enumerate()
-        .filter(|(_, (a, b))| **a != *b)
-        .map(|(i, (a, b))| (stat::NAMES[i], a - b))
-        .collect();
-    assert_eq!(
-        after[stat::DROP_UNKNOWN_SOURCE as usize] - before[stat::DROP_UNKNOWN_SOURCE as usize],
-        1,
-        "counters moved: {moved:?}"
-    );
-    assert_eq!(
-        after[stat::DECAP_PACKETS as usize] - before[stat::DECAP_PACKETS as usize],
-        1,
-        "the peer's packet is decapsulated by the program; counters moved: {moved:?}"
-    );
-    assert_eq!(
-        udp_in_datagrams(&node),
-        in_before,
-        "nothing reached the node's kernel vxlan socket (stranger dropped, peer decapsulated in BPF)"
-    );
+    for shape in [Shape::Plain, Shape::IpOptions, Shape::Fragmented] {
+        let before = h.stats();
+        let in_before = udp_in_datagrams(&node);
+        let stranger = data_for(shape, "stranger");
+        send_vxlan(
+            &sender,
+            STRANGER_IP,
+            &vxlan_payload(LOCAL_VTEP, &stranger),
+            shape,
+        );
+        wait_until(
+            Duration::from_secs(20),
+            &format!("drop_unknown_source counts the stranger's packet ({shape:?})"),
+            || {
+                h.stats()[stat::DROP_UNKNOWN_SOURCE as usize]
+                    > before[stat::DROP_UNKNOWN_SOURCE as usize]
+            },
+        );
+        // The same packet from the peer's address: accepted (decapsulated by the program, or
+        // for options/fragments by the kernel device). Had the stranger's got through, the pod
+        // would read it first: it went the same path before.
+        let peer = data_for(shape, "peer");
+        send_vxlan(&sender, PEER_IP, &vxlan_payload(LOCAL_VTEP, &peer), shape);
+        let mut got = None;
+        wait_until(
+            Duration::from_secs(20),
+            &format!("the peer's datagram ({shape:?}) reaches the pod"),
+            || {
+                got = receive(&socket);
+                got.is_some()
+            },
+        );
+        assert!(
+            got.as_deref() == Some(&peer[..]),
+            "{shape:?}: expected the peer's datagram, got {:?}",
+            got.map(|g| String::from_utf8_lossy(&g[..g.len().min(20)]).into_owned())
+        );
+        let after = h.stats();
+        let moved: Vec<(&str, u64)> = after
+            .iter()
+            .zip(before)
+            .enumerate()
+            .filter(|(_, (a, b))| **a != *b)
+            .map(|(i, (a, b))| (stat::NAMES[i], a - b))
+            .collect();
+        assert_eq!(
+            after[stat::DROP_UNKNOWN_SOURCE as usize] - before[stat::DROP_UNKNOWN_SOURCE as usize],
+            1,
+            "{shape:?}: counters moved: {moved:?}"
+        );
+        if shape == Shape::Plain {
+            assert_eq!(
+                after[stat::DECAP_PACKETS as usize] - before[stat::DECAP_PACKETS as usize],
+                1,
+                "the peer's packet is decapsulated by the program; counters moved: {moved:?}"
+            );
+            assert_eq!(
+                udp_in_datagrams(&node),
+                in_before,
+                "nothing reached the node's kernel vxlan socket (stranger dropped, peer decapsulated in BPF)"
+            );
+        }
+    }
     assert!(receive(&socket).is_none(), "no further datagram at the pod");
 }
