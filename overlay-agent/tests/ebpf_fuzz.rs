@@ -16,7 +16,7 @@
 //!   on a sample, exactly one reason counter moves per run.
 //!
 //! Seed: `OVERLAY_FUZZ_SEED` (default fixed, printed); count: `OVERLAY_FUZZ_PACKETS`
-//! (default 1,000,000 per program). Needs root and bpffs: fails loudly otherwise.
+//! (default 1,000,000 run by each program; inputs test-run refuses are extra). Needs root and bpffs: fails loudly otherwise.
 
 use std::{
     collections::BTreeMap,
@@ -645,11 +645,11 @@ fn huge(p: &mut Vec<u8>, target: usize) {
             let tot = u16::from_be_bytes([p[ip + 2], p[ip + 3]]).wrapping_add(extra as u16);
             p[ip + 2..ip + 4].copy_from_slice(&tot.to_be_bytes());
             fix_ip_checksum(p, ip);
-            if let Some(u) = udp {
-                if p[ip + 9] == 17 {
-                    let l = u16::from_be_bytes([p[u + 4], p[u + 5]]).wrapping_add(extra as u16);
-                    p[u + 4..u + 6].copy_from_slice(&l.to_be_bytes());
-                }
+            if let Some(u) = udp
+                && p[ip + 9] == 17
+            {
+                let l = u16::from_be_bytes([p[u + 4], p[u + 5]]).wrapping_add(extra as u16);
+                p[u + 4..u + 6].copy_from_slice(&l.to_be_bytes());
             }
         }
     }
@@ -695,7 +695,7 @@ fn be16(p: &[u8], off: usize) -> u16 {
 }
 
 fn ip4(p: &[u8], off: usize) -> [u8; 4] {
-    p[off..off + 4].try_into().unwrap()
+    p[off..off + 4].try_into().expect("4 bytes")
 }
 
 /// A sane IPv4 header at `off` (what ip_rcv checks): returns (header length, total length).
@@ -1049,7 +1049,7 @@ struct Tally {
 fn fuzz_every_program_with_a_million_bad_packets() {
     let seed: u64 = std::env::var("OVERLAY_FUZZ_SEED")
         .map(|s| s.parse().expect("OVERLAY_FUZZ_SEED must be a u64"))
-        .unwrap_or(0x0bad_9ac7_e75);
+        .unwrap_or(20_261_122);
     let packets: usize = std::env::var("OVERLAY_FUZZ_PACKETS")
         .map(|s| s.parse().expect("OVERLAY_FUZZ_PACKETS must be a count"))
         .unwrap_or(1_000_000);
@@ -1069,7 +1069,7 @@ fn fuzz_every_program_with_a_million_bad_packets() {
     let mut done = 0usize;
     let mut batch_no = 0u64;
     while done < packets {
-        let n = BATCH.min(packets - done);
+        let n = BATCH.min(packets - done + 16);
         let cases: Vec<Case> = (0..n).map(|_| generate(&mut rng, max)).collect();
         // Mostly the default delivery, sometimes direct mode, sometimes unconfigured.
         let (cfg, mode) = match batch_no % 8 {
@@ -1107,17 +1107,16 @@ fn fuzz_every_program_with_a_million_bad_packets() {
                         if out != *p {
                             findings.add(program, "pass changed the packet", p, case.gso);
                         }
-                        if program == program_names::UPLINK_INGRESS && mode != "unconfigured" {
-                            if let Some(how) = spoof_the_kernel_would_take(p) {
-                                findings.add(
-                                    program,
-                                    format!(
-                                        "spoofed VXLAN ({how}) passed to the kernel vxlan device"
-                                    ),
-                                    p,
-                                    case.gso,
-                                );
-                            }
+                        if program == program_names::UPLINK_INGRESS
+                            && mode != "unconfigured"
+                            && let Some(how) = spoof_the_kernel_would_take(p)
+                        {
+                            findings.add(
+                                program,
+                                format!("spoofed VXLAN ({how}) passed to the kernel vxlan device"),
+                                p,
+                                case.gso,
+                            );
                         }
                         "pass"
                     }
@@ -1242,7 +1241,12 @@ fn fuzz_every_program_with_a_million_bad_packets() {
                 *t += d;
             }
         }
-        done += n;
+        // Count only packets the programs actually ran on (refusals are extra), so that every
+        // program really sees `packets` distinct inputs.
+        done += cases
+            .iter()
+            .filter(|c| !refused_by_test_run(&c.packet, max))
+            .count();
         batch_no += 1;
     }
     let elapsed = started.elapsed();
@@ -1274,9 +1278,11 @@ fn fuzz_every_program_with_a_million_bad_packets() {
         "{} kinds of misbehaviour found (see FINDING lines; reproduce with OVERLAY_FUZZ_SEED={seed})",
         findings.items.len()
     );
-    for tally in tallies.values() {
-        assert_eq!(tally.runs + tally.refused, packets as u64);
-    }
+    let runs: Vec<u64> = tallies.values().map(|t| t.runs).collect();
+    assert!(
+        runs.iter().all(|r| *r == runs[0] && *r >= packets as u64),
+        "every program ran the same {packets}+ packets: {runs:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
