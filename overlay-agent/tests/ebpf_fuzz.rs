@@ -817,6 +817,11 @@ fn decap_allowed(p: &[u8], gso: Option<u32>) -> Result<(), String> {
     if p[62..64] != [0x08, 0x00] {
         return Err("inner not IPv4".into());
     }
+    // The kernel device hands the stack only frames to its own MAC for routing (ip_rcv drops
+    // PACKET_OTHERHOST, ip_forward anything but PACKET_HOST).
+    if p[50..56] != LOCAL_VTEP {
+        return Err("inner destination MAC is not our VtepMAC".into());
+    }
     let (_, inner_tot) = sane_ipv4(&p[..14 + tot], INNER_IP)?;
     if INNER_IP + inner_tot > 14 + tot {
         return Err("inner datagram beyond the outer one".into());

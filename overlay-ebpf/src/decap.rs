@@ -96,6 +96,11 @@ pub fn uplink_decap(ctx: &TcContext) -> Verdict {
     if inner_eth.proto != ETH_P_IPV4 {
         return pass(stat::PASS_NOT_OURS);
     }
+    if inner_eth.dst != cfg.vtep_mac {
+        // Not to our VtepMAC: the kernel would not route it (PACKET_OTHERHOST / broadcast);
+        // its device gets it as it is (found by the fuzz test: direct mode routed it anyway).
+        return pass(stat::PASS_NOT_OURS);
+    }
     let Some(inner) = load::<Ipv4Hdr>(ctx, INNER_IP_OFF) else {
         return pass(stat::PASS_TRUNCATED);
     };
