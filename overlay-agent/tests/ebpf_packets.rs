@@ -602,6 +602,10 @@ fn encap_pass_reasons_and_service_guard() {
     let mut big = good[..34].to_vec();
     big.resize(14 + 1451, 0);
     big[16..18].copy_from_slice(&1451u16.to_be_bytes());
+    // A valid header (the encap checks it as ip_rcv would before forwarding).
+    big[24..26].copy_from_slice(&[0, 0]);
+    let check = checksum(&big[14..34]);
+    big[24..26].copy_from_slice(&check.to_be_bytes());
     h.expect(prog, &big, None, TC_ACT_UNSPEC, stat::PASS_TOO_BIG);
     // A GSO packet skips the size check and goes on to adjust_room. Test-run can set gso_size
     // but not gso_type, and the kernel refuses to add encapsulation to such a synthetic skb:

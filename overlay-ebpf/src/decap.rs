@@ -18,8 +18,8 @@ use crate::{
     maps::{PEER_SOURCES, SERVICE_FLOWS, config},
     parse::{
         ETH_LEN, ETH_P_IPV4, EthHdr, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN, Ipv4Hdr, UDP_LEN,
-        UdpVxlanHdr, VXLAN_FLAG_I, VXLAN_LEN, decrement_ttl, gso_size, in_subnet, load, pass,
-        vni_wire,
+        UdpVxlanHdr, VXLAN_FLAG_I, VXLAN_LEN, decrement_ttl, gso_size, in_subnet, ipv4_header_ok,
+        load, pass, vni_wire,
     },
     stats::Verdict,
 };
@@ -28,6 +28,8 @@ const OUTER_UDP_OFF: usize = ETH_LEN + IPV4_LEN;
 const INNER_ETH_OFF: usize = OUTER_UDP_OFF + UDP_LEN + VXLAN_LEN;
 const INNER_IP_OFF: usize = INNER_ETH_OFF + ETH_LEN;
 const AF_INET: u32 = 2;
+/// The IPv4 fragment offset bits (a fragment other than the first).
+const IP_OFFSET: u16 = 0x1fff;
 
 #[inline(always)]
 pub fn uplink_decap(ctx: &TcContext) -> Verdict {
@@ -43,18 +45,22 @@ pub fn uplink_decap(ctx: &TcContext) -> Verdict {
     let Some(outer) = load::<Ipv4Hdr>(ctx, ETH_LEN) else {
         return pass(stat::PASS_TRUNCATED);
     };
-    if outer.version() != 4 || outer.proto != IPPROTO_UDP || outer.daddr != cfg.local_ip {
+    if outer.version() != 4
+        || outer.proto != IPPROTO_UDP
+        || outer.daddr != cfg.local_ip
+        || outer.header_len() < IPV4_LEN
+    {
         return pass(stat::PASS_NOT_OURS);
     }
-    if outer.is_fragment() {
-        // The kernel reassembles; its vxlan device then decapsulates.
+    if u16::from_be_bytes(outer.frag_off) & IP_OFFSET != 0 {
+        // A later fragment (no UDP header). The kernel reassembles, and its vxlan device then
+        // decapsulates, only if the first fragment got through: that one is checked below.
         return pass(stat::PASS_FRAGMENT);
     }
-    if outer.header_len() != IPV4_LEN {
-        // IP options: rare, left to the kernel rather than parsed here.
-        return pass(stat::PASS_NOT_OURS);
-    }
-    let Some(udp) = load::<UdpVxlanHdr>(ctx, OUTER_UDP_OFF) else {
+    // The UDP header follows the outer header whatever its options: the source check must
+    // see first fragments and packets with options too, or the kernel's vxlan device (which
+    // accepts anyone) would take spoofed VXLAN wrapped that way (found by the fuzz test).
+    let Some(udp) = load::<UdpVxlanHdr>(ctx, ETH_LEN + outer.header_len()) else {
         return pass(stat::PASS_TRUNCATED);
     };
     if u16::from_ne_bytes(udp.dport) != cfg.udp_port_be
@@ -71,10 +77,28 @@ pub fn uplink_decap(ctx: &TcContext) -> Verdict {
             bytes: 0,
         };
     }
+    if outer.is_fragment() {
+        // The kernel reassembles; its vxlan device then decapsulates.
+        return pass(stat::PASS_FRAGMENT);
+    }
+    if outer.header_len() != IPV4_LEN {
+        // IP options: rare, left to the kernel rather than parsed here.
+        return pass(stat::PASS_NOT_OURS);
+    }
+    if udp.vxlan_flags != VXLAN_FLAG_I || udp.vxlan_reserved != [0; 3] || udp.vni_reserved[3] != 0 {
+        // Extensions (GBP's group policy) or reserved bits: the kernel device applies them,
+        // or drops the packet as it does when they are not enabled.
+        return pass(stat::PASS_NOT_OURS);
+    }
     let Some(inner_eth) = load::<EthHdr>(ctx, INNER_ETH_OFF) else {
         return pass(stat::PASS_TRUNCATED);
     };
     if inner_eth.proto != ETH_P_IPV4 {
+        return pass(stat::PASS_NOT_OURS);
+    }
+    if inner_eth.dst != cfg.vtep_mac {
+        // Not to our VtepMAC: the kernel would not route it (PACKET_OTHERHOST / broadcast);
+        // its device gets it as it is (found by the fuzz test: direct mode routed it anyway).
         return pass(stat::PASS_NOT_OURS);
     }
     let Some(inner) = load::<Ipv4Hdr>(ctx, INNER_IP_OFF) else {
@@ -95,6 +119,24 @@ pub fn uplink_decap(ctx: &TcContext) -> Verdict {
     }
     if inner.ttl <= 1 {
         return pass(stat::PASS_TTL);
+    }
+    if inner.header_len() != IPV4_LEN {
+        // Inner IP options: the kernel device's path handles them.
+        return pass(stat::PASS_NOT_OURS);
+    }
+    // What the kernel's ip_rcv/udp_rcv check before its vxlan device sees the packet (and
+    // ip_rcv again for the inner one): we bypass them, so must not accept what they drop.
+    let outer_len = u32::from(u16::from_be_bytes(outer.tot_len));
+    if !ipv4_header_ok(&outer, ctx.len().saturating_sub(ETH_LEN as u32))
+        || outer_len < (INNER_IP_OFF + IPV4_LEN - ETH_LEN) as u32
+        || u32::from(u16::from_be_bytes(udp.len)) != outer_len - IPV4_LEN as u32
+        || !ipv4_header_ok(&inner, outer_len - (INNER_IP_OFF - ETH_LEN) as u32)
+    {
+        return Verdict {
+            action: TC_ACT_SHOT as i32,
+            reason: stat::DROP_MALFORMED,
+            bytes: 0,
+        };
     }
     let direct = cfg.flags & config_flags::DECAP_DIRECT != 0;
     if direct && (inner.proto == IPPROTO_TCP || inner.proto == IPPROTO_UDP) {

@@ -19,7 +19,7 @@ use crate::{
     maps::{PEERS, SERVICE_FLOWS, config},
     parse::{
         ETH_LEN, ETH_P_IPV4, EthHdr, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN, Ipv4Hdr, VXLAN_FLAG_I,
-        decrement_ttl, gso_size, in_subnet, load, pass, vni_wire,
+        decrement_ttl, gso_size, in_subnet, ipv4_checksum, ipv4_header_ok, load, pass, vni_wire,
     },
     stats::Verdict,
 };
@@ -142,6 +142,10 @@ fn encapsulate_and_send(
         // The kernel path (flannel.<VNI>, same MTU) fragments or answers "frag needed".
         return pass(stat::PASS_TOO_BIG);
     }
+    // Malformed (bad checksum or length) or with options: the kernel path judges it.
+    if !ipv4_header_ok(ip, inner_len) {
+        return pass(stat::PASS_NOT_OURS);
+    }
     // The flow hash must be taken before the headers change (entropy for ECMP/RSS).
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
     if ctx
@@ -228,20 +232,6 @@ fn udp_source_port(hash: u32) -> u16 {
 fn ecn_encapsulate(inner_tos: u8) -> u8 {
     let ecn = inner_tos & 0x03;
     if ecn == 0x03 { 0x02 } else { ecn }
-}
-
-#[inline(always)]
-fn ipv4_checksum(ip: &Ipv4Hdr) -> [u8; 2] {
-    let bytes: &[u8; IPV4_LEN] = unsafe { &*(ip as *const Ipv4Hdr as *const [u8; IPV4_LEN]) };
-    let mut sum: u32 = 0;
-    let mut i = 0;
-    while i < IPV4_LEN {
-        sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
-        i += 2;
-    }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    (!(sum as u16)).to_be_bytes()
 }
 
 /// The Service reply guard: a local pod's TCP/UDP flow towards a non-pod address (such as a
