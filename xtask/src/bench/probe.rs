@@ -1,0 +1,179 @@
+//! "Is this peer in the datapath?" for the control-plane benchmark.
+//!
+//! - ebpf: the agent's pinned PEERS LPM trie, read with the bpf syscalls (what bpftool does,
+//!   without a process per poll: change latency is polled every 100 us).
+//! - vxlan: the route `<subnet> via ... dev flannel.<VNI>` flanneld adds last for each peer
+//!   (after neighbour and FDB); counted from a route dump, timed from `ip monitor route`.
+
+use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Map, MapData};
+use overlay_common::{PeerInfo, PeerSubnet, map_names, peer_flags};
+
+pub const VXLAN_DEV: &str = "flannel.1";
+
+/// The agent's PEERS map, opened once the agent has pinned it.
+pub struct PeerMap {
+    pin_dir: PathBuf,
+    trie: Option<LpmTrie<MapData, PeerSubnet, PeerInfo>>,
+}
+
+impl PeerMap {
+    pub fn new(pin_dir: &Path) -> Self {
+        Self {
+            pin_dir: pin_dir.to_path_buf(),
+            trie: None,
+        }
+    }
+
+    /// The map, or None while the agent has not pinned it yet.
+    fn trie(&mut self) -> Result<Option<&LpmTrie<MapData, PeerSubnet, PeerInfo>>> {
+        if self.trie.is_none() {
+            let Some(path) = find_file(&self.pin_dir, map_names::PEERS) else {
+                return Ok(None);
+            };
+            let data = MapData::from_pin(&path)
+                .with_context(|| format!("open pinned map {}", path.display()))?;
+            let map = Map::from_map_data(data).context("pinned PEERS map")?;
+            self.trie =
+                Some(LpmTrie::try_from(map).with_context(|| {
+                    format!("{} is not an LPM trie of PeerInfo", path.display())
+                })?);
+        }
+        Ok(self.trie.as_ref())
+    }
+
+    /// Entries marked valid.
+    pub fn count(&mut self) -> Result<usize> {
+        let Some(trie) = self.trie()? else {
+            return Ok(0);
+        };
+        let mut n = 0;
+        for entry in trie.iter() {
+            // An entry deleted between get_next_key and lookup is not an error here.
+            if let Ok((_, info)) = entry
+                && info.flags & peer_flags::VALID != 0
+            {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    pub fn has(&mut self, subnet: Ipv4Addr, prefix_len: u8) -> Result<bool> {
+        let Some(trie) = self.trie()? else {
+            return Ok(false);
+        };
+        match trie.get(&Key::new(u32::from(prefix_len), subnet.octets()), 0) {
+            Ok(info) => Ok(info.flags & peer_flags::VALID != 0),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(e).context("look up PEERS"),
+        }
+    }
+}
+
+/// Finds a file by name under `dir` (the agent may pin maps in a subdirectory).
+fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
+    let entries = std::fs::read_dir(dir).ok()?;
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.file_name().is_some_and(|n| n == name) {
+            return Some(p);
+        }
+        if e.file_type().is_ok_and(|t| t.is_dir())
+            && let Some(found) = find_file(&p, name)
+        {
+            return Some(found);
+        }
+    }
+    None
+}
+
+/// Routes towards peer subnets through the vxlan device in namespace `ns`.
+pub fn count_vxlan_routes(ns: &str) -> Result<usize> {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-4", "route", "show", "dev", VXLAN_DEV])
+        .output()
+        .context("run ip route show")?;
+    if !out.status.success() {
+        // No device yet: no peers.
+        return Ok(0);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(" via "))
+        .count())
+}
+
+/// `ip monitor route` in a namespace; lines arrive with the time they were read.
+pub struct RouteMonitor {
+    child: Child,
+    lines: Receiver<(Instant, String)>,
+}
+
+impl RouteMonitor {
+    pub fn start(ns: &str) -> Result<Self> {
+        let mut child = Command::new("ip")
+            .args(["-n", ns, "monitor", "route"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawn ip monitor route")?;
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send((Instant::now(), line)).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Self { child, lines: rx })
+    }
+
+    /// Drops lines already read (events of earlier changes).
+    pub fn drain(&self) {
+        while self.lines.try_recv().is_ok() {}
+    }
+
+    /// Waits for the route to `subnet` to be added (or deleted); returns when it was seen.
+    pub fn wait_for(&self, subnet: &str, added: bool, limit: Duration) -> Result<Instant> {
+        let deadline = Instant::now() + limit;
+        let prefix = if added {
+            format!("{subnet} ")
+        } else {
+            format!("Deleted {subnet} ")
+        };
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((t, line)) if line.starts_with(&prefix) && line.contains(VXLAN_DEV) => {
+                    return Ok(t);
+                }
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    bail!(
+                        "no route {} for {subnet} within {limit:?}",
+                        if added { "add" } else { "removal" }
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => bail!("ip monitor route exited"),
+            }
+        }
+    }
+}
+
+impl Drop for RouteMonitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
