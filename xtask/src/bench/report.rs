@@ -260,7 +260,7 @@ fn esc(s: &str) -> String {
 /// One panel per metric, one bar per mode (median), a whisker for min-max; each panel is
 /// scaled to its own largest value because units differ.
 pub fn svg(r: &Results) -> String {
-    let (left, bar_w, bar_h, gap) = (250.0, 520.0, 14.0, 4.0);
+    let (left, bar_w, bar_h, gap) = (330.0, 520.0, 14.0, 4.0);
     let panel_h = r.modes.len() as f64 * (bar_h + gap) + 22.0;
     let width = left + bar_w + 140.0;
     let height = 60.0 + panel_h * r.metrics.len() as f64;
