@@ -109,6 +109,11 @@ impl Lab {
             client_ns: pods[0].0.clone(),
             server_ns: pods[1].0.clone(),
             server_ip: pods[1].1,
+            scope_ns: pods
+                .iter()
+                .map(|p| p.0.clone())
+                .chain(self.cluster.nodes.iter().map(|n| n.ns.name().to_string()))
+                .collect(),
         };
         let (a, b) = (
             &self.cluster.nodes[0].pods[0],

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use super::cpu::CpuTimes;
+use super::cpu::{CpuTimes, MachineRuntime, Scope};
 use super::tools::{self, CrrResult, RrResult, ServerProcess, UdpFloodResult, UdpSinkResult};
 use super::{MetricDef, Progress};
 
@@ -30,7 +30,19 @@ pub const METRICS: &[MetricDef] = &[
     MetricDef::new("udp_loss", "UDP loss", "%", false),
     MetricDef::new(
         "cpu_per_gbit",
-        "CPU cost at paced rate, minus background",
+        "CPU at paced rate, experiment's tasks",
+        "CPU-s/Gbit",
+        false,
+    ),
+    MetricDef::new(
+        "cpu_per_gbit_machine",
+        "CPU at paced rate, all tasks",
+        "CPU-s/Gbit",
+        false,
+    ),
+    MetricDef::new(
+        "cpu_per_gbit_procstat",
+        "CPU at paced rate, /proc/stat (ticks)",
         "CPU-s/Gbit",
         false,
     ),
@@ -42,6 +54,8 @@ pub struct PodPair {
     pub client_ns: String,
     pub server_ns: String,
     pub server_ip: Ipv4Addr,
+    /// Every namespace of the experiment (pods and nodes): whose tasks' CPU counts.
+    pub scope_ns: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -109,25 +123,45 @@ pub fn measure_mode(
                 "    tcp 4 streams  {:>10.2} Gbit/s",
                 r4.gbit_per_s
             ));
-            // The machine is shared: take the busy time of an equal window without our
-            // traffic just before, and charge the run only for what it added.
-            let idle_start = CpuTimes::now()?;
+            // The machine is shared: measure an equal window without our traffic just
+            // before, and charge the run only for what it added (scaled to its length).
+            let scope = Scope::of_namespaces(
+                &pair.scope_ns.iter().map(String::as_str).collect::<Vec<_>>(),
+            )?;
+            let wall = Instant::now();
+            let (idle_stat, idle_rt) = (CpuTimes::now()?, MachineRuntime::now(&scope)?);
             std::thread::sleep(Duration::from_secs_f64(s.seconds.ceil().max(1.0)));
-            let idle = CpuTimes::now()?.since(&idle_start);
-            let before = CpuTimes::now()?;
+            let idle_rt = MachineRuntime::now(&scope)?.since(&idle_rt);
+            let idle_stat = CpuTimes::now()?.since(&idle_stat).busy;
+            let idle_wall = wall.elapsed().as_secs_f64();
+            let wall = Instant::now();
+            let (run_stat, run_rt) = (CpuTimes::now()?, MachineRuntime::now(&scope)?);
             let rp = iperf(pair, s.seconds, 1, Some(s.paced_gbit))?;
-            let cpu = CpuTimes::now()?.since(&before);
+            let run_rt = MachineRuntime::now(&scope)?.since(&run_rt);
+            let run_stat = CpuTimes::now()?.since(&run_stat).busy;
+            let scale = wall.elapsed().as_secs_f64() / idle_wall;
             let gbit = rp.bytes as f64 * 8.0 / 1e9;
             if gbit <= 0.0 {
                 bail!("paced run moved no data");
             }
-            // Scale the background to the run's length (iperf3 adds start-up time).
-            let background = idle.busy * (cpu.total / idle.total.max(1e-9));
-            let cost = (cpu.busy - background).max(0.0) / gbit;
-            out.insert("cpu_per_gbit", cost);
+            let cost = |run: f64, idle: f64| (run - idle * scale).max(0.0) / gbit;
+            let scoped = cost(run_rt.scoped, idle_rt.scoped);
+            let machine = cost(run_rt.all, idle_rt.all);
+            let procstat = cost(run_stat, idle_stat);
+            out.insert("cpu_per_gbit", scoped);
+            out.insert("cpu_per_gbit_machine", machine);
+            out.insert("cpu_per_gbit_procstat", procstat);
             progress.line(&format!(
-                "    paced {:.1} Gbit/s: {:.2} Gbit/s moved, {:.2} CPU-s busy ({:.2} background), {cost:.3} CPU-s/Gbit",
-                s.paced_gbit, rp.gbit_per_s, cpu.busy, background
+                "    paced {:.1} Gbit/s: {:.2} Gbit/s moved; CPU-s run/background: experiment \
+                 {:.2}/{:.2} = {scoped:.3} CPU-s/Gbit, machine {:.2}/{:.2} = {machine:.3}, \
+                 /proc/stat {run_stat:.2}/{:.2} = {procstat:.3}",
+                s.paced_gbit,
+                rp.gbit_per_s,
+                run_rt.scoped,
+                idle_rt.scoped * scale,
+                run_rt.all,
+                idle_rt.all * scale,
+                idle_stat * scale
             ));
             Ok(())
         })(),
