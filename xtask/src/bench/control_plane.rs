@@ -172,16 +172,16 @@ fn one_run(
     changes: usize,
     progress: &Progress,
 ) -> Result<Vec<f64>> {
-    let mut dp = match mode {
-        "ebpf" => Datapath::Map(PeerMap::new(&node.pin_dir)),
-        _ => Datapath::Routes(node.ns.name().to_string()),
-    };
     let args = node.agent_args(endpoint, mode);
     let start = Instant::now();
     let mut agent = caught("start overlay-agent", || {
         AgentProcess::spawn(&node.ns, &args)
     })?;
     let pid = agent.pid();
+    let mut dp = match mode {
+        "ebpf" => Datapath::Map(PeerMap::new(&node.pin_dir, Some(pid))),
+        _ => Datapath::Routes(node.ns.name().to_string()),
+    };
     let limit = Duration::from_secs(60) + Duration::from_millis(20) * n as u32;
     let sync = loop {
         let probe_start = Instant::now();

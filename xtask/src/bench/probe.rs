@@ -14,38 +14,77 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Map, MapData};
+use aya::maps::{Map, MapData, MapInfo};
 use overlay_common::{PeerInfo, PeerSubnet, map_names, peer_flags};
 
 pub const VXLAN_DEV: &str = "flannel.1";
 
-/// The agent's PEERS map, opened once the agent has pinned it.
+/// The agent's PEERS map, opened once the agent has created it.
+///
+/// Found by its pin under the agent's `--bpf-pin-dir` when that is visible from here, else
+/// among the BPF map fds the agent process holds (`/proc/<pid>/fdinfo`). The second way is
+/// needed because `ip netns exec` (how the fixtures start the agent) gives the agent its own
+/// mount namespace with a fresh /sys, where /sys/fs/bpf is not the host's bpffs: whatever
+/// the agent pins there is invisible from outside.
 pub struct PeerMap {
     pin_dir: PathBuf,
+    agent_pid: Option<u32>,
     trie: Option<LpmTrie<MapData, PeerSubnet, PeerInfo>>,
 }
 
 impl PeerMap {
-    pub fn new(pin_dir: &Path) -> Self {
+    pub fn new(pin_dir: &Path, agent_pid: Option<u32>) -> Self {
         Self {
             pin_dir: pin_dir.to_path_buf(),
+            agent_pid,
             trie: None,
         }
     }
 
-    /// The map, or None while the agent has not pinned it yet.
-    fn trie(&mut self) -> Result<Option<&LpmTrie<MapData, PeerSubnet, PeerInfo>>> {
-        if self.trie.is_none() {
-            let Some(path) = find_file(&self.pin_dir, map_names::PEERS) else {
-                return Ok(None);
-            };
+    fn open(&self) -> Result<Option<MapData>> {
+        if let Some(path) = find_file(&self.pin_dir, map_names::PEERS) {
             let data = MapData::from_pin(&path)
                 .with_context(|| format!("open pinned map {}", path.display()))?;
-            let map = Map::from_map_data(data).context("pinned PEERS map")?;
-            self.trie =
-                Some(LpmTrie::try_from(map).with_context(|| {
-                    format!("{} is not an LPM trie of PeerInfo", path.display())
-                })?);
+            return Ok(Some(data));
+        }
+        let Some(pid) = self.agent_pid else {
+            return Ok(None);
+        };
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+            return Ok(None);
+        };
+        for fd in fds.flatten() {
+            let Ok(info) = std::fs::read_to_string(fd.path()) else {
+                continue;
+            };
+            let Some(id) = info
+                .lines()
+                .find_map(|l| l.strip_prefix("map_id:"))
+                .and_then(|v| v.trim().parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let named = MapInfo::from_id(id)
+                .ok()
+                .is_some_and(|i| i.name_as_str() == Some(map_names::PEERS));
+            if named {
+                let data = MapData::from_id(id).with_context(|| format!("open map id {id}"))?;
+                return Ok(Some(data));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The map, or None while the agent has not created it yet.
+    fn trie(&mut self) -> Result<Option<&LpmTrie<MapData, PeerSubnet, PeerInfo>>> {
+        if self.trie.is_none() {
+            let Some(data) = self.open()? else {
+                return Ok(None);
+            };
+            let map = Map::from_map_data(data).context("PEERS map")?;
+            self.trie = Some(
+                LpmTrie::try_from(map).context("the PEERS map is not an LPM trie of PeerInfo")?,
+            );
         }
         Ok(self.trie.as_ref())
     }
