@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use super::cpu::{process_cpu_seconds, process_peak_rss};
 use super::etcd_http::EtcdHttp;
-use super::lab::{ETCD_PREFIX, caught, clean_node};
+use super::lab::{ETCD_PREFIX, caught, clean_node, tail};
 use super::probe::{PeerMap, RouteMonitor, count_vxlan_routes};
 use super::report::Samples;
 use super::stats::percentile;
@@ -191,8 +191,8 @@ fn one_run(
         }
         if !agent.is_running() {
             bail!(
-                "the agent exited with {seen}/{n} peers programmed; log:\n{}",
-                agent.log()
+                "the agent exited with {seen}/{n} peers programmed; its log ends:\n{}",
+                tail(&agent.log())
             );
         }
         if start.elapsed() > limit {
@@ -280,11 +280,6 @@ fn poll_map(map: &mut PeerMap, subnet: Ipv4Addr, present: bool) -> Result<Instan
         }
         std::thread::sleep(Duration::from_micros(100));
     }
-}
-
-fn tail(log: &str) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
 #[cfg(test)]

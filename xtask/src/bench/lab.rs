@@ -79,11 +79,11 @@ impl Lab {
         }
         let mut envs = Vec::new();
         for (node, agent) in self.cluster.nodes.iter().zip(&mut agents) {
-            let env = wait_subnet_env(node, agent).with_context(|| {
-                format!(
-                    "{mode} agent on node {}; its log:\n{}",
+            let env = wait_subnet_env(node, agent).map_err(|e| {
+                anyhow!(
+                    "{mode} agent on node {}: {e:#}; its log ends:\n{}",
                     node.index,
-                    agent.log()
+                    tail(&agent.log())
                 )
             })?;
             envs.push(env);
@@ -123,7 +123,7 @@ impl Lab {
         if !try_wait_until(PING_READY, || {
             a.ping_once(pair.server_ip) && b.ping_once(client_ip)
         }) {
-            let logs: Vec<String> = agents.iter().map(|a| a.log()).collect();
+            let logs: Vec<String> = agents.iter().map(|a| tail(&a.log())).collect();
             bail!(
                 "{mode}: pods {client_ip} and {} cannot ping each other after {PING_READY:?}; agent logs:\n{}",
                 pair.server_ip,
@@ -239,4 +239,10 @@ pub(super) fn clean_node(node: &mut Node, network: &str) -> Vec<String> {
         ));
     }
     problems
+}
+
+/// The last 30 lines of an agent log (error messages stay readable).
+pub(super) fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
 }
