@@ -113,6 +113,12 @@ pub fn run(
         ));
         for round in 1..=s.rounds {
             for mode in modes {
+                if super::interrupted() {
+                    errors.push(format!(
+                        "interrupted (Ctrl-C) before N={n} round {round} {mode}"
+                    ));
+                    return Ok((defs, samples));
+                }
                 progress.line(&format!(
                     "N={n} round {round}/{} {mode}: starting the agent",
                     s.rounds
@@ -189,6 +195,9 @@ fn one_run(
         if seen >= n {
             break start.elapsed();
         }
+        if super::interrupted() {
+            bail!("interrupted (Ctrl-C) while waiting for {seen}/{n} peers");
+        }
         if !agent.is_running() {
             bail!(
                 "the agent exited with {seen}/{n} peers programmed; its log ends:\n{}",
@@ -221,6 +230,9 @@ fn one_run(
     let mut lat_ms = Vec::new();
     let mut failures = Vec::new();
     for j in 0..(changes / 2) as u32 {
+        if super::interrupted() {
+            bail!("interrupted (Ctrl-C) after {} lease changes", lat_ms.len());
+        }
         let (key, value) = lease(CHANGE_BASE + j);
         let s = subnet(CHANGE_BASE + j);
         for added in [true, false] {

@@ -76,6 +76,24 @@ enum Internal {
     },
 }
 
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Ctrl-C stops the run after the current test (whose tools get the same SIGINT and end) so
+/// that agents, namespaces and etcd are torn down by their guards and partial results are
+/// written; a second Ctrl-C during the teardown is ignored for the same reason.
+fn catch_sigint() {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+}
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// A metric as shown in the report.
 #[derive(Clone, Debug)]
 pub struct MetricDef {
@@ -167,6 +185,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     ));
     let host = Host::probe();
     let mut errors = Vec::new();
+    catch_sigint();
     let (settings, metrics) = if args.control_plane {
         let settings = control_plane::Settings {
             peers: args.peers.clone().unwrap_or_else(|| {
@@ -203,6 +222,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         });
         (json, metrics)
     };
+    if interrupted() && !errors.iter().any(|e| e.starts_with("interrupted")) {
+        errors.push("interrupted (Ctrl-C) during the last test".into());
+    }
     let results = Results {
         kind: kind.into(),
         started_utc,
@@ -242,6 +264,10 @@ fn datapath(
     let mut samples = Samples::new();
     for round in 1..=rounds {
         for mode in modes {
+            if interrupted() {
+                errors.push(format!("interrupted (Ctrl-C) before round {round} {mode}"));
+                return Ok(samples);
+            }
             progress.line(&format!("round {round}/{rounds} {mode}: starting agents"));
             let up = match lab.bring_up(mode, progress) {
                 Ok(up) => up,

@@ -272,7 +272,7 @@ pub fn svg(r: &Results) -> String {
     let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let _ = writeln!(
         s,
-        r#"<text x="10" y="20" font-size="15" font-weight="bold">overlay-agent {} benchmark ({} UTC)</text>"#,
+        r#"<text x="10" y="20" font-size="15" font-weight="bold">overlay-agent {} benchmark, {}: median, whisker min-max over rounds</text>"#,
         esc(&r.kind),
         esc(&r.started_utc)
     );
