@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use super::cpu::{process_cpu_seconds, process_peak_rss};
 use super::etcd_http::EtcdHttp;
-use super::lab::{ETCD_PREFIX, caught, clean_node, tail};
+use super::lab::{AGENT_ENV, ETCD_PREFIX, caught, clean_node, tail};
 use super::probe::{PeerMap, RouteMonitor, count_vxlan_routes};
 use super::report::Samples;
 use super::stats::percentile;
@@ -181,7 +181,7 @@ fn one_run(
     let args = node.agent_args(endpoint, mode);
     let start = Instant::now();
     let mut agent = caught("start overlay-agent", || {
-        AgentProcess::spawn(&node.ns, &args)
+        AgentProcess::spawn_with_env(&node.ns, &args, AGENT_ENV)
     })?;
     let pid = agent.pid();
     let mut dp = match mode {

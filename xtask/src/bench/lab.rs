@@ -16,8 +16,8 @@ use overlay_tests::agent::AgentProcess;
 use overlay_tests::topology::{Cluster, ClusterOptions, Node, UnderlayKind};
 use overlay_tests::try_wait_until;
 
-use super::Progress;
 use super::measure::PodPair;
+use super::{Progress, probe};
 
 pub const ETCD_PREFIX: &str = "/coreos.com/network";
 pub const POD_NETWORK: &str = "10.244.0.0/16";
@@ -25,6 +25,10 @@ pub const POD_NETWORK: &str = "10.244.0.0/16";
 /// Generous: on 2 shared cores a debug agent may take a while to load its programs.
 const AGENT_READY: Duration = Duration::from_secs(60);
 const PING_READY: Duration = Duration::from_secs(60);
+
+/// The fixtures log at debug level; a benchmark measures the agent, not its debug logging
+/// (debug logs every map write, 10,000 of them in the control-plane runs).
+pub(super) const AGENT_ENV: &[(&str, &str)] = &[("RUST_LOG", "info")];
 
 pub struct Lab {
     cluster: Cluster,
@@ -68,13 +72,29 @@ impl Lab {
         Ok(Self { cluster })
     }
 
+    /// The eBPF datapath counters summed over both nodes (None when an agent has no STATS
+    /// map, e.g. in the kernel-only modes).
+    pub fn ebpf_counters(&self, up: &ModeUp) -> Result<Option<Vec<u64>>> {
+        let mut total: Option<Vec<u64>> = None;
+        for (node, agent) in self.cluster.nodes.iter().zip(&up.agents) {
+            let Some(c) = probe::read_stats(&node.pin_dir, agent.pid())? else {
+                return Ok(None);
+            };
+            match &mut total {
+                None => total = Some(c),
+                Some(t) => t.iter_mut().zip(c).for_each(|(a, b)| *a += b),
+            }
+        }
+        Ok(total)
+    }
+
     pub fn bring_up(&mut self, mode: &str, progress: &Progress) -> Result<ModeUp> {
         let endpoint = self.cluster.etcd_endpoint();
         let mut agents = Vec::new();
         for node in &self.cluster.nodes {
             let args = node.agent_args(&endpoint, mode);
             agents.push(caught("start overlay-agent", || {
-                AgentProcess::spawn(&node.ns, &args)
+                AgentProcess::spawn_with_env(&node.ns, &args, AGENT_ENV)
             })?);
         }
         let mut envs = Vec::new();

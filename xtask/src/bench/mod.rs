@@ -185,6 +185,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     ));
     let host = Host::probe();
     let mut errors = Vec::new();
+    let mut notes = Vec::new();
     catch_sigint();
     let (settings, metrics) = if args.control_plane {
         let settings = control_plane::Settings {
@@ -206,7 +207,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
             seconds: args.seconds.unwrap_or(if args.quick { 1.0 } else { 5.0 }),
             paced_gbit: args.paced_gbit,
         };
-        let samples = datapath(&settings, &modes, rounds, &progress, &mut errors)?;
+        let samples = datapath(
+            &settings,
+            &modes,
+            rounds,
+            &progress,
+            &mut errors,
+            &mut notes,
+        )?;
         let metrics = report::summarize(
             measure::METRICS,
             &modes,
@@ -235,6 +243,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         modes,
         metrics,
         errors,
+        notes,
     };
     report::write_all(&results, &out_dir)?;
     println!("\n{}", report::terminal_table(&results));
@@ -258,6 +267,7 @@ fn datapath(
     rounds: u32,
     progress: &Progress,
     errors: &mut Vec<String>,
+    notes: &mut Vec<String>,
 ) -> Result<Samples> {
     progress.line("building the topology: 2 node namespaces, direct veth underlay, etcd");
     let mut lab = lab::Lab::new()?;
@@ -281,7 +291,36 @@ fn datapath(
             };
             progress.line(&format!("round {round}/{rounds} {mode}: measuring"));
             let mut mode_errors = Vec::new();
+            let before = lab.ebpf_counters(&up);
             let values = measure::measure_mode(&up.pair, settings, progress, &mut mode_errors);
+            if mode == "ebpf" {
+                // Without this the ebpf column could silently be the kernel vxlan path.
+                match (before, lab.ebpf_counters(&up)) {
+                    (Ok(Some(b)), Ok(Some(a))) => {
+                        let delta: Vec<u64> = a.iter().zip(&b).map(|(a, b)| a.saturating_sub(*b)).collect();
+                        let shown: Vec<String> = overlay_common::stat::NAMES
+                            .iter()
+                            .zip(&delta)
+                            .filter(|(_, v)| **v > 0)
+                            .map(|(n, v)| format!("{n}={v}"))
+                            .collect();
+                        let line = format!("round {round} ebpf datapath counters during the tests: {}", if shown.is_empty() { "all zero".into() } else { shown.join(" ") });
+                        progress.line(&format!("    {line}"));
+                        notes.push(line);
+                        let encap = delta[overlay_common::stat::ENCAP_PACKETS as usize];
+                        let decap = delta[overlay_common::stat::DECAP_PACKETS as usize];
+                        if encap == 0 || decap == 0 {
+                            mode_errors.push(format!(
+                                "the eBPF programs encapsulated {encap} and decapsulated {decap} packets during the tests: these numbers are not the eBPF fast path's"
+                            ));
+                        }
+                    }
+                    (Ok(None), _) | (_, Ok(None)) => mode_errors.push(
+                        "no OVL_STATS map found (pinned under --bpf-pin-dir or held by the agent): cannot show that traffic took the eBPF path".into(),
+                    ),
+                    (Err(e), _) | (_, Err(e)) => mode_errors.push(format!("read the eBPF counters: {e:#}")),
+                }
+            }
             errors.extend(
                 mode_errors
                     .into_iter()

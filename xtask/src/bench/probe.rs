@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Map, MapData, MapInfo};
-use overlay_common::{PeerInfo, PeerSubnet, map_names, peer_flags};
+use aya::maps::{Map, MapData, MapInfo, PerCpuArray};
+use overlay_common::{PeerInfo, PeerSubnet, map_names, peer_flags, stat};
 
 pub const VXLAN_DEV: &str = "flannel.1";
 
@@ -42,37 +42,7 @@ impl PeerMap {
     }
 
     fn open(&self) -> Result<Option<MapData>> {
-        if let Some(path) = find_file(&self.pin_dir, map_names::PEERS) {
-            let data = MapData::from_pin(&path)
-                .with_context(|| format!("open pinned map {}", path.display()))?;
-            return Ok(Some(data));
-        }
-        let Some(pid) = self.agent_pid else {
-            return Ok(None);
-        };
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
-            return Ok(None);
-        };
-        for fd in fds.flatten() {
-            let Ok(info) = std::fs::read_to_string(fd.path()) else {
-                continue;
-            };
-            let Some(id) = info
-                .lines()
-                .find_map(|l| l.strip_prefix("map_id:"))
-                .and_then(|v| v.trim().parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let named = MapInfo::from_id(id)
-                .ok()
-                .is_some_and(|i| i.name_as_str() == Some(map_names::PEERS));
-            if named {
-                let data = MapData::from_id(id).with_context(|| format!("open map id {id}"))?;
-                return Ok(Some(data));
-            }
-        }
-        Ok(None)
+        open_agent_map(&self.pin_dir, self.agent_pid, map_names::PEERS)
     }
 
     /// The map, or None while the agent has not created it yet.
@@ -116,6 +86,61 @@ impl PeerMap {
             Err(e) => Err(e).context("look up PEERS"),
         }
     }
+}
+
+/// Opens one of the agent's maps by name: its pin under `pin_dir` when visible from here,
+/// else the map of that name among the fds the agent process `pid` holds.
+pub fn open_agent_map(pin_dir: &Path, pid: Option<u32>, name: &str) -> Result<Option<MapData>> {
+    if let Some(path) = find_file(pin_dir, name) {
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("open pinned map {}", path.display()))?;
+        return Ok(Some(data));
+    }
+    let Some(pid) = pid else {
+        return Ok(None);
+    };
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return Ok(None);
+    };
+    for fd in fds.flatten() {
+        let Ok(info) = std::fs::read_to_string(fd.path()) else {
+            continue;
+        };
+        let Some(id) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("map_id:"))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let named = MapInfo::from_id(id)
+            .ok()
+            .is_some_and(|i| i.name_as_str() == Some(name));
+        if named {
+            let data = MapData::from_id(id).with_context(|| format!("open map id {id}"))?;
+            return Ok(Some(data));
+        }
+    }
+    Ok(None)
+}
+
+/// Sums of the agent's per-CPU datapath counters (`overlay_common::stat`), or None when the
+/// agent has no such map.
+pub fn read_stats(pin_dir: &Path, pid: u32) -> Result<Option<Vec<u64>>> {
+    let Some(data) = open_agent_map(pin_dir, Some(pid), map_names::STATS)? else {
+        return Ok(None);
+    };
+    let map = Map::from_map_data(data).context("STATS map")?;
+    let stats: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(map).context("the STATS map is not a per-CPU array of u64")?;
+    let mut sums = Vec::new();
+    for i in 0..stat::COUNT {
+        let per_cpu = stats
+            .get(&i, 0)
+            .with_context(|| format!("read STATS[{i}]"))?;
+        sums.push(per_cpu.iter().sum());
+    }
+    Ok(Some(sums))
 }
 
 /// Finds a file by name under `dir` (the agent may pin maps in a subdirectory).

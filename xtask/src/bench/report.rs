@@ -29,6 +29,9 @@ pub struct Results {
     pub metrics: Vec<MetricResult>,
     /// Tests that failed (their samples are missing); empty on a clean run.
     pub errors: Vec<String>,
+    /// Observations worth keeping with the numbers (e.g. the eBPF datapath's counters).
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -245,6 +248,12 @@ pub fn markdown(r: &Results) -> String {
             let _ = writeln!(md, "- {e}");
         }
     }
+    if !r.notes.is_empty() {
+        let _ = writeln!(md, "\n## Notes\n");
+        for n in &r.notes {
+            let _ = writeln!(md, "- {n}");
+        }
+    }
     let _ = writeln!(md, "\n![chart](chart.svg)");
     md
 }
@@ -400,6 +409,7 @@ mod tests {
             ),
             modes,
             errors: vec!["lat ebpf: boom".into()],
+            notes: vec!["round 1 ebpf counters: encap_packets=3".into()],
         }
     }
 
@@ -421,6 +431,10 @@ mod tests {
         let md = markdown(&r);
         assert!(md.contains("| Throughput | Gbit/s | higher |"), "{md}");
         assert!(md.contains("lat ebpf: boom"));
+        assert!(
+            md.contains("## Notes\n\n- round 1 ebpf counters: encap_packets=3"),
+            "{md}"
+        );
         let svg = svg(&r);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("Latency &lt;p99&gt;"));
