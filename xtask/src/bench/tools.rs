@@ -8,6 +8,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -128,22 +129,29 @@ fn ready() {
 fn tcp_echo(port: u16, max: Duration) -> Result<()> {
     let listener =
         TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("bind tcp {port}"))?;
-    listener.set_nonblocking(true)?;
     ready();
     let deadline = Instant::now() + max;
     let mut buf = [0u8; 256];
     while Instant::now() < deadline {
+        // Block in poll (not a sleep loop: that would add its granularity to every connect
+        // of the connection-rate test), waking now and then to check the deadline.
+        let mut pfd = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let ready_fds = unsafe { libc::poll(&mut pfd, 1, 200) };
+        if ready_fds <= 0 {
+            continue;
+        }
         let stream = match listener.accept() {
             Ok((s, _)) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_micros(200));
-                continue;
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e).context("accept"),
         };
         // Sequential clients: serve this connection to its end. A stuck peer cannot hold us
         // longer than the read timeout.
-        stream.set_nonblocking(false)?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         let mut s = stream;
