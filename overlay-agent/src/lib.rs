@@ -10,3 +10,4 @@ pub mod iface;
 pub mod masq;
 pub mod netlink;
 pub mod peer;
+pub mod status;

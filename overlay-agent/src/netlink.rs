@@ -1,6 +1,862 @@
-//! Typed netlink helpers (rtnetlink) used by the dataplanes. Owned by the kernel-backends work.
+//! Typed netlink helpers (rtnetlink) used by the dataplanes and interface selection.
+//!
+//! One module that speaks rtnetlink so the rest of the agent deals in plain values (links,
+//! IPv4 networks, MACs) and gets errors that say what was being done to what.
+//! Writes are idempotent where the kernel allows it (replace semantics, "already gone" on
+//! delete is success), because every caller re-applies desired state.
 
-/// A failed netlink operation.
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use futures_util::{Stream, StreamExt, TryStreamExt};
+use ipnetwork::Ipv4Network;
+use rtnetlink::{
+    Handle, LinkUnspec, LinkVxlan, MulticastGroup, RouteMessageBuilder,
+    packet_core::NetlinkPayload,
+    packet_route::{
+        AddressFamily, RouteNetlinkMessage,
+        address::{AddressAttribute, AddressMessage},
+        link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+        neighbour::{
+            NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+        },
+        route::{
+            RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol,
+            RouteScope, RouteType,
+        },
+    },
+};
+use tracing::debug;
+
+use crate::peer::MacAddr6;
+
+const ENOENT: i32 = 2;
+const ESRCH: i32 = 3;
+const ENODEV: i32 = 19;
+const EEXIST: i32 = 17;
+const EADDRNOTAVAIL: i32 = 99;
+
+/// A failed netlink operation, with what was being done.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct NetlinkError(pub String);
+pub enum NetlinkError {
+    #[error("cannot open a netlink socket: {0} (the agent needs CAP_NET_ADMIN)")]
+    Connect(#[source] std::io::Error),
+    #[error("{what}: {source}")]
+    Request {
+        what: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("{what}: {reason}")]
+    Invalid { what: String, reason: String },
+}
+
+impl NetlinkError {
+    fn request(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Self {
+        let what = what.into();
+        move |source| NetlinkError::Request { what, source }
+    }
+
+    /// The kernel's errno (positive), if the kernel refused the request.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            NetlinkError::Request {
+                source: rtnetlink::Error::NetlinkError(message),
+                ..
+            } => message.code.map(|code| code.get().abs()),
+            _ => None,
+        }
+    }
+
+    fn is_not_found(&self) -> bool {
+        matches!(self.errno(), Some(ENOENT | ESRCH | ENODEV | EADDRNOTAVAIL))
+    }
+}
+
+/// VXLAN settings of a link, as the kernel reports them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VxlanInfo {
+    pub vni: u32,
+    pub local: Option<Ipv4Addr>,
+    /// Index of the underlay device (`dev`).
+    pub dev: Option<u32>,
+    pub port: u16,
+    pub learning: bool,
+    pub gbp: bool,
+}
+
+/// A network interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mtu: u32,
+    pub mac: Option<MacAddr6>,
+    /// Administratively up (`IFF_UP`).
+    pub up: bool,
+    /// `IFLA_INFO_KIND` ("vxlan", "bridge", "veth", ...), absent for plain devices.
+    pub kind: Option<String>,
+    pub vxlan: Option<VxlanInfo>,
+}
+
+/// What to create: a flannel-style VXLAN device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VxlanSpec {
+    pub name: String,
+    pub vni: u32,
+    pub local: Ipv4Addr,
+    /// Underlay device index.
+    pub dev: u32,
+    pub port: u16,
+    pub learning: bool,
+    pub gbp: bool,
+    pub mtu: u32,
+    pub mac: MacAddr6,
+}
+
+/// An IPv4 address on an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InterfaceAddress {
+    pub index: u32,
+    /// Address with its prefix length (e.g. 192.168.100.1/24).
+    pub address: Ipv4Network,
+}
+
+/// An IPv4 unicast route in the main table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Route {
+    pub destination: Ipv4Network,
+    pub gateway: Option<Ipv4Addr>,
+    pub oif: Option<u32>,
+    /// `onlink`: the gateway is reachable on `oif` without a covering connected route.
+    pub onlink: bool,
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.destination)?;
+        if let Some(gateway) = self.gateway {
+            write!(f, " via {gateway}")?;
+        }
+        if let Some(oif) = self.oif {
+            write!(f, " dev #{oif}")?;
+        }
+        if self.onlink {
+            f.write_str(" onlink")?;
+        }
+        Ok(())
+    }
+}
+
+/// A route from the kernel's main table, with the fields the dataplanes judge ownership by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListedRoute {
+    pub route: Route,
+    pub protocol: RouteProtocol,
+    pub scope: RouteScope,
+}
+
+/// An IPv4 neighbour (ARP) entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Neighbour {
+    pub index: u32,
+    pub ip: Ipv4Addr,
+    pub mac: Option<MacAddr6>,
+    pub permanent: bool,
+}
+
+/// A bridge FDB entry on a device (for vxlan: which VTEP a MAC lives behind).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FdbEntry {
+    pub index: u32,
+    pub mac: MacAddr6,
+    pub dst: Option<Ipv4Addr>,
+    pub permanent: bool,
+    /// `self` (NTF_SELF): the entry lives in the device's own table, not a bridge master's.
+    pub own: bool,
+}
+
+/// A link change seen on the multicast link group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// A link appeared or changed (flags, MTU, address...).
+    Changed(Link),
+    /// A link was deleted.
+    Deleted { index: u32, name: String },
+}
+
+/// A handle to rtnetlink. Cheap to clone; the connection runs as a tokio task that ends when
+/// the last handle is dropped.
+#[derive(Clone, Debug)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    /// Opens a netlink socket in the current network namespace. Needs a tokio runtime.
+    pub fn connect() -> Result<Self, NetlinkError> {
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Connect)?;
+        tokio::spawn(connection);
+        Ok(Netlink { handle })
+    }
+
+    // ---------------------------------------------------------------- links
+
+    /// All links.
+    pub async fn links(&self) -> Result<Vec<Link>, NetlinkError> {
+        let messages: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(NetlinkError::request("listing links"))?;
+        Ok(messages.iter().map(link_from_message).collect())
+    }
+
+    /// The link with this name, or `None`.
+    pub async fn link_by_name(&self, name: &str) -> Result<Option<Link>, NetlinkError> {
+        let result: Result<Vec<LinkMessage>, _> = self
+            .handle
+            .link()
+            .get()
+            .match_name(name)
+            .execute()
+            .try_collect()
+            .await;
+        single_link(result, format!("looking up link {name}"))
+    }
+
+    /// The link with this index, or `None`.
+    pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>, NetlinkError> {
+        let result: Result<Vec<LinkMessage>, _> = self
+            .handle
+            .link()
+            .get()
+            .match_index(index)
+            .execute()
+            .try_collect()
+            .await;
+        single_link(result, format!("looking up link #{index}"))
+    }
+
+    /// Creates a VXLAN device (`ip link add NAME type vxlan id VNI local LOCAL dev DEV
+    /// dstport PORT [nolearning] [gbp]` with MTU and MAC set at creation).
+    pub async fn create_vxlan(&self, spec: &VxlanSpec) -> Result<(), NetlinkError> {
+        let mut builder = LinkVxlan::new(&spec.name, spec.vni)
+            .local(spec.local)
+            .dev(spec.dev)
+            .port(spec.port)
+            .learning(spec.learning)
+            .mtu(spec.mtu)
+            .address(spec.mac.as_bytes().to_vec());
+        if spec.gbp {
+            builder = builder.gbp();
+        }
+        self.handle
+            .link()
+            .add(builder.build())
+            .execute()
+            .await
+            .map_err(NetlinkError::request(format!(
+                "creating vxlan device {} (id {}, local {}, dev #{}, dstport {})",
+                spec.name, spec.vni, spec.local, spec.dev, spec.port
+            )))?;
+        debug!(device = %spec.name, vni = spec.vni, mac = %spec.mac, "created vxlan device");
+        Ok(())
+    }
+
+    /// Deletes a link; a link that is already gone is not an error.
+    pub async fn delete_link(&self, index: u32) -> Result<(), NetlinkError> {
+        let result = self
+            .handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(NetlinkError::request(format!("deleting link #{index}")));
+        ignore_not_found(result)
+    }
+
+    /// `ip link set dev INDEX up`.
+    pub async fn set_link_up(&self, index: u32) -> Result<(), NetlinkError> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(NetlinkError::request(format!("setting link #{index} up")))
+    }
+
+    /// `ip link set dev INDEX mtu MTU`.
+    pub async fn set_link_mtu(&self, index: u32, mtu: u32) -> Result<(), NetlinkError> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).build())
+            .execute()
+            .await
+            .map_err(NetlinkError::request(format!(
+                "setting MTU {mtu} on link #{index}"
+            )))
+    }
+
+    /// A stream of link changes (RTNLGRP_LINK) in this namespace. Lets a dataplane react at
+    /// once to a deleted device or a new bridge instead of waiting for its next poll.
+    pub fn link_events() -> Result<impl Stream<Item = LinkEvent>, NetlinkError> {
+        let (connection, _handle, messages) =
+            rtnetlink::new_multicast_connection(&[MulticastGroup::Link])
+                .map_err(NetlinkError::Connect)?;
+        tokio::spawn(connection);
+        Ok(messages.filter_map(|(message, _)| async move {
+            match message.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+                    Some(LinkEvent::Changed(link_from_message(&link)))
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
+                    let link = link_from_message(&link);
+                    Some(LinkEvent::Deleted {
+                        index: link.index,
+                        name: link.name,
+                    })
+                }
+                _ => None,
+            }
+        }))
+    }
+
+    // ------------------------------------------------------------ addresses
+
+    /// IPv4 addresses, of one link or of all links.
+    pub async fn addresses(
+        &self,
+        index: Option<u32>,
+    ) -> Result<Vec<InterfaceAddress>, NetlinkError> {
+        let mut request = self.handle.address().get();
+        if let Some(index) = index {
+            request = request.set_link_index_filter(index);
+        }
+        let messages: Vec<AddressMessage> = request
+            .execute()
+            .try_collect()
+            .await
+            .map_err(NetlinkError::request("listing addresses"))?;
+        Ok(messages
+            .iter()
+            .filter(|message| message.header.family == AddressFamily::Inet)
+            .filter_map(|message| {
+                // IFA_LOCAL is the interface's own address (IFA_ADDRESS is the peer on p2p links).
+                let ip = message
+                    .attributes
+                    .iter()
+                    .find_map(|attribute| match attribute {
+                        AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+                        _ => None,
+                    })
+                    .or_else(|| {
+                        message
+                            .attributes
+                            .iter()
+                            .find_map(|attribute| match attribute {
+                                AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+                                _ => None,
+                            })
+                    })?;
+                Some(InterfaceAddress {
+                    index: message.header.index,
+                    address: Ipv4Network::new(ip, message.header.prefix_len).ok()?,
+                })
+            })
+            .collect())
+    }
+
+    /// Adds an IPv4 address; an address that is already there is not an error.
+    pub async fn add_address(&self, index: u32, address: Ipv4Network) -> Result<(), NetlinkError> {
+        let result = self
+            .handle
+            .address()
+            .add(index, IpAddr::V4(address.ip()), address.prefix())
+            .execute()
+            .await
+            .map_err(NetlinkError::request(format!(
+                "adding address {address} to link #{index}"
+            )));
+        match result {
+            Err(err) if err.errno() == Some(EEXIST) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Deletes an IPv4 address; one that is already gone is not an error.
+    pub async fn delete_address(
+        &self,
+        index: u32,
+        address: Ipv4Network,
+    ) -> Result<(), NetlinkError> {
+        let mut message = AddressMessage::default();
+        message.header.family = AddressFamily::Inet;
+        message.header.index = index;
+        message.header.prefix_len = address.prefix();
+        message
+            .attributes
+            .push(AddressAttribute::Local(IpAddr::V4(address.ip())));
+        message
+            .attributes
+            .push(AddressAttribute::Address(IpAddr::V4(address.ip())));
+        let result =
+            self.handle
+                .address()
+                .del(message)
+                .execute()
+                .await
+                .map_err(NetlinkError::request(format!(
+                    "deleting address {address} from link #{index}"
+                )));
+        ignore_not_found(result)
+    }
+
+    // --------------------------------------------------------------- routes
+
+    /// IPv4 unicast routes of the main table.
+    pub async fn routes(&self) -> Result<Vec<ListedRoute>, NetlinkError> {
+        let messages: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(NetlinkError::request("listing routes"))?;
+        Ok(messages
+            .iter()
+            .filter(|message| {
+                message.header.address_family == AddressFamily::Inet
+                    && route_table(message) == u32::from(RouteHeader::RT_TABLE_MAIN)
+                    && message.header.kind == RouteType::Unicast
+            })
+            .map(|message| ListedRoute {
+                route: route_from_message(message),
+                protocol: message.header.protocol,
+                scope: message.header.scope,
+            })
+            .collect())
+    }
+
+    /// Adds or replaces a route in the main table (`ip route replace`), proto boot like
+    /// `ip route add` and flannel.
+    pub async fn replace_route(&self, route: &Route) -> Result<(), NetlinkError> {
+        self.handle
+            .route()
+            .add(route_message(route))
+            .replace()
+            .execute()
+            .await
+            .map_err(NetlinkError::request(format!("replacing route {route}")))
+    }
+
+    /// Adds a route; fails with EEXIST when one for the destination exists.
+    pub async fn add_route(&self, route: &Route) -> Result<(), NetlinkError> {
+        self.handle
+            .route()
+            .add(route_message(route))
+            .execute()
+            .await
+            .map_err(NetlinkError::request(format!("adding route {route}")))
+    }
+
+    /// Deletes a route; one that is already gone is not an error.
+    pub async fn delete_route(&self, route: &Route) -> Result<(), NetlinkError> {
+        let mut message = route_message(route);
+        // Match any protocol/scope so we can delete what the kernel reports back to us.
+        message.header.protocol = RouteProtocol::Unspec;
+        message.header.scope = RouteScope::NoWhere;
+        let result = self
+            .handle
+            .route()
+            .del(message)
+            .execute()
+            .await
+            .map_err(NetlinkError::request(format!("deleting route {route}")));
+        ignore_not_found(result)
+    }
+
+    /// The kernel's route to `destination` (`ip route get`): outgoing interface, gateway
+    /// (None when the destination is on a connected subnet) and preferred source.
+    pub async fn route_get(&self, destination: Ipv4Addr) -> Result<RouteLookup, NetlinkError> {
+        let mut message = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(destination, 32)
+            .build();
+        // A lookup, not a route: no table/protocol/type in the request.
+        message.header.table = RouteHeader::RT_TABLE_UNSPEC;
+        message.header.protocol = RouteProtocol::Unspec;
+        message.header.kind = RouteType::Unspec;
+        let messages: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(message)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(NetlinkError::request(format!(
+                "looking up the route to {destination}"
+            )))?;
+        let message = messages.first().ok_or_else(|| NetlinkError::Invalid {
+            what: format!("looking up the route to {destination}"),
+            reason: "the kernel returned no route".into(),
+        })?;
+        let route = route_from_message(message);
+        let source = message
+            .attributes
+            .iter()
+            .find_map(|attribute| match attribute {
+                RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => Some(*ip),
+                _ => None,
+            });
+        Ok(RouteLookup {
+            oif: route.oif,
+            gateway: route.gateway,
+            source,
+        })
+    }
+
+    // ----------------------------------------------------------- neighbours
+
+    /// IPv4 neighbours of one link.
+    pub async fn neighbours(&self, index: u32) -> Result<Vec<Neighbour>, NetlinkError> {
+        let messages: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(NetlinkError::request("listing neighbours"))?;
+        Ok(messages
+            .iter()
+            .filter(|message| {
+                message.header.family == AddressFamily::Inet && message.header.ifindex == index
+            })
+            .filter_map(|message| {
+                let ip = message
+                    .attributes
+                    .iter()
+                    .find_map(|attribute| match attribute {
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+                        _ => None,
+                    })?;
+                Some(Neighbour {
+                    index,
+                    ip,
+                    mac: neighbour_mac(message),
+                    permanent: is_permanent(message.header.state),
+                })
+            })
+            .collect())
+    }
+
+    /// `ip neigh replace IP lladdr MAC dev INDEX nud permanent`.
+    pub async fn replace_neighbour(
+        &self,
+        index: u32,
+        ip: Ipv4Addr,
+        mac: MacAddr6,
+    ) -> Result<(), NetlinkError> {
+        self.handle
+            .neighbours()
+            .add(index, IpAddr::V4(ip))
+            .kind(RouteType::Unicast)
+            .state(NeighbourState::Permanent)
+            .link_layer_address(mac.as_bytes())
+            .replace()
+            .execute()
+            .await
+            .map_err(NetlinkError::request(format!(
+                "setting neighbour {ip} lladdr {mac} on link #{index}"
+            )))
+    }
+
+    /// `ip neigh del IP dev INDEX`; one that is already gone is not an error.
+    pub async fn delete_neighbour(&self, index: u32, ip: Ipv4Addr) -> Result<(), NetlinkError> {
+        let mut message = NeighbourMessage::default();
+        message.header.family = AddressFamily::Inet;
+        message.header.ifindex = index;
+        message
+            .attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        let result = self
+            .handle
+            .neighbours()
+            .del(message)
+            .execute()
+            .await
+            .map_err(NetlinkError::request(format!(
+                "deleting neighbour {ip} on link #{index}"
+            )));
+        ignore_not_found(result)
+    }
+
+    // ------------------------------------------------------------------ FDB
+
+    /// Bridge FDB entries of one device (`bridge fdb show dev DEV`).
+    pub async fn fdb_entries(&self, index: u32) -> Result<Vec<FdbEntry>, NetlinkError> {
+        let messages: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(NetlinkError::request("listing bridge FDB entries"))?;
+        Ok(messages
+            .iter()
+            .filter(|message| {
+                message.header.family == AddressFamily::Bridge && message.header.ifindex == index
+            })
+            .filter_map(|message| {
+                Some(FdbEntry {
+                    index,
+                    mac: neighbour_mac(message)?,
+                    // For AF_BRIDGE the crate cannot know NDA_DST's family: 4 bytes is IPv4.
+                    dst: message
+                        .attributes
+                        .iter()
+                        .find_map(|attribute| match attribute {
+                            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
+                                Some(*ip)
+                            }
+                            NeighbourAttribute::Destination(NeighbourAddress::Other(bytes)) => {
+                                <[u8; 4]>::try_from(bytes.as_slice())
+                                    .ok()
+                                    .map(Ipv4Addr::from)
+                            }
+                            _ => None,
+                        }),
+                    permanent: is_permanent(message.header.state),
+                    own: message.header.flags.contains(NeighbourFlags::Own),
+                })
+            })
+            .collect())
+    }
+
+    /// `bridge fdb replace MAC dev INDEX dst DST self permanent`.
+    pub async fn replace_fdb(
+        &self,
+        index: u32,
+        mac: MacAddr6,
+        dst: Ipv4Addr,
+    ) -> Result<(), NetlinkError> {
+        self.handle
+            .neighbours()
+            .add_bridge(index, mac.as_bytes())
+            .flags(NeighbourFlags::Own)
+            .state(NeighbourState::Permanent)
+            .destination(IpAddr::V4(dst))
+            .replace()
+            .execute()
+            .await
+            .map_err(NetlinkError::request(format!(
+                "setting FDB entry {mac} dst {dst} on link #{index}"
+            )))
+    }
+
+    /// `bridge fdb del MAC dev INDEX dst DST self`; one that is already gone is not an error.
+    pub async fn delete_fdb(
+        &self,
+        index: u32,
+        mac: MacAddr6,
+        dst: Option<Ipv4Addr>,
+    ) -> Result<(), NetlinkError> {
+        let mut message = NeighbourMessage::default();
+        message.header.family = AddressFamily::Bridge;
+        message.header.ifindex = index;
+        message.header.flags = NeighbourFlags::Own;
+        message
+            .attributes
+            .push(NeighbourAttribute::LinkLayerAddress(
+                mac.as_bytes().to_vec(),
+            ));
+        if let Some(dst) = dst {
+            message
+                .attributes
+                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
+        }
+        let result = self
+            .handle
+            .neighbours()
+            .del(message)
+            .execute()
+            .await
+            .map_err(NetlinkError::request(format!(
+                "deleting FDB entry {mac} on link #{index}"
+            )));
+        ignore_not_found(result)
+    }
+}
+
+/// Result of [`Netlink::route_get`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteLookup {
+    pub oif: Option<u32>,
+    pub gateway: Option<Ipv4Addr>,
+    pub source: Option<Ipv4Addr>,
+}
+
+fn ignore_not_found(result: Result<(), NetlinkError>) -> Result<(), NetlinkError> {
+    match result {
+        Err(err) if err.is_not_found() => Ok(()),
+        other => other,
+    }
+}
+
+fn single_link(
+    result: Result<Vec<LinkMessage>, rtnetlink::Error>,
+    what: String,
+) -> Result<Option<Link>, NetlinkError> {
+    match result {
+        Ok(messages) => Ok(messages.first().map(link_from_message)),
+        Err(source) => {
+            let err = NetlinkError::Request { what, source };
+            if err.is_not_found() {
+                Ok(None)
+            } else {
+                Err(err)
+            }
+        }
+    }
+}
+
+/// NUD_PERMANENT may come with other bits (`bridge fdb add ... permanent` also sets NOARP).
+fn is_permanent(state: NeighbourState) -> bool {
+    const NUD_PERMANENT: u16 = 0x80;
+    u16::from(state) & NUD_PERMANENT != 0
+}
+
+fn mac_from_bytes(bytes: &[u8]) -> Option<MacAddr6> {
+    let array: [u8; 6] = bytes.try_into().ok()?;
+    Some(MacAddr6::from(array))
+}
+
+fn neighbour_mac(message: &NeighbourMessage) -> Option<MacAddr6> {
+    message
+        .attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            NeighbourAttribute::LinkLayerAddress(bytes) => mac_from_bytes(bytes),
+            _ => None,
+        })
+}
+
+fn link_from_message(message: &LinkMessage) -> Link {
+    let mut link = Link {
+        index: message.header.index,
+        name: String::new(),
+        mtu: 0,
+        mac: None,
+        up: message.header.flags.contains(LinkFlags::Up),
+        kind: None,
+        vxlan: None,
+    };
+    for attribute in &message.attributes {
+        match attribute {
+            LinkAttribute::IfName(name) => link.name = name.clone(),
+            LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
+            LinkAttribute::Address(bytes) => link.mac = mac_from_bytes(bytes),
+            LinkAttribute::LinkInfo(infos) => {
+                for info in infos {
+                    match info {
+                        LinkInfo::Kind(kind) => link.kind = Some(kind.to_string()),
+                        LinkInfo::Data(InfoData::Vxlan(data)) => {
+                            link.vxlan = Some(vxlan_from_info(data))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if link.kind.as_deref() != Some(&InfoKind::Vxlan.to_string()) {
+        link.vxlan = None;
+    }
+    link
+}
+
+fn vxlan_from_info(data: &[InfoVxlan]) -> VxlanInfo {
+    let mut info = VxlanInfo {
+        vni: 0,
+        local: None,
+        dev: None,
+        port: 0,
+        learning: false,
+        gbp: false,
+    };
+    for item in data {
+        match item {
+            InfoVxlan::Id(vni) => info.vni = *vni,
+            InfoVxlan::Local(ip) => info.local = Some(*ip),
+            InfoVxlan::Link(dev) => info.dev = Some(*dev),
+            InfoVxlan::Port(port) => info.port = *port,
+            InfoVxlan::Learning(learning) => info.learning = *learning,
+            InfoVxlan::Gbp => info.gbp = true,
+            _ => {}
+        }
+    }
+    info
+}
+
+fn route_table(message: &RouteMessage) -> u32 {
+    message
+        .attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            RouteAttribute::Table(table) => Some(*table),
+            _ => None,
+        })
+        .unwrap_or(u32::from(message.header.table))
+}
+
+fn route_from_message(message: &RouteMessage) -> Route {
+    let mut destination = Ipv4Addr::UNSPECIFIED;
+    let mut gateway = None;
+    let mut oif = None;
+    for attribute in &message.attributes {
+        match attribute {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => destination = *ip,
+            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some(*ip),
+            RouteAttribute::Oif(index) => oif = Some(*index),
+            _ => {}
+        }
+    }
+    Route {
+        destination: Ipv4Network::new(destination, message.header.destination_prefix_length)
+            .unwrap_or_else(|_| Ipv4Network::from(destination)),
+        gateway,
+        oif,
+        onlink: message.header.flags.contains(RouteFlags::Onlink),
+    }
+}
+
+fn route_message(route: &Route) -> RouteMessage {
+    // proto boot, scope universe, table main, type unicast: what `ip route add` and
+    // flannel (vishvananda/netlink's defaults) produce.
+    let mut builder = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(route.destination.network(), route.destination.prefix())
+        .protocol(RouteProtocol::Boot)
+        .scope(RouteScope::Universe);
+    if let Some(gateway) = route.gateway {
+        builder = builder.gateway(gateway);
+    } else {
+        builder = builder.scope(RouteScope::Link);
+    }
+    if let Some(oif) = route.oif {
+        builder = builder.output_interface(oif);
+    }
+    if route.onlink {
+        builder = builder.onlink();
+    }
+    builder.build()
+}

@@ -1,6 +1,9 @@
 //! The dataplane: exactly one task owns it and applies peer events through [`Dataplane`].
 //! Nothing else touches BPF maps or netlink state.
 
+pub mod host_gw;
+pub mod vxlan;
+
 use std::{net::Ipv4Addr, time::Duration};
 
 use ipnetwork::Ipv4Network;

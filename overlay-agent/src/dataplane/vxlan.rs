@@ -1,0 +1,742 @@
+//! The kernel vxlan backend, exactly as flanneld programs it.
+//!
+//! Device `flannel.<VNI>` (vxlan id VNI, dstport, local = uplink address, dev = uplink,
+//! nolearning, MTU = underlay MTU - 50, a random locally administered MAC chosen once), address
+//! `<our subnet network>/32`. Each remote host gets exactly one neighbour, one FDB entry and
+//! one route: the route sends the peer subnet to the gateway `<peer subnet network>` on the
+//! device (onlink), the permanent neighbour resolves that gateway to the peer's VtepMAC (no
+//! ARP across the overlay), and the FDB entry says behind which underlay IP that MAC lives
+//! (so nothing floods and nothing is learned).
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::Ipv4Addr,
+};
+
+use ipnetwork::Ipv4Network;
+use tracing::{debug, info, warn};
+
+use super::{DataplaneError, LeaseAttrs, LocalLease};
+use crate::{
+    config::BackendConfig,
+    iface::Uplink,
+    netlink::{Link, Netlink, NetlinkError, Route, VxlanSpec},
+    peer::{MacAddr6, Peer, PeerEvent},
+};
+
+/// VXLAN over IPv4 costs 50 bytes: outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+pub(crate) fn netlink_error(
+    what: impl Into<String>,
+) -> impl FnOnce(NetlinkError) -> DataplaneError {
+    let what = what.into();
+    move |source| DataplaneError::Netlink { what, source }
+}
+
+/// Joins the errors of an operation that kept going after a failure (teardown, resync).
+pub(crate) fn combine_errors(
+    what: &str,
+    errors: Vec<DataplaneError>,
+) -> Result<(), DataplaneError> {
+    match errors.len() {
+        0 => Ok(()),
+        1 => Err(errors.into_iter().next().expect("one error")),
+        n => Err(DataplaneError::Config(format!(
+            "{what}: {n} operations failed: {}",
+            errors
+                .iter()
+                .map(|err| err.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        ))),
+    }
+}
+
+/// How one remote peer is programmed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Programmed {
+    /// Through the vxlan device: neighbour + FDB + onlink route.
+    Vxlan {
+        gateway: Ipv4Addr,
+        vtep_mac: MacAddr6,
+        public_ip: Ipv4Addr,
+    },
+    /// DirectRouting: the peer shares our L2 segment; a plain route via its PublicIP.
+    Direct { public_ip: Ipv4Addr },
+}
+
+/// The device's fixed settings, derived from the config and the uplink.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct DeviceSettings {
+    name: String,
+    vni: u32,
+    port: u16,
+    mtu: u32,
+    learning: bool,
+    gbp: bool,
+}
+
+/// The kernel vxlan dataplane (`--backend=vxlan`, and the device the eBPF backend sits on).
+#[derive(Debug)]
+pub struct VxlanDataplane {
+    netlink: Netlink,
+    uplink: Uplink,
+    settings: DeviceSettings,
+    direct_routing: bool,
+    /// Index of our `flannel.<VNI>` device (changes when it is re-created).
+    device_index: u32,
+    /// Kept across device re-creation, and across restarts by reusing the device.
+    vtep_mac: MacAddr6,
+    lease: Option<LocalLease>,
+    /// What we have programmed per peer subnet: the desired state `maintain` restores.
+    peers: BTreeMap<Ipv4Network, Programmed>,
+}
+
+impl VxlanDataplane {
+    /// Creates `flannel.<VNI>` on `uplink` as flannel does, or reuses an existing device
+    /// whose settings match (keeping its MAC, so the lease's VtepMAC is stable across
+    /// restarts); a device with other settings is replaced. Returns the lease attributes
+    /// to publish.
+    pub async fn new(
+        uplink: Uplink,
+        backend: &BackendConfig,
+    ) -> Result<(Self, LeaseAttrs), DataplaneError> {
+        let underlay_mtu = backend.mtu.unwrap_or(uplink.mtu);
+        if underlay_mtu <= VXLAN_OVERHEAD + 68 {
+            return Err(DataplaneError::Config(format!(
+                "underlay MTU {underlay_mtu} (of {}{}) leaves no room for VXLAN's {VXLAN_OVERHEAD}-byte overhead; use an MTU of at least 1280",
+                uplink.name,
+                if backend.mtu.is_some() {
+                    ", from Backend.MTU"
+                } else {
+                    ""
+                }
+            )));
+        }
+        let settings = DeviceSettings {
+            name: format!("flannel.{}", backend.vni),
+            vni: backend.vni,
+            port: backend.port,
+            mtu: underlay_mtu - VXLAN_OVERHEAD,
+            learning: backend.learning,
+            gbp: backend.gbp,
+        };
+        let netlink = Netlink::connect().map_err(netlink_error("opening netlink"))?;
+        let mut dataplane = VxlanDataplane {
+            netlink,
+            uplink,
+            settings,
+            direct_routing: backend.direct_routing,
+            device_index: 0,
+            vtep_mac: random_vtep_mac(),
+            lease: None,
+            peers: BTreeMap::new(),
+        };
+        dataplane.ensure_device(true).await?;
+        let attrs = dataplane.lease_attrs();
+        Ok((dataplane, attrs))
+    }
+
+    /// What our lease publishes (BackendType vxlan, VNI and VtepMAC).
+    pub fn lease_attrs(&self) -> LeaseAttrs {
+        LeaseAttrs::Vxlan {
+            vni: self.settings.vni,
+            vtep_mac: self.vtep_mac,
+        }
+    }
+
+    /// The device's name (`flannel.<VNI>`).
+    pub fn device_name(&self) -> &str {
+        &self.settings.name
+    }
+
+    /// The device's current interface index.
+    pub fn device_index(&self) -> u32 {
+        self.device_index
+    }
+
+    /// The device's MTU (what subnet.env's FLANNEL_MTU says).
+    pub fn mtu(&self) -> u32 {
+        self.settings.mtu
+    }
+
+    fn matches(&self, link: &Link) -> bool {
+        let Some(vxlan) = &link.vxlan else {
+            return false;
+        };
+        vxlan.vni == self.settings.vni
+            && vxlan.local == Some(self.uplink.address)
+            && vxlan.dev == Some(self.uplink.index)
+            && vxlan.port == self.settings.port
+            && vxlan.learning == self.settings.learning
+            && vxlan.gbp == self.settings.gbp
+    }
+
+    /// Makes sure the device exists with our settings. On the first call an existing
+    /// matching device's MAC is adopted; later calls re-create it with our MAC.
+    /// Returns true when the device was (re)created, i.e. its neighbours, FDB entries,
+    /// routes and address are gone.
+    async fn ensure_device(&mut self, adopt_mac: bool) -> Result<bool, DataplaneError> {
+        let name = self.settings.name.clone();
+        let existing = self
+            .netlink
+            .link_by_name(&name)
+            .await
+            .map_err(netlink_error(format!("looking up {name}")))?;
+        if let Some(link) = existing {
+            if self.matches(&link) {
+                if adopt_mac && let Some(mac) = link.mac {
+                    self.vtep_mac = mac;
+                }
+                if link.mac == Some(self.vtep_mac) {
+                    if link.mtu != self.settings.mtu {
+                        info!(device = %name, from = link.mtu, to = self.settings.mtu, "correcting vxlan device MTU");
+                        self.netlink
+                            .set_link_mtu(link.index, self.settings.mtu)
+                            .await
+                            .map_err(netlink_error(format!("setting the MTU of {name}")))?;
+                    }
+                    let created = self.device_index != link.index;
+                    if created {
+                        info!(device = %name, index = link.index, vtep_mac = %self.vtep_mac, "reusing existing vxlan device");
+                    }
+                    self.device_index = link.index;
+                    return Ok(created && !adopt_mac);
+                }
+            }
+            warn!(
+                device = %name,
+                found = ?link.vxlan,
+                "existing {name} has other settings than ours (vni {}, local {}, dev {}, dstport {}); replacing it",
+                self.settings.vni, self.uplink.address, self.uplink.name, self.settings.port
+            );
+            self.netlink
+                .delete_link(link.index)
+                .await
+                .map_err(netlink_error(format!("deleting mismatched {name}")))?;
+        }
+        let spec = VxlanSpec {
+            name: name.clone(),
+            vni: self.settings.vni,
+            local: self.uplink.address,
+            dev: self.uplink.index,
+            port: self.settings.port,
+            learning: self.settings.learning,
+            gbp: self.settings.gbp,
+            mtu: self.settings.mtu,
+            mac: self.vtep_mac,
+        };
+        self.netlink
+            .create_vxlan(&spec)
+            .await
+            .map_err(netlink_error(format!("creating {name}")))?;
+        let link = self
+            .netlink
+            .link_by_name(&name)
+            .await
+            .map_err(netlink_error(format!(
+                "looking up {name} after creating it"
+            )))?
+            .ok_or_else(|| {
+                DataplaneError::Config(format!("{name} vanished right after it was created"))
+            })?;
+        self.device_index = link.index;
+        info!(
+            device = %name, index = link.index, vni = self.settings.vni, port = self.settings.port,
+            local = %self.uplink.address, dev = %self.uplink.name, mtu = self.settings.mtu,
+            vtep_mac = %self.vtep_mac, "created vxlan device"
+        );
+        Ok(true)
+    }
+
+    /// Our address on the device and the device up.
+    async fn program_device(&self, lease: &LocalLease) -> Result<(), DataplaneError> {
+        let name = &self.settings.name;
+        let index = self.device_index;
+        let wanted = Ipv4Network::new(lease.subnet.network(), 32).expect("/32 is valid");
+        let present = self
+            .netlink
+            .addresses(Some(index))
+            .await
+            .map_err(netlink_error(format!("listing addresses of {name}")))?;
+        // flannel keeps exactly one IPv4 address on the device: a stale one from an older
+        // lease would make the kernel pick a wrong source address.
+        for stale in present.iter().filter(|a| a.address != wanted) {
+            info!(device = %name, address = %stale.address, "removing stale address");
+            self.netlink
+                .delete_address(index, stale.address)
+                .await
+                .map_err(netlink_error(format!(
+                    "removing {} from {name}",
+                    stale.address
+                )))?;
+        }
+        if !present.iter().any(|a| a.address == wanted) {
+            self.netlink
+                .add_address(index, wanted)
+                .await
+                .map_err(netlink_error(format!("adding {wanted} to {name}")))?;
+        }
+        // Only write when needed: this runs every maintenance tick, and a no-op write would
+        // still wake every listener of link events.
+        let up = self
+            .netlink
+            .link_by_index(index)
+            .await
+            .map_err(netlink_error(format!("looking up {name}")))?
+            .is_some_and(|link| link.up);
+        if !up {
+            self.netlink
+                .set_link_up(index)
+                .await
+                .map_err(netlink_error(format!("setting {name} up")))?;
+        }
+        Ok(())
+    }
+
+    /// DirectRouting: is the peer's PublicIP on the uplink's own segment (the kernel routes
+    /// it without a gateway, out of the uplink)?
+    async fn is_direct(&self, public_ip: Ipv4Addr) -> Result<bool, DataplaneError> {
+        let lookup = self
+            .netlink
+            .route_get(public_ip)
+            .await
+            .map_err(netlink_error(format!(
+                "looking up the route to peer {public_ip}"
+            )))?;
+        Ok(lookup.gateway.is_none() && lookup.oif == Some(self.uplink.index))
+    }
+
+    fn vxlan_route(&self, subnet: Ipv4Network, gateway: Ipv4Addr) -> Route {
+        Route {
+            destination: subnet,
+            gateway: Some(gateway),
+            oif: Some(self.device_index),
+            onlink: true,
+        }
+    }
+
+    fn direct_route(&self, subnet: Ipv4Network, public_ip: Ipv4Addr) -> Route {
+        Route {
+            destination: subnet,
+            gateway: Some(public_ip),
+            oif: Some(self.uplink.index),
+            onlink: false,
+        }
+    }
+
+    /// What a peer should look like.
+    async fn desired(&self, peer: &Peer) -> Result<Programmed, DataplaneError> {
+        if self.direct_routing && self.is_direct(peer.public_ip).await? {
+            return Ok(Programmed::Direct {
+                public_ip: peer.public_ip,
+            });
+        }
+        let vtep_mac = peer.vtep_mac.ok_or_else(|| {
+            DataplaneError::Config(format!(
+                "peer {} ({}) has no VtepMAC in its lease; is it a vxlan lease?",
+                peer.subnet, peer.public_ip
+            ))
+        })?;
+        Ok(Programmed::Vxlan {
+            gateway: peer.subnet.network(),
+            vtep_mac,
+            public_ip: peer.public_ip,
+        })
+    }
+
+    /// Programs one peer in flannel's order: neighbour, FDB, route (the route last, so no
+    /// packet is routed to the device before the device knows where to send it).
+    async fn program(
+        &self,
+        subnet: Ipv4Network,
+        programmed: Programmed,
+        previous: Option<Programmed>,
+    ) -> Result<(), DataplaneError> {
+        let device = self.device_index;
+        match programmed {
+            Programmed::Vxlan {
+                gateway,
+                vtep_mac,
+                public_ip,
+            } => {
+                // A peer that changed VtepMAC leaves an FDB entry under its old MAC.
+                if let Some(Programmed::Vxlan {
+                    vtep_mac: old_mac,
+                    public_ip: old_ip,
+                    ..
+                }) = previous
+                    && old_mac != vtep_mac
+                {
+                    self.netlink
+                        .delete_fdb(device, old_mac, Some(old_ip))
+                        .await
+                        .map_err(netlink_error(format!(
+                            "removing old FDB entry of peer {subnet}"
+                        )))?;
+                }
+                self.netlink
+                    .replace_neighbour(device, gateway, vtep_mac)
+                    .await
+                    .map_err(netlink_error(format!(
+                        "programming the neighbour of peer {subnet}"
+                    )))?;
+                self.netlink
+                    .replace_fdb(device, vtep_mac, public_ip)
+                    .await
+                    .map_err(netlink_error(format!(
+                        "programming the FDB entry of peer {subnet}"
+                    )))?;
+                self.netlink
+                    .replace_route(&self.vxlan_route(subnet, gateway))
+                    .await
+                    .map_err(netlink_error(format!(
+                        "programming the route to peer {subnet}"
+                    )))?;
+            }
+            Programmed::Direct { public_ip } => {
+                // Replacing the route first moves traffic off the vxlan path before its
+                // neighbour and FDB entry go.
+                self.netlink
+                    .replace_route(&self.direct_route(subnet, public_ip))
+                    .await
+                    .map_err(netlink_error(format!(
+                        "programming the direct route to peer {subnet} via {public_ip}"
+                    )))?;
+                if let Some(Programmed::Vxlan {
+                    gateway,
+                    vtep_mac,
+                    public_ip,
+                }) = previous
+                {
+                    self.remove_vxlan_entries(subnet, gateway, vtep_mac, public_ip)
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn remove_vxlan_entries(
+        &self,
+        subnet: Ipv4Network,
+        gateway: Ipv4Addr,
+        vtep_mac: MacAddr6,
+        public_ip: Ipv4Addr,
+    ) -> Result<(), DataplaneError> {
+        self.netlink
+            .delete_fdb(self.device_index, vtep_mac, Some(public_ip))
+            .await
+            .map_err(netlink_error(format!(
+                "removing the FDB entry of peer {subnet}"
+            )))?;
+        self.netlink
+            .delete_neighbour(self.device_index, gateway)
+            .await
+            .map_err(netlink_error(format!(
+                "removing the neighbour of peer {subnet}"
+            )))
+    }
+
+    /// Removes one peer, in the reverse order: route, FDB, neighbour.
+    async fn unprogram(
+        &self,
+        subnet: Ipv4Network,
+        programmed: Programmed,
+    ) -> Result<(), DataplaneError> {
+        match programmed {
+            Programmed::Vxlan {
+                gateway,
+                vtep_mac,
+                public_ip,
+            } => {
+                self.netlink
+                    .delete_route(&self.vxlan_route(subnet, gateway))
+                    .await
+                    .map_err(netlink_error(format!(
+                        "removing the route to peer {subnet}"
+                    )))?;
+                self.remove_vxlan_entries(subnet, gateway, vtep_mac, public_ip)
+                    .await
+            }
+            Programmed::Direct { public_ip } => self
+                .netlink
+                .delete_route(&self.direct_route(subnet, public_ip))
+                .await
+                .map_err(netlink_error(format!(
+                    "removing the direct route to peer {subnet}"
+                ))),
+        }
+    }
+
+    async fn upsert(&mut self, peer: &Peer) -> Result<(), DataplaneError> {
+        if let Some(lease) = &self.lease
+            && peer.subnet == lease.subnet
+        {
+            debug!(subnet = %peer.subnet, "ignoring our own lease");
+            return Ok(());
+        }
+        let programmed = self.desired(peer).await?;
+        let previous = self.peers.get(&peer.subnet).copied();
+        self.program(peer.subnet, programmed, previous).await?;
+        if previous != Some(programmed) {
+            info!(subnet = %peer.subnet, public_ip = %peer.public_ip, vtep_mac = ?peer.vtep_mac, direct = matches!(programmed, Programmed::Direct { .. }), "peer added");
+        }
+        self.peers.insert(peer.subnet, programmed);
+        Ok(())
+    }
+
+    async fn remove(&mut self, subnet: Ipv4Network) -> Result<(), DataplaneError> {
+        let Some(programmed) = self.peers.get(&subnet).copied() else {
+            debug!(%subnet, "removal of a peer we never programmed");
+            return Ok(());
+        };
+        self.unprogram(subnet, programmed).await?;
+        self.peers.remove(&subnet);
+        info!(%subnet, "peer removed");
+        Ok(())
+    }
+
+    /// Mark-and-sweep: upsert every peer of the snapshot, then delete whatever this backend
+    /// owns that is not in it: routes, neighbours and FDB entries on our device, and (with
+    /// DirectRouting) direct routes into the cluster network on the uplink. Nothing else.
+    async fn snapshot(&mut self, peers: &[Peer]) -> Result<(), DataplaneError> {
+        let mut errors = Vec::new();
+        for peer in peers {
+            if let Err(err) = self.upsert(peer).await {
+                errors.push(err);
+            }
+        }
+        let wanted: HashSet<Ipv4Network> = peers.iter().map(|peer| peer.subnet).collect();
+        let gone: Vec<Ipv4Network> = self
+            .peers
+            .keys()
+            .filter(|subnet| !wanted.contains(subnet))
+            .copied()
+            .collect();
+        for subnet in gone {
+            if let Err(err) = self.remove(subnet).await {
+                errors.push(err);
+            }
+        }
+        if let Err(err) = self.sweep().await {
+            errors.push(err);
+        }
+        combine_errors("resync", errors)
+    }
+
+    /// Deletes kernel state on our device (and our direct routes) that no peer accounts for:
+    /// left over from before a restart, or from a peer removed while we were down.
+    async fn sweep(&self) -> Result<(), DataplaneError> {
+        let device = self.device_index;
+        let name = &self.settings.name;
+        let mut errors = Vec::new();
+
+        let mut vxlan_routes = HashSet::new();
+        let mut direct_routes = HashSet::new();
+        let mut gateways = HashSet::new();
+        let mut fdb = HashSet::new();
+        for (subnet, programmed) in &self.peers {
+            match *programmed {
+                Programmed::Vxlan {
+                    gateway,
+                    vtep_mac,
+                    public_ip,
+                } => {
+                    vxlan_routes.insert(*subnet);
+                    gateways.insert(gateway);
+                    fdb.insert((vtep_mac, public_ip));
+                }
+                Programmed::Direct { .. } => {
+                    direct_routes.insert(*subnet);
+                }
+            }
+        }
+
+        let routes = self
+            .netlink
+            .routes()
+            .await
+            .map_err(netlink_error("listing routes for the resync"))?;
+        for listed in &routes {
+            let route = listed.route;
+            let ours_on_device = route.oif == Some(device)
+                && listed.protocol != rtnetlink::packet_route::route::RouteProtocol::Kernel
+                && !vxlan_routes.contains(&route.destination);
+            let stale_direct = self.direct_routing
+                && route.oif == Some(self.uplink.index)
+                && route.gateway.is_some()
+                && listed.protocol == rtnetlink::packet_route::route::RouteProtocol::Boot
+                && !direct_routes.contains(&route.destination)
+                && self.lease.as_ref().is_some_and(|lease| {
+                    lease.network.contains(route.destination.network())
+                        && route.destination.prefix() >= lease.network.prefix()
+                        && route.destination != lease.subnet
+                });
+            if ours_on_device || stale_direct {
+                info!(route = %route, "removing stale route");
+                if let Err(err) = self.netlink.delete_route(&route).await {
+                    errors.push(netlink_error(format!("removing stale route {route}"))(err));
+                }
+            }
+        }
+
+        match self.netlink.neighbours(device).await {
+            Ok(neighbours) => {
+                for neighbour in neighbours
+                    .iter()
+                    .filter(|n| n.permanent && !gateways.contains(&n.ip))
+                {
+                    info!(device = %name, ip = %neighbour.ip, "removing stale neighbour");
+                    if let Err(err) = self.netlink.delete_neighbour(device, neighbour.ip).await {
+                        errors.push(netlink_error(format!(
+                            "removing stale neighbour {}",
+                            neighbour.ip
+                        ))(err));
+                    }
+                }
+            }
+            Err(err) => errors.push(netlink_error(format!("listing neighbours of {name}"))(err)),
+        }
+
+        match self.netlink.fdb_entries(device).await {
+            Ok(entries) => {
+                for entry in entries.iter().filter(|e| {
+                    e.own && e.permanent && e.dst.is_none_or(|dst| !fdb.contains(&(e.mac, dst)))
+                }) {
+                    info!(device = %name, mac = %entry.mac, dst = ?entry.dst, "removing stale FDB entry");
+                    if let Err(err) = self.netlink.delete_fdb(device, entry.mac, entry.dst).await {
+                        errors.push(netlink_error(format!(
+                            "removing stale FDB entry {}",
+                            entry.mac
+                        ))(err));
+                    }
+                }
+            }
+            Err(err) => errors.push(netlink_error(format!("listing FDB entries of {name}"))(err)),
+        }
+        combine_errors("sweeping stale state", errors)
+    }
+
+    /// Re-programs every peer whose route, neighbour or FDB entry is missing.
+    async fn restore_peers(&self, everything: bool) -> Result<(), DataplaneError> {
+        let device = self.device_index;
+        let (routes, neighbours, fdb) = if everything {
+            (Vec::new(), Vec::new(), Vec::new())
+        } else {
+            (
+                self.netlink
+                    .routes()
+                    .await
+                    .map_err(netlink_error("listing routes"))?,
+                self.netlink
+                    .neighbours(device)
+                    .await
+                    .map_err(netlink_error("listing neighbours"))?,
+                self.netlink
+                    .fdb_entries(device)
+                    .await
+                    .map_err(netlink_error("listing FDB entries"))?,
+            )
+        };
+        let has_route = |wanted: &Route| {
+            routes.iter().any(|listed| {
+                listed.route.destination == wanted.destination
+                    && listed.route.gateway == wanted.gateway
+                    && listed.route.oif == wanted.oif
+            })
+        };
+        let mut errors = Vec::new();
+        for (subnet, programmed) in &self.peers {
+            let intact = !everything
+                && match *programmed {
+                    Programmed::Vxlan {
+                        gateway,
+                        vtep_mac,
+                        public_ip,
+                    } => {
+                        has_route(&self.vxlan_route(*subnet, gateway))
+                            && neighbours
+                                .iter()
+                                .any(|n| n.ip == gateway && n.mac == Some(vtep_mac))
+                            && fdb
+                                .iter()
+                                .any(|e| e.mac == vtep_mac && e.dst == Some(public_ip))
+                    }
+                    Programmed::Direct { public_ip } => {
+                        has_route(&self.direct_route(*subnet, public_ip))
+                    }
+                };
+            if !intact {
+                if !everything {
+                    warn!(%subnet, "state for peer was missing (deleted by someone?); restoring it");
+                }
+                if let Err(err) = self.program(*subnet, *programmed, None).await {
+                    errors.push(err);
+                }
+            }
+        }
+        combine_errors("restoring peers", errors)
+    }
+}
+
+impl super::Dataplane for VxlanDataplane {
+    fn name(&self) -> &'static str {
+        "vxlan"
+    }
+
+    async fn activate(&mut self, lease: &LocalLease) -> Result<(), DataplaneError> {
+        if lease.public_ip != self.uplink.public_ip {
+            warn!(lease = %lease.public_ip, uplink = %self.uplink.public_ip, "lease PublicIP differs from the uplink's public IP");
+        }
+        self.program_device(lease).await?;
+        // A peer entry for our own subnet (e.g. from before a re-lease) must go.
+        if let Some(programmed) = self.peers.remove(&lease.subnet) {
+            self.unprogram(lease.subnet, programmed).await?;
+        }
+        self.lease = Some(lease.clone());
+        Ok(())
+    }
+
+    async fn apply(&mut self, event: &PeerEvent) -> Result<(), DataplaneError> {
+        match event {
+            PeerEvent::Upsert(peer) => self.upsert(peer).await,
+            PeerEvent::Remove(subnet) => self.remove(*subnet).await,
+            PeerEvent::Snapshot(peers) => self.snapshot(peers).await,
+        }
+    }
+
+    async fn maintain(&mut self) -> Result<(), DataplaneError> {
+        let recreated = self.ensure_device(false).await?;
+        if recreated {
+            warn!(device = %self.settings.name, "vxlan device was missing or changed; re-created it with the same MAC, re-programming peers");
+        }
+        if let Some(lease) = self.lease.clone() {
+            self.program_device(&lease).await?;
+        }
+        self.restore_peers(recreated).await
+    }
+}
+
+/// A random unicast, locally administered MAC (as flannel's VtepMAC).
+pub fn random_vtep_mac() -> MacAddr6 {
+    let mut bytes: [u8; 6] = rand::random();
+    bytes[0] = (bytes[0] & 0xfe) | 0x02;
+    MacAddr6::from(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vtep_mac_is_unicast_and_locally_administered() {
+        for _ in 0..64 {
+            let mac = random_vtep_mac();
+            let first = mac.as_bytes()[0];
+            assert_eq!(first & 0x01, 0, "multicast bit set in {mac}");
+            assert_eq!(first & 0x02, 0x02, "not locally administered: {mac}");
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! What the agent knows about itself, in one serializable value: served as JSON (`/status`),
+//! rendered as Prometheus text (`/metrics`) and as a table (`overlay-agent status`).
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use serde::{Deserialize, Serialize};
+
+/// A snapshot of the agent's state. The agent keeps the current one in a watch channel.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// `true` once lease, datapath and subnet.env are in place.
+    pub ready: bool,
+    pub node: NodeStatus,
+    pub etcd: EtcdStatus,
+    /// Remote peers, sorted by subnet.
+    pub peers: Vec<PeerStatus>,
+    /// Peer events the dataplane has applied since start.
+    pub events_applied: u64,
+    /// Datapath counters by name (`overlay_common::stat::NAMES`); empty without eBPF.
+    pub datapath_counters: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Our subnet, e.g. "10.5.52.0/24" (empty before the lease is held).
+    pub subnet: String,
+    pub public_ip: String,
+    /// The backend asked for: "ebpf", "vxlan" or "host-gw".
+    pub backend: String,
+    /// The datapath really forwarding traffic: equals `backend`, or "vxlan" after a fallback.
+    pub active_datapath: String,
+    /// Why the eBPF programs are not in use, when the node fell back to the kernel path.
+    pub fallback_reason: Option<String>,
+    pub vtep_mac: Option<String>,
+    /// When our lease expires (Unix seconds), if known.
+    pub lease_expires_unix: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EtcdStatus {
+    pub connected: bool,
+    pub reconnects: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub subnet: String,
+    pub public_ip: String,
+    /// "vxlan" or "host-gw" (the lease's BackendType).
+    pub backend: String,
+    pub vtep_mac: Option<String>,
+    /// When this node first saw the peer (Unix seconds).
+    pub since_unix: u64,
+}
+
+impl AgentStatus {
+    pub fn fell_back(&self) -> bool {
+        self.node.fallback_reason.is_some()
+    }
+}
+
+/// Prometheus text exposition format (version 0.0.4).
+pub fn render_prometheus(status: &AgentStatus) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+        let _ = writeln!(out, "# HELP overlay_{name} {help}");
+        let _ = writeln!(out, "# TYPE overlay_{name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "overlay_{name}{labels} {value}");
+        }
+    };
+    let node = &status.node;
+    metric(
+        "ready",
+        "gauge",
+        "1 once lease, datapath and subnet.env are in place.",
+        &[(String::new(), status.ready as u64)],
+    );
+    metric(
+        "lease_info",
+        "gauge",
+        "This node's lease (always 1; the labels carry the data).",
+        &[(
+            labels(&[("subnet", &node.subnet), ("public_ip", &node.public_ip)]),
+            1,
+        )],
+    );
+    if let Some(expiry) = node.lease_expires_unix {
+        metric(
+            "lease_expiry_timestamp_seconds",
+            "gauge",
+            "When this node's lease expires unless renewed.",
+            &[(String::new(), expiry)],
+        );
+    }
+    metric(
+        "backend_info",
+        "gauge",
+        "Configured backend and the datapath really in use (always 1).",
+        &[(
+            labels(&[
+                ("backend", &node.backend),
+                ("active_datapath", &node.active_datapath),
+            ]),
+            1,
+        )],
+    );
+    metric(
+        "kernel_fallback",
+        "gauge",
+        "1 when the eBPF programs could not be used and the kernel path forwards instead.",
+        &[(String::new(), status.fell_back() as u64)],
+    );
+    let mut by_backend: BTreeMap<&str, u64> = BTreeMap::new();
+    for peer in &status.peers {
+        *by_backend.entry(peer.backend.as_str()).or_default() += 1;
+    }
+    let peers: Vec<(String, u64)> = by_backend
+        .iter()
+        .map(|(backend, count)| (labels(&[("backend", backend)]), *count))
+        .collect();
+    metric(
+        "peers",
+        "gauge",
+        "Remote peers in the datapath, by lease backend type.",
+        &peers,
+    );
+    metric(
+        "etcd_connected",
+        "gauge",
+        "1 while the etcd connection (watch) is up.",
+        &[(String::new(), status.etcd.connected as u64)],
+    );
+    metric(
+        "etcd_reconnects_total",
+        "counter",
+        "etcd reconnections since start.",
+        &[(String::new(), status.etcd.reconnects)],
+    );
+    metric(
+        "peer_events_applied_total",
+        "counter",
+        "Peer events applied to the datapath since start.",
+        &[(String::new(), status.events_applied)],
+    );
+    let counters: Vec<(String, u64)> = status
+        .datapath_counters
+        .iter()
+        .map(|(name, value)| (labels(&[("counter", name)]), *value))
+        .collect();
+    metric(
+        "datapath_packets_total",
+        "counter",
+        "eBPF datapath counters (encap, decap, pass and drop by reason; *_bytes count bytes).",
+        &counters,
+    );
+    out
+}
+
+fn labels(pairs: &[(&str, &str)]) -> String {
+    let body: Vec<String> = pairs
+        .iter()
+        .map(|(key, value)| {
+            let escaped = value
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            format!("{key}=\"{escaped}\"")
+        })
+        .collect();
+    format!("{{{}}}", body.join(","))
+}
+
+/// A readable summary for `overlay-agent status`.
+pub fn render_table(status: &AgentStatus) -> String {
+    let node = &status.node;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "node      subnet {}  public-ip {}  ready {}",
+        dash(&node.subnet),
+        dash(&node.public_ip),
+        status.ready
+    );
+    let _ = writeln!(
+        out,
+        "backend   {} (datapath in use: {}){}",
+        dash(&node.backend),
+        dash(&node.active_datapath),
+        node.fallback_reason
+            .as_ref()
+            .map(|r| format!("  FELL BACK: {r}"))
+            .unwrap_or_default()
+    );
+    if let Some(mac) = &node.vtep_mac {
+        let _ = writeln!(out, "vtep-mac  {mac}");
+    }
+    let _ = writeln!(
+        out,
+        "etcd      connected {}  reconnects {}",
+        status.etcd.connected, status.etcd.reconnects
+    );
+    let _ = writeln!(out, "\n{} peer(s):", status.peers.len());
+    let _ = writeln!(
+        out,
+        "  {:<18} {:<16} {:<8} {:<18} {}",
+        "SUBNET", "PUBLIC-IP", "BACKEND", "VTEP-MAC", "SINCE(unix)"
+    );
+    for peer in &status.peers {
+        let _ = writeln!(
+            out,
+            "  {:<18} {:<16} {:<8} {:<18} {}",
+            peer.subnet,
+            peer.public_ip,
+            peer.backend,
+            peer.vtep_mac.as_deref().unwrap_or("-"),
+            peer.since_unix
+        );
+    }
+    if !status.datapath_counters.is_empty() {
+        let _ = writeln!(out, "\ndatapath counters:");
+        for (name, value) in &status.datapath_counters {
+            let _ = writeln!(out, "  {name:<22} {value}");
+        }
+    }
+    out
+}
+
+fn dash(value: &str) -> &str {
+    if value.is_empty() { "-" } else { value }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> AgentStatus {
+        AgentStatus {
+            ready: true,
+            node: NodeStatus {
+                subnet: "10.5.52.0/24".into(),
+                public_ip: "192.168.100.1".into(),
+                backend: "ebpf".into(),
+                active_datapath: "ebpf".into(),
+                ..NodeStatus::default()
+            },
+            peers: vec![
+                PeerStatus {
+                    subnet: "10.5.7.0/24".into(),
+                    backend: "vxlan".into(),
+                    ..PeerStatus::default()
+                },
+                PeerStatus {
+                    subnet: "10.5.9.0/24".into(),
+                    backend: "vxlan".into(),
+                    ..PeerStatus::default()
+                },
+            ],
+            datapath_counters: [("encap_packets".to_owned(), 42)].into_iter().collect(),
+            ..AgentStatus::default()
+        }
+    }
+
+    #[test]
+    fn prometheus_text_has_help_type_and_samples() {
+        let text = render_prometheus(&sample());
+        assert!(
+            text.contains("# TYPE overlay_peers gauge\noverlay_peers{backend=\"vxlan\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("overlay_datapath_packets_total{counter=\"encap_packets\"} 42\n"),
+            "{text}"
+        );
+        assert!(text.contains("overlay_kernel_fallback 0\n"), "{text}");
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (_, value) = line.rsplit_once(' ').expect("name value");
+            value
+                .parse::<u64>()
+                .unwrap_or_else(|_| panic!("bad sample line {line:?}"));
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(labels(&[("a", "x\"y\\z")]), "{a=\"x\\\"y\\\\z\"}");
+    }
+}

@@ -1,0 +1,1243 @@
+//! The kernel vxlan and host-gw dataplanes in real network namespaces. Every check reads the
+//! kernel's state back through iproute2 (`ip -j`, `bridge -j`), never the dataplane's memory.
+//! The dataplanes run in-process on a thread that entered the namespace, on a current-thread
+//! runtime built inside it (so their netlink sockets live there).
+
+use std::{future::Future, net::Ipv4Addr, time::Duration};
+
+use overlay_agent::{
+    config::{BackendConfig, BackendType},
+    dataplane::{
+        Dataplane, LeaseAttrs, LocalLease, host_gw::HostGwDataplane, vxlan::VxlanDataplane,
+    },
+    iface::{IfaceOptions, Uplink, select_uplink},
+    peer::{MacAddr6, Peer, PeerEvent},
+};
+use overlay_tests::{
+    netns::NetNs,
+    topology::{Cluster, ClusterOptions, UnderlayKind},
+    wait_until,
+};
+use serde_json::Value;
+
+const NETWORK: &str = "10.5.0.0/16";
+
+/// Runs `make()`'s future inside `ns` to completion.
+fn run_in<T: Send, F: Future<Output = T>>(ns: &NetNs, make: impl FnOnce() -> F + Send) -> T {
+    ns.enter(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+            .block_on(make())
+    })
+}
+
+/// A node namespace whose uplink `eth0` (one end of a veth pair; its peer `eth0p` stays in the
+/// namespace) holds `ip`/24, with a default route via .254 of that subnet.
+fn node_ns(prefix: &str, ip: &str) -> NetNs {
+    let ns = NetNs::new(prefix);
+    ns.run(&[
+        "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
+    ]);
+    ns.run(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+    ns.run(&["ip", "link", "set", "eth0", "up"]);
+    ns.run(&["ip", "link", "set", "eth0p", "up"]);
+    let gateway = format!("{}.254", ip.rsplit_once('.').expect("dotted ip").0);
+    ns.run(&["ip", "route", "add", "default", "via", &gateway]);
+    ns
+}
+
+fn backend(vni: u32, port: u16, direct_routing: bool) -> BackendConfig {
+    BackendConfig {
+        kind: BackendType::Vxlan,
+        vni,
+        port,
+        mtu: None,
+        gbp: false,
+        learning: false,
+        direct_routing,
+    }
+}
+
+fn lease(subnet: &str, public_ip: &str) -> LocalLease {
+    LocalLease {
+        subnet: subnet.parse().expect("subnet"),
+        network: NETWORK.parse().expect("network"),
+        public_ip: public_ip.parse().expect("ip"),
+    }
+}
+
+fn peer(subnet: &str, public_ip: &str, mac: Option<&str>) -> Peer {
+    Peer {
+        subnet: subnet.parse().expect("subnet"),
+        public_ip: public_ip.parse().expect("ip"),
+        vtep_mac: mac.map(|mac| mac.parse().expect("mac")),
+    }
+}
+
+async fn uplink(iface: &str, public_ip: Option<&str>) -> Uplink {
+    select_uplink(&IfaceOptions {
+        iface: vec![iface.to_owned()],
+        public_ip: public_ip.map(|ip| ip.parse().expect("ip")),
+        ..IfaceOptions::default()
+    })
+    .await
+    .expect("select uplink")
+}
+
+fn json(ns: &NetNs, argv: &[&str]) -> Vec<Value> {
+    let text = ns.stdout(argv);
+    if text.trim().is_empty() {
+        return Vec::new();
+    }
+    serde_json::from_str(&text).unwrap_or_else(|err| panic!("{argv:?}: {err}: {text}"))
+}
+
+fn link(ns: &NetNs, name: &str) -> Option<Value> {
+    let out = ns.try_run(&["ip", "-j", "-d", "link", "show", "dev", name]);
+    if !out.status.success() {
+        return None;
+    }
+    let list: Vec<Value> = serde_json::from_slice(&out.stdout).expect("link json");
+    list.into_iter().next()
+}
+
+fn s(value: &Value) -> String {
+    match value {
+        Value::String(text) => text.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// `ip neigh show dev DEV` as "IP lladdr MAC STATE" lines, sorted.
+fn neighbours(ns: &NetNs, dev: &str) -> Vec<String> {
+    let mut lines: Vec<String> = json(ns, &["ip", "-j", "neigh", "show", "dev", dev])
+        .iter()
+        .map(|n| {
+            let states: Vec<String> = n["state"]
+                .as_array()
+                .map(|a| a.iter().map(s).collect())
+                .unwrap_or_default();
+            format!(
+                "{} lladdr {} {}",
+                s(&n["dst"]),
+                s(&n["lladdr"]),
+                states.join(",")
+            )
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// `bridge fdb show dev DEV` as "MAC dst IP FLAGS STATE" lines, sorted.
+fn fdb(ns: &NetNs, dev: &str) -> Vec<String> {
+    let mut lines: Vec<String> = json(ns, &["bridge", "-j", "fdb", "show", "dev", dev])
+        .iter()
+        .map(|e| {
+            let flags: Vec<String> = e["flags"]
+                .as_array()
+                .map(|a| a.iter().map(s).collect())
+                .unwrap_or_default();
+            format!(
+                "{} dst {} {} {}",
+                s(&e["mac"]),
+                s(&e["dst"]),
+                flags.join(","),
+                s(&e["state"])
+            )
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// Main-table routes as "DST via GW dev DEV proto P [onlink]" lines, sorted.
+fn routes(ns: &NetNs, table: &str) -> Vec<String> {
+    let mut lines: Vec<String> = json(ns, &["ip", "-j", "-d", "route", "show", "table", table])
+        .iter()
+        .map(|r| {
+            let mut line = s(&r["dst"]);
+            if !r["gateway"].is_null() {
+                line += &format!(" via {}", s(&r["gateway"]));
+            }
+            line += &format!(" dev {} proto {}", s(&r["dev"]), s(&r["protocol"]));
+            if r["flags"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|f| f == "onlink"))
+            {
+                line += " onlink";
+            }
+            line
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+fn vtep_mac(attrs: &LeaseAttrs) -> MacAddr6 {
+    match attrs {
+        LeaseAttrs::Vxlan { vtep_mac, .. } => *vtep_mac,
+        other => panic!("expected vxlan lease attributes, got {other:?}"),
+    }
+}
+
+/// Checks the device is exactly flannel's: vxlan id, local, dev, dstport, nolearning, MTU,
+/// MAC, up, one /32 address.
+fn assert_flannel_device(
+    ns: &NetNs,
+    name: &str,
+    vni: u64,
+    port: u64,
+    mac: MacAddr6,
+    subnet_ip: &str,
+) {
+    let device = link(ns, name).unwrap_or_else(|| panic!("{name} missing"));
+    let info = &device["linkinfo"];
+    assert_eq!(info["info_kind"], "vxlan", "{device}");
+    let data = &info["info_data"];
+    assert_eq!(data["id"], vni, "{device}");
+    assert_eq!(data["local"], "192.168.100.1", "{device}");
+    assert_eq!(data["link"], "eth0", "{device}");
+    assert_eq!(data["port"], port, "{device}");
+    assert_eq!(data["learning"], false, "{device}");
+    assert_eq!(device["mtu"], 1450, "{device}");
+    assert_eq!(
+        device["address"],
+        mac.to_string().to_lowercase(),
+        "{device}"
+    );
+    assert!(
+        device["flags"]
+            .as_array()
+            .expect("flags")
+            .iter()
+            .any(|f| f == "UP"),
+        "{name} is not up: {device}"
+    );
+    let addresses: Vec<String> = json(ns, &["ip", "-j", "-4", "addr", "show", "dev", name])
+        .iter()
+        .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
+        .map(|a| format!("{}/{}", s(&a["local"]), s(&a["prefixlen"])))
+        .collect();
+    assert_eq!(addresses, vec![format!("{subnet_ip}/32")]);
+}
+
+const MAC_A: &str = "02:aa:00:00:00:02";
+const MAC_B: &str = "02:bb:00:00:00:03";
+const MAC_C: &str = "02:cc:00:00:00:04";
+
+#[test]
+fn vxlan_programs_device_and_peers_exactly_like_flannel() {
+    let ns = node_ns("kvx", "192.168.100.1");
+    run_in(&ns, || async {
+        let uplink = uplink("eth0", None).await;
+        assert_eq!(
+            (uplink.name.as_str(), uplink.address, uplink.mtu),
+            ("eth0", Ipv4Addr::new(192, 168, 100, 1), 1500)
+        );
+        let (mut dp, attrs) = VxlanDataplane::new(uplink.clone(), &backend(1, 8472, false))
+            .await
+            .expect("create vxlan dataplane");
+        let mac = vtep_mac(&attrs);
+        assert_eq!(
+            mac.as_bytes()[0] & 0x03,
+            0x02,
+            "VtepMAC {mac} must be unicast, locally administered"
+        );
+        assert!(matches!(attrs, LeaseAttrs::Vxlan { vni: 1, .. }));
+
+        dp.activate(&lease("10.5.1.0/24", "192.168.100.1"))
+            .await
+            .expect("activate");
+        assert_flannel_device(&ns, "flannel.1", 1, 8472, mac, "10.5.1.0");
+
+        dp.apply(&PeerEvent::Upsert(peer(
+            "10.5.2.0/24",
+            "192.168.100.2",
+            Some(MAC_A),
+        )))
+        .await
+        .expect("upsert A");
+        dp.apply(&PeerEvent::Upsert(peer(
+            "10.5.3.0/24",
+            "192.168.100.3",
+            Some(MAC_B),
+        )))
+        .await
+        .expect("upsert B");
+        assert_eq!(
+            neighbours(&ns, "flannel.1"),
+            vec![
+                format!("10.5.2.0 lladdr {MAC_A} PERMANENT"),
+                format!("10.5.3.0 lladdr {MAC_B} PERMANENT"),
+            ]
+        );
+        assert_eq!(
+            fdb(&ns, "flannel.1"),
+            vec![
+                format!("{MAC_A} dst 192.168.100.2 self permanent"),
+                format!("{MAC_B} dst 192.168.100.3 self permanent"),
+            ]
+        );
+        assert_eq!(
+            routes(&ns, "main"),
+            vec![
+                "10.5.2.0/24 via 10.5.2.0 dev flannel.1 proto boot onlink".to_owned(),
+                "10.5.3.0/24 via 10.5.3.0 dev flannel.1 proto boot onlink".to_owned(),
+                "192.168.100.0/24 dev eth0 proto kernel".to_owned(),
+                "default via 192.168.100.254 dev eth0 proto boot".to_owned(),
+            ]
+        );
+
+        // Applying the same event twice changes nothing (and does not fail).
+        dp.apply(&PeerEvent::Upsert(peer(
+            "10.5.2.0/24",
+            "192.168.100.2",
+            Some(MAC_A),
+        )))
+        .await
+        .expect("idempotent upsert");
+        assert_eq!(fdb(&ns, "flannel.1").len(), 2);
+
+        // A peer whose VtepMAC changed (its flanneld re-created the device): no stale entry.
+        dp.apply(&PeerEvent::Upsert(peer(
+            "10.5.3.0/24",
+            "192.168.100.3",
+            Some(MAC_C),
+        )))
+        .await
+        .expect("upsert B with new MAC");
+        assert_eq!(
+            fdb(&ns, "flannel.1"),
+            vec![
+                format!("{MAC_A} dst 192.168.100.2 self permanent"),
+                format!("{MAC_C} dst 192.168.100.3 self permanent"),
+            ]
+        );
+
+        // Removal undoes all three.
+        dp.apply(&PeerEvent::Remove("10.5.3.0/24".parse().expect("subnet")))
+            .await
+            .expect("remove B");
+        assert_eq!(
+            neighbours(&ns, "flannel.1"),
+            vec![format!("10.5.2.0 lladdr {MAC_A} PERMANENT")]
+        );
+        assert_eq!(
+            fdb(&ns, "flannel.1"),
+            vec![format!("{MAC_A} dst 192.168.100.2 self permanent")]
+        );
+        assert!(
+            !routes(&ns, "main")
+                .iter()
+                .any(|r| r.starts_with("10.5.3.0/24"))
+        );
+
+        // A restarted agent reuses the device and so keeps its VtepMAC.
+        let index_before = link(&ns, "flannel.1").expect("device")["ifindex"].clone();
+        drop(dp);
+        let (_dp, attrs) = VxlanDataplane::new(uplink.clone(), &backend(1, 8472, false))
+            .await
+            .expect("re-create dataplane");
+        assert_eq!(vtep_mac(&attrs), mac, "VtepMAC must survive a restart");
+        assert_eq!(
+            link(&ns, "flannel.1").expect("device")["ifindex"],
+            index_before,
+            "device was not reused"
+        );
+        // Peer state stays in place across the restart (zero-downtime restart).
+        assert_eq!(fdb(&ns, "flannel.1").len(), 1);
+
+        // A device with other settings (here: another dstport) is replaced.
+        let (_dp, attrs) = VxlanDataplane::new(uplink, &backend(1, 4789, false))
+            .await
+            .expect("dataplane with another port");
+        let device = link(&ns, "flannel.1").expect("device");
+        assert_eq!(device["linkinfo"]["info_data"]["port"], 4789, "{device}");
+        assert_ne!(
+            device["ifindex"], index_before,
+            "mismatched device must be replaced"
+        );
+        assert_ne!(vtep_mac(&attrs), mac, "a replaced device gets a fresh MAC");
+    });
+}
+
+#[test]
+fn vxlan_snapshot_sweeps_only_its_own_stale_state() {
+    let ns = node_ns("kvs", "192.168.100.1");
+    run_in(&ns, || async {
+        let uplink = uplink("eth0", None).await;
+        let (mut dp, _) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
+            .await
+            .expect("dataplane");
+        dp.activate(&lease("10.5.1.0/24", "192.168.100.1"))
+            .await
+            .expect("activate");
+        // Left over on our device by an earlier run: a peer that is gone now.
+        ns.run(&[
+            "ip",
+            "neigh",
+            "replace",
+            "10.5.7.0",
+            "lladdr",
+            "02:77:00:00:00:07",
+            "dev",
+            "flannel.1",
+            "nud",
+            "permanent",
+        ]);
+        ns.run(&[
+            "bridge",
+            "fdb",
+            "replace",
+            "02:77:00:00:00:07",
+            "dev",
+            "flannel.1",
+            "dst",
+            "192.168.100.7",
+            "self",
+            "permanent",
+        ]);
+        ns.run(&[
+            "ip",
+            "route",
+            "replace",
+            "10.5.7.0/24",
+            "via",
+            "10.5.7.0",
+            "dev",
+            "flannel.1",
+            "onlink",
+        ]);
+        // Not ours: a route on the uplink into the cluster network, one elsewhere, another table.
+        ns.run(&[
+            "ip",
+            "route",
+            "add",
+            "10.5.9.0/24",
+            "via",
+            "192.168.100.9",
+            "dev",
+            "eth0",
+        ]);
+        ns.run(&[
+            "ip",
+            "route",
+            "add",
+            "172.16.0.0/16",
+            "via",
+            "192.168.100.9",
+            "dev",
+            "eth0",
+        ]);
+        ns.run(&[
+            "ip",
+            "route",
+            "add",
+            "10.5.7.0/24",
+            "via",
+            "192.168.100.7",
+            "dev",
+            "eth0",
+            "table",
+            "100",
+        ]);
+
+        dp.apply(&PeerEvent::Snapshot(vec![
+            peer("10.5.2.0/24", "192.168.100.2", Some(MAC_A)),
+            peer("10.5.4.0/24", "192.168.100.4", Some(MAC_C)),
+        ]))
+        .await
+        .expect("snapshot");
+
+        assert_eq!(
+            neighbours(&ns, "flannel.1"),
+            vec![
+                format!("10.5.2.0 lladdr {MAC_A} PERMANENT"),
+                format!("10.5.4.0 lladdr {MAC_C} PERMANENT"),
+            ]
+        );
+        assert_eq!(
+            fdb(&ns, "flannel.1"),
+            vec![
+                format!("{MAC_A} dst 192.168.100.2 self permanent"),
+                format!("{MAC_C} dst 192.168.100.4 self permanent"),
+            ]
+        );
+        assert_eq!(
+            routes(&ns, "main"),
+            vec![
+                "10.5.2.0/24 via 10.5.2.0 dev flannel.1 proto boot onlink".to_owned(),
+                "10.5.4.0/24 via 10.5.4.0 dev flannel.1 proto boot onlink".to_owned(),
+                "10.5.9.0/24 via 192.168.100.9 dev eth0 proto boot".to_owned(),
+                "172.16.0.0/16 via 192.168.100.9 dev eth0 proto boot".to_owned(),
+                "192.168.100.0/24 dev eth0 proto kernel".to_owned(),
+                "default via 192.168.100.254 dev eth0 proto boot".to_owned(),
+            ]
+        );
+        assert_eq!(
+            routes(&ns, "100"),
+            vec!["10.5.7.0/24 via 192.168.100.7 dev eth0 proto boot".to_owned()]
+        );
+
+        // A second snapshot without 10.5.4.0/24 removes exactly that peer.
+        dp.apply(&PeerEvent::Snapshot(vec![peer(
+            "10.5.2.0/24",
+            "192.168.100.2",
+            Some(MAC_A),
+        )]))
+        .await
+        .expect("second snapshot");
+        assert_eq!(
+            fdb(&ns, "flannel.1"),
+            vec![format!("{MAC_A} dst 192.168.100.2 self permanent")]
+        );
+        assert_eq!(
+            neighbours(&ns, "flannel.1"),
+            vec![format!("10.5.2.0 lladdr {MAC_A} PERMANENT")]
+        );
+        assert!(
+            !routes(&ns, "main")
+                .iter()
+                .any(|r| r.starts_with("10.5.4.0/24"))
+        );
+    });
+}
+
+#[test]
+fn vxlan_maintain_recreates_deleted_device_and_restores_peers() {
+    let ns = node_ns("kvm", "192.168.100.1");
+    run_in(&ns, || async {
+        let uplink = uplink("eth0", None).await;
+        let (mut dp, attrs) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
+            .await
+            .expect("dataplane");
+        let mac = vtep_mac(&attrs);
+        dp.activate(&lease("10.5.1.0/24", "192.168.100.1"))
+            .await
+            .expect("activate");
+        dp.apply(&PeerEvent::Snapshot(vec![
+            peer("10.5.2.0/24", "192.168.100.2", Some(MAC_A)),
+            peer("10.5.3.0/24", "192.168.100.3", Some(MAC_B)),
+        ]))
+        .await
+        .expect("snapshot");
+        let programmed = (
+            neighbours(&ns, "flannel.1"),
+            fdb(&ns, "flannel.1"),
+            routes(&ns, "main"),
+        );
+
+        // Someone deletes a route: maintain puts it back.
+        ns.run(&["ip", "route", "del", "10.5.2.0/24"]);
+        dp.maintain().await.expect("maintain after route deletion");
+        assert_eq!(routes(&ns, "main"), programmed.2);
+
+        // Someone deletes a neighbour and an FDB entry: back too.
+        ns.run(&["ip", "neigh", "del", "10.5.3.0", "dev", "flannel.1"]);
+        ns.run(&[
+            "bridge",
+            "fdb",
+            "del",
+            MAC_A,
+            "dev",
+            "flannel.1",
+            "dst",
+            "192.168.100.2",
+            "self",
+        ]);
+        dp.maintain()
+            .await
+            .expect("maintain after neigh/fdb deletion");
+        assert_eq!(neighbours(&ns, "flannel.1"), programmed.0);
+        assert_eq!(fdb(&ns, "flannel.1"), programmed.1);
+
+        // Someone deletes the device: maintain re-creates it with the same MAC and re-programs
+        // the address and every peer.
+        ns.run(&["ip", "link", "del", "flannel.1"]);
+        assert!(link(&ns, "flannel.1").is_none());
+        dp.maintain().await.expect("maintain after device deletion");
+        assert_flannel_device(&ns, "flannel.1", 1, 8472, mac, "10.5.1.0");
+        assert_eq!(
+            (
+                neighbours(&ns, "flannel.1"),
+                fdb(&ns, "flannel.1"),
+                routes(&ns, "main")
+            ),
+            programmed
+        );
+
+        // Nothing to do: maintain is quiet and changes nothing.
+        dp.maintain().await.expect("idle maintain");
+        assert_eq!(
+            (
+                neighbours(&ns, "flannel.1"),
+                fdb(&ns, "flannel.1"),
+                routes(&ns, "main")
+            ),
+            programmed
+        );
+    });
+}
+
+#[test]
+fn vxlan_direct_routing_uses_plain_routes_on_the_same_segment() {
+    let ns = node_ns("kvd", "192.168.100.1");
+    run_in(&ns, || async {
+        let uplink = uplink("eth0", None).await;
+        let (mut dp, _) = VxlanDataplane::new(uplink, &backend(1, 8472, true))
+            .await
+            .expect("dataplane");
+        dp.activate(&lease("10.5.1.0/24", "192.168.100.1"))
+            .await
+            .expect("activate");
+        dp.apply(&PeerEvent::Snapshot(vec![
+            // Same L2 segment as eth0: a direct route.
+            peer("10.5.2.0/24", "192.168.100.2", Some(MAC_A)),
+            // Behind the default gateway: through the vxlan device.
+            peer("10.5.3.0/24", "172.20.0.3", Some(MAC_B)),
+        ]))
+        .await
+        .expect("snapshot");
+        assert_eq!(
+            routes(&ns, "main"),
+            vec![
+                "10.5.2.0/24 via 192.168.100.2 dev eth0 proto boot".to_owned(),
+                "10.5.3.0/24 via 10.5.3.0 dev flannel.1 proto boot onlink".to_owned(),
+                "192.168.100.0/24 dev eth0 proto kernel".to_owned(),
+                "default via 192.168.100.254 dev eth0 proto boot".to_owned(),
+            ]
+        );
+        assert_eq!(
+            neighbours(&ns, "flannel.1"),
+            vec![format!("10.5.3.0 lladdr {MAC_B} PERMANENT")]
+        );
+        assert_eq!(
+            fdb(&ns, "flannel.1"),
+            vec![format!("{MAC_B} dst 172.20.0.3 self permanent")]
+        );
+        // Removing the direct peer removes its route; a stale direct route is swept.
+        ns.run(&[
+            "ip",
+            "route",
+            "add",
+            "10.5.8.0/24",
+            "via",
+            "192.168.100.8",
+            "dev",
+            "eth0",
+        ]);
+        dp.apply(&PeerEvent::Snapshot(vec![peer(
+            "10.5.3.0/24",
+            "172.20.0.3",
+            Some(MAC_B),
+        )]))
+        .await
+        .expect("second snapshot");
+        assert_eq!(
+            routes(&ns, "main"),
+            vec![
+                "10.5.3.0/24 via 10.5.3.0 dev flannel.1 proto boot onlink".to_owned(),
+                "192.168.100.0/24 dev eth0 proto kernel".to_owned(),
+                "default via 192.168.100.254 dev eth0 proto boot".to_owned(),
+            ]
+        );
+    });
+}
+
+#[test]
+fn host_gw_routes_sweeps_and_restores() {
+    let ns = node_ns("khg", "192.168.100.1");
+    run_in(&ns, || async {
+        let uplink = uplink("eth0", None).await;
+        let (mut dp, attrs) = HostGwDataplane::new(uplink)
+            .await
+            .expect("host-gw dataplane");
+        assert_eq!(attrs, LeaseAttrs::HostGw);
+        dp.activate(&lease("10.5.1.0/24", "192.168.100.1"))
+            .await
+            .expect("activate");
+        // Foreign routes that must survive the sweep, and one stale host-gw route.
+        ns.run(&[
+            "ip",
+            "route",
+            "add",
+            "10.99.0.0/16",
+            "via",
+            "192.168.100.9",
+            "dev",
+            "eth0",
+        ]);
+        ns.run(&[
+            "ip",
+            "route",
+            "add",
+            "10.5.8.0/24",
+            "via",
+            "192.168.100.8",
+            "dev",
+            "eth0",
+            "proto",
+            "static",
+        ]);
+        ns.run(&[
+            "ip",
+            "route",
+            "add",
+            "10.5.7.0/24",
+            "via",
+            "192.168.100.7",
+            "dev",
+            "eth0",
+        ]);
+        dp.apply(&PeerEvent::Snapshot(vec![
+            peer("10.5.2.0/24", "192.168.100.2", None),
+            peer("10.5.3.0/24", "192.168.100.3", None),
+        ]))
+        .await
+        .expect("snapshot");
+        let expected = vec![
+            "10.5.2.0/24 via 192.168.100.2 dev eth0 proto boot".to_owned(),
+            "10.5.3.0/24 via 192.168.100.3 dev eth0 proto boot".to_owned(),
+            "10.5.8.0/24 via 192.168.100.8 dev eth0 proto static".to_owned(),
+            "10.99.0.0/16 via 192.168.100.9 dev eth0 proto boot".to_owned(),
+            "192.168.100.0/24 dev eth0 proto kernel".to_owned(),
+            "default via 192.168.100.254 dev eth0 proto boot".to_owned(),
+        ];
+        assert_eq!(routes(&ns, "main"), expected);
+
+        ns.run(&["ip", "route", "del", "10.5.3.0/24"]);
+        dp.maintain().await.expect("maintain");
+        assert_eq!(routes(&ns, "main"), expected);
+
+        dp.apply(&PeerEvent::Remove("10.5.2.0/24".parse().expect("subnet")))
+            .await
+            .expect("remove");
+        assert!(
+            !routes(&ns, "main")
+                .iter()
+                .any(|r| r.starts_with("10.5.2.0/24"))
+        );
+
+        // A peer not on our segment is a clear error, not a silent half-route.
+        let err = dp
+            .apply(&PeerEvent::Upsert(peer("10.5.5.0/24", "172.20.0.5", None)))
+            .await
+            .expect_err("unreachable gateway");
+        assert!(
+            err.to_string()
+                .contains("host-gw needs every node on one L2 network"),
+            "{err}"
+        );
+    });
+}
+
+#[test]
+fn host_gw_refuses_a_public_ip_that_is_not_the_interface_address() {
+    let ns = node_ns("khr", "192.168.100.1");
+    run_in(&ns, || async {
+        let uplink = uplink("eth0", Some("203.0.113.5")).await;
+        assert_eq!(uplink.public_ip, Ipv4Addr::new(203, 0, 113, 5));
+        let err = HostGwDataplane::new(uplink).await.expect_err("must refuse");
+        let message = err.to_string();
+        assert!(
+            message.contains("203.0.113.5")
+                && message.contains("not an address of eth0 (192.168.100.1)"),
+            "{message}"
+        );
+    });
+}
+
+#[test]
+fn uplink_selection_in_a_namespace() {
+    let ns = node_ns("kif", "192.168.100.1");
+    ns.run(&[
+        "ip", "link", "add", "eth1", "type", "veth", "peer", "name", "eth1p",
+    ]);
+    ns.run(&["ip", "addr", "add", "10.9.0.1/24", "dev", "eth1"]);
+    ns.run(&["ip", "link", "set", "eth1", "mtu", "9000", "up"]);
+    ns.run(&["ip", "link", "set", "eth1p", "mtu", "9000", "up"]);
+    ns.run(&["ip", "route", "add", "172.30.0.0/16", "via", "10.9.0.254"]);
+    run_in(&ns, || async {
+        let default = select_uplink(&IfaceOptions::default())
+            .await
+            .expect("default route");
+        assert_eq!((default.name.as_str(), default.mtu), ("eth0", 1500));
+        let by_ip = select_uplink(&IfaceOptions {
+            iface: vec!["10.9.0.1".into()],
+            ..IfaceOptions::default()
+        })
+        .await
+        .expect("by ip");
+        assert_eq!((by_ip.name.as_str(), by_ip.mtu), ("eth1", 9000));
+        let by_regex = select_uplink(&IfaceOptions {
+            iface_regex: vec!["^10\\.9\\.".into()],
+            ..IfaceOptions::default()
+        })
+        .await
+        .expect("by regex");
+        assert_eq!(by_regex.name, "eth1");
+        let can_reach = select_uplink(&IfaceOptions {
+            iface_can_reach: Some(Ipv4Addr::new(172, 30, 1, 1)),
+            ..IfaceOptions::default()
+        })
+        .await
+        .expect("can reach");
+        assert_eq!(
+            (can_reach.name.as_str(), can_reach.address),
+            ("eth1", Ipv4Addr::new(10, 9, 0, 1))
+        );
+        let err = select_uplink(&IfaceOptions {
+            iface: vec!["eth9".into()],
+            ..IfaceOptions::default()
+        })
+        .await
+        .expect_err("no eth9");
+        let message = err.to_string();
+        assert!(
+            message.starts_with(
+                "no interface matches --iface=eth9; interfaces here: lo (127.0.0.1), "
+            ) && message.contains("eth0 (192.168.100.1)")
+                && message.contains("eth1 (10.9.0.1)"),
+            "{message}"
+        );
+    });
+}
+
+/// The interoperability foundation: node 1 is programmed by hand exactly as flanneld does it,
+/// node 2 by [`VxlanDataplane`]; pods behind each node's bridge ping each other both ways.
+#[test]
+fn vxlan_dataplane_interoperates_with_a_flanneld_programmed_node() {
+    let mut cluster = Cluster::with(ClusterOptions {
+        nodes: 2,
+        underlay: UnderlayKind::Switch,
+        underlay_mtu: 1500,
+        etcd: false,
+    });
+    let flannel_mac = "02:f1:a0:00:00:01";
+    cluster.nodes[0].add_pod("10.5.1.1/24", 1450);
+    cluster.nodes[1].add_pod("10.5.2.1/24", 1450);
+    let node2 = &cluster.nodes[1];
+    let pod1_ip = cluster.nodes[0].pods[0].ip;
+    let pod2_ip = node2.pods[0].ip;
+
+    run_in(&node2.ns, || async {
+        let uplink = uplink("eth0", None).await;
+        assert_eq!(uplink.address, Ipv4Addr::new(192, 168, 100, 2));
+        let (mut dp, attrs) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
+            .await
+            .expect("dataplane on node 2");
+        dp.activate(&lease("10.5.2.0/24", "192.168.100.2"))
+            .await
+            .expect("activate");
+        dp.apply(&PeerEvent::Snapshot(vec![peer(
+            "10.5.1.0/24",
+            "192.168.100.1",
+            Some(flannel_mac),
+        )]))
+        .await
+        .expect("peer node 1");
+
+        // Node 1, by hand, as flanneld's vxlan backend programs it.
+        let node1 = &cluster.nodes[0].ns;
+        let our_mac = vtep_mac(&attrs).to_string().to_lowercase();
+        for argv in [
+            vec![
+                "ip",
+                "link",
+                "add",
+                "flannel.1",
+                "address",
+                flannel_mac,
+                "type",
+                "vxlan",
+                "id",
+                "1",
+                "local",
+                "192.168.100.1",
+                "dev",
+                "eth0",
+                "dstport",
+                "8472",
+                "nolearning",
+            ],
+            vec!["ip", "addr", "add", "10.5.1.0/32", "dev", "flannel.1"],
+            vec!["ip", "link", "set", "flannel.1", "up"],
+            vec![
+                "ip",
+                "neigh",
+                "replace",
+                "10.5.2.0",
+                "lladdr",
+                &our_mac,
+                "dev",
+                "flannel.1",
+                "nud",
+                "permanent",
+            ],
+            vec![
+                "bridge",
+                "fdb",
+                "replace",
+                &our_mac,
+                "dev",
+                "flannel.1",
+                "dst",
+                "192.168.100.2",
+                "self",
+                "permanent",
+            ],
+            vec![
+                "ip",
+                "route",
+                "replace",
+                "10.5.2.0/24",
+                "via",
+                "10.5.2.0",
+                "dev",
+                "flannel.1",
+                "onlink",
+            ],
+        ] {
+            node1.run(&argv);
+        }
+
+        // The two nodes' state must be the same shape: compare node 2 (ours) with node 1.
+        let node2_ns = &node2.ns;
+        assert_eq!(
+            fdb(node2_ns, "flannel.1"),
+            vec![format!("{flannel_mac} dst 192.168.100.1 self permanent")]
+        );
+        assert_eq!(
+            routes(node2_ns, "main")
+                .iter()
+                .filter(|r| r.contains("flannel.1"))
+                .count(),
+            routes(node1, "main")
+                .iter()
+                .filter(|r| r.contains("flannel.1"))
+                .count()
+        );
+        let strip = |v: Option<Value>| {
+            let mut data = v.expect("device")["linkinfo"]["info_data"].clone();
+            data.as_object_mut().expect("object").remove("local");
+            data
+        };
+        assert_eq!(
+            strip(link(node2_ns, "flannel.1")),
+            strip(link(node1, "flannel.1"))
+        );
+
+        let pod1 = &cluster.nodes[0].pods[0];
+        let pod2 = &node2.pods[0];
+        wait_until(
+            Duration::from_secs(20),
+            "pod on node 1 pings pod on node 2",
+            || pod1.ping_once(pod2_ip),
+        );
+        wait_until(
+            Duration::from_secs(20),
+            "pod on node 2 pings pod on node 1",
+            || pod2.ping_once(pod1_ip),
+        );
+        // Full-size packets through the overlay both ways (1450 MTU - 28 bytes of IP+ICMP).
+        for (from, to) in [(pod1, pod2_ip), (pod2, pod1_ip)] {
+            let out = from.ns.try_run(&[
+                "ping",
+                "-c3",
+                "-i0.2",
+                "-W2",
+                "-M",
+                "do",
+                "-s",
+                "1422",
+                &to.to_string(),
+            ]);
+            assert!(
+                out.status.success(),
+                "full-size ping to {to} failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    });
+}
+
+#[test]
+fn vxlan_backend_mtu_and_gbp_are_honoured() {
+    let ns = node_ns("kvg", "192.168.100.1");
+    run_in(&ns, || async {
+        let uplink = uplink("eth0", None).await;
+        let mut config = backend(7, 8472, false);
+        config.mtu = Some(1400);
+        config.gbp = true;
+        let (_dp, attrs) = VxlanDataplane::new(uplink, &config)
+            .await
+            .expect("dataplane");
+        assert!(matches!(attrs, LeaseAttrs::Vxlan { vni: 7, .. }));
+        let device = link(&ns, "flannel.7").expect("flannel.7");
+        assert_eq!(device["mtu"], 1350, "Backend.MTU 1400 - 50: {device}");
+        assert_eq!(device["linkinfo"]["info_data"]["id"], 7, "{device}");
+        assert_eq!(device["linkinfo"]["info_data"]["gbp"], true, "{device}");
+    });
+}
+
+/// The dataplane driven the way the agent drives it: by `run_dataplane` with commands, its
+/// own 1 s maintenance loop repairing a deleted device without being asked.
+#[test]
+fn run_dataplane_task_programs_and_self_heals_vxlan() {
+    use overlay_agent::dataplane::{DataplaneCommand, run_dataplane};
+    let ns = node_ns("kvt", "192.168.100.1");
+    run_in(&ns, || async {
+        let uplink = uplink("eth0", None).await;
+        let (dp, attrs) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
+            .await
+            .expect("dataplane");
+        let mac = vtep_mac(&attrs);
+        let (commands, receiver) = tokio::sync::mpsc::channel(16);
+        let (ready, mut ready_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(run_dataplane(dp, receiver, ready));
+        commands
+            .send(DataplaneCommand::Activate(lease(
+                "10.5.1.0/24",
+                "192.168.100.1",
+            )))
+            .await
+            .expect("send activate");
+        commands
+            .send(DataplaneCommand::Peers(PeerEvent::Snapshot(vec![peer(
+                "10.5.2.0/24",
+                "192.168.100.2",
+                Some(MAC_A),
+            )])))
+            .await
+            .expect("send snapshot");
+        tokio::time::timeout(Duration::from_secs(20), ready_rx.wait_for(|ready| *ready))
+            .await
+            .expect("ready in time")
+            .expect("ready channel");
+        let expected_route = "10.5.2.0/24 via 10.5.2.0 dev flannel.1 proto boot onlink";
+        let ns = &ns;
+        let has_everything = move || {
+            link(ns, "flannel.1").is_some_and(|d| d["address"] == mac.to_string().to_lowercase())
+                && routes(ns, "main").iter().any(|r| r == expected_route)
+                && fdb(ns, "flannel.1") == vec![format!("{MAC_A} dst 192.168.100.2 self permanent")]
+                && neighbours(ns, "flannel.1") == vec![format!("10.5.2.0 lladdr {MAC_A} PERMANENT")]
+        };
+        // The task runs on this thread's runtime: poll with async sleeps so it gets to work.
+        let wait = |what: &'static str| async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            while !has_everything() {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "timed out waiting for: {what}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        wait("peer programmed by the task").await;
+        ns.run(&["ip", "link", "del", "flannel.1"]);
+        assert!(link(ns, "flannel.1").is_none());
+        wait("device and peer restored by the maintenance loop").await;
+        drop(commands);
+        task.await
+            .expect("dataplane task ends when its command channel closes");
+        // Stopping leaves the datapath in place (zero-downtime restart).
+        assert!(has_everything());
+    });
+}
+
+#[test]
+fn link_events_report_new_and_deleted_links() {
+    use futures_util::StreamExt;
+    use overlay_agent::netlink::{LinkEvent, Netlink};
+    let ns = NetNs::new("kle");
+    run_in(&ns, || async {
+        let mut events = Box::pin(Netlink::link_events().expect("subscribe"));
+        ns.run(&[
+            "ip", "link", "add", "vtest0", "type", "veth", "peer", "name", "vtest1",
+        ]);
+        let deadline = Duration::from_secs(10);
+        tokio::time::timeout(deadline, async {
+            while let Some(event) = events.next().await {
+                if matches!(&event, LinkEvent::Changed(link) if link.name == "vtest0") {
+                    return;
+                }
+            }
+            panic!("event stream ended");
+        })
+        .await
+        .expect("no event for the new link");
+        ns.run(&["ip", "link", "del", "vtest0"]);
+        tokio::time::timeout(deadline, async {
+            while let Some(event) = events.next().await {
+                if matches!(&event, LinkEvent::Deleted { name, .. } if name == "vtest0") {
+                    return;
+                }
+            }
+            panic!("event stream ended");
+        })
+        .await
+        .expect("no event for the deleted link");
+    });
+}
+
+#[test]
+fn vxlan_maintain_sets_a_downed_device_up_again() {
+    let ns = node_ns("kvu", "192.168.100.1");
+    run_in(&ns, || async {
+        let uplink = uplink("eth0", None).await;
+        let (mut dp, attrs) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
+            .await
+            .expect("dataplane");
+        dp.activate(&lease("10.5.1.0/24", "192.168.100.1"))
+            .await
+            .expect("activate");
+        ns.run(&["ip", "link", "set", "flannel.1", "down"]);
+        ns.run(&["ip", "addr", "flush", "dev", "flannel.1"]);
+        dp.maintain().await.expect("maintain");
+        assert_flannel_device(&ns, "flannel.1", 1, 8472, vtep_mac(&attrs), "10.5.1.0");
+    });
+}
+
+/// Programs a node's vxlan dataplane for `subnet` with `peers` and returns its VtepMAC. The
+/// dataplane value is dropped afterwards; its kernel state stays, as on an agent stop.
+fn program_vxlan_node(
+    ns: &NetNs,
+    subnet: &str,
+    public_ip: &str,
+    direct: bool,
+    peers: Vec<Peer>,
+) -> MacAddr6 {
+    run_in(ns, || async {
+        let uplink = uplink("eth0", None).await;
+        let (mut dp, attrs) = VxlanDataplane::new(uplink, &backend(1, 8472, direct))
+            .await
+            .expect("dataplane");
+        dp.activate(&lease(subnet, public_ip))
+            .await
+            .expect("activate");
+        dp.apply(&PeerEvent::Snapshot(peers)).await.expect("peers");
+        vtep_mac(&attrs)
+    })
+}
+
+/// Two nodes both run VxlanDataplane (VtepMACs exchanged as the leases would), once through
+/// the vxlan device and once with DirectRouting; pods reach each other both ways.
+#[test]
+fn vxlan_dataplanes_on_both_nodes_carry_pod_traffic_with_and_without_direct_routing() {
+    for direct in [false, true] {
+        let mut cluster = Cluster::with(ClusterOptions {
+            nodes: 2,
+            underlay: UnderlayKind::Switch,
+            underlay_mtu: 1500,
+            etcd: false,
+        });
+        cluster.nodes[0].add_pod("10.5.1.1/24", 1450);
+        cluster.nodes[1].add_pod("10.5.2.1/24", 1450);
+        // First pass learns each side's MAC (devices are reused, so MACs stay), second wires peers.
+        let mac1 = program_vxlan_node(
+            &cluster.nodes[0].ns,
+            "10.5.1.0/24",
+            "192.168.100.1",
+            direct,
+            vec![],
+        );
+        let mac2 = program_vxlan_node(
+            &cluster.nodes[1].ns,
+            "10.5.2.0/24",
+            "192.168.100.2",
+            direct,
+            vec![],
+        );
+        let again1 = program_vxlan_node(
+            &cluster.nodes[0].ns,
+            "10.5.1.0/24",
+            "192.168.100.1",
+            direct,
+            vec![Peer {
+                subnet: "10.5.2.0/24".parse().expect("subnet"),
+                public_ip: "192.168.100.2".parse().expect("ip"),
+                vtep_mac: Some(mac2),
+            }],
+        );
+        let again2 = program_vxlan_node(
+            &cluster.nodes[1].ns,
+            "10.5.2.0/24",
+            "192.168.100.2",
+            direct,
+            vec![Peer {
+                subnet: "10.5.1.0/24".parse().expect("subnet"),
+                public_ip: "192.168.100.1".parse().expect("ip"),
+                vtep_mac: Some(mac1),
+            }],
+        );
+        assert_eq!(
+            (again1, again2),
+            (mac1, mac2),
+            "VtepMACs must be stable across restarts"
+        );
+        let expected = if direct {
+            "10.5.2.0/24 via 192.168.100.2 dev eth0 proto boot"
+        } else {
+            "10.5.2.0/24 via 10.5.2.0 dev flannel.1 proto boot onlink"
+        };
+        assert!(
+            routes(&cluster.nodes[0].ns, "main")
+                .iter()
+                .any(|r| r == expected),
+            "direct={direct}"
+        );
+        let (pod1, pod2) = (&cluster.nodes[0].pods[0], &cluster.nodes[1].pods[0]);
+        wait_until(Duration::from_secs(20), "pod 1 -> pod 2", || {
+            pod1.ping_once(pod2.ip)
+        });
+        wait_until(Duration::from_secs(20), "pod 2 -> pod 1", || {
+            pod2.ping_once(pod1.ip)
+        });
+    }
+}
+
+#[test]
+fn host_gw_dataplanes_carry_pod_traffic() {
+    let mut cluster = Cluster::with(ClusterOptions {
+        nodes: 2,
+        underlay: UnderlayKind::Switch,
+        underlay_mtu: 1500,
+        etcd: false,
+    });
+    cluster.nodes[0].add_pod("10.5.1.1/24", 1500);
+    cluster.nodes[1].add_pod("10.5.2.1/24", 1500);
+    for (node, own, other, other_ip) in [
+        (0, "10.5.1.0/24", "10.5.2.0/24", "192.168.100.2"),
+        (1, "10.5.2.0/24", "10.5.1.0/24", "192.168.100.1"),
+    ] {
+        let public_ip = cluster.nodes[node].ip.to_string();
+        run_in(&cluster.nodes[node].ns, || async {
+            let (mut dp, _) = HostGwDataplane::new(uplink("eth0", None).await)
+                .await
+                .expect("host-gw");
+            assert_eq!(dp.mtu(), 1500);
+            dp.activate(&lease(own, &public_ip))
+                .await
+                .expect("activate");
+            dp.apply(&PeerEvent::Snapshot(vec![peer(other, other_ip, None)]))
+                .await
+                .expect("peer");
+        });
+    }
+    assert!(
+        routes(&cluster.nodes[0].ns, "main")
+            .iter()
+            .any(|r| r == "10.5.2.0/24 via 192.168.100.2 dev eth0 proto boot")
+    );
+    let (pod1, pod2) = (&cluster.nodes[0].pods[0], &cluster.nodes[1].pods[0]);
+    wait_until(Duration::from_secs(20), "pod 1 -> pod 2", || {
+        pod1.ping_once(pod2.ip)
+    });
+    wait_until(Duration::from_secs(20), "pod 2 -> pod 1", || {
+        pod2.ping_once(pod1.ip)
+    });
+}
