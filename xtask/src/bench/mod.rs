@@ -369,6 +369,19 @@ fn agent_binary(args: &BenchArgs, progress: &Progress) -> Result<PathBuf> {
     if !args.quick {
         cmd.arg("--release");
     }
+    // The agent's build script runs bpf-linker by name; `cargo install` puts it in cargo's
+    // bin dir, which a root shell's PATH may lack.
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let on_path = std::env::split_paths(&path).any(|d| d.join("bpf-linker").is_file());
+    if !on_path {
+        let cargo_home = std::env::var_os("CARGO_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+        if let Some(bin) = cargo_home.map(|h| h.join("bin")) {
+            let dirs = std::iter::once(bin).chain(std::env::split_paths(&path));
+            cmd.env("PATH", std::env::join_paths(dirs).context("PATH")?);
+        }
+    }
     let status = cmd.status().context("run cargo build -p overlay-agent")?;
     if !status.success() {
         bail!("cargo build -p overlay-agent failed ({status}); fix the build or pass --agent-bin");
