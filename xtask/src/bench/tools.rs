@@ -130,6 +130,10 @@ fn tcp_echo(port: u16, max: Duration) -> Result<()> {
     let listener =
         TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("bind tcp {port}"))?;
     ready();
+    serve_echo(&listener, max)
+}
+
+fn serve_echo(listener: &TcpListener, max: Duration) -> Result<()> {
     let deadline = Instant::now() + max;
     let mut buf = [0u8; 256];
     while Instant::now() < deadline {
@@ -236,6 +240,10 @@ fn udp_sink(port: u16, max: Duration) -> Result<UdpSinkResult> {
     let sock = UdpSocket::bind(("0.0.0.0", port)).with_context(|| format!("bind udp {port}"))?;
     sock.set_read_timeout(Some(Duration::from_millis(200)))?;
     ready();
+    count_datagrams(&sock, max)
+}
+
+fn count_datagrams(sock: &UdpSocket, max: Duration) -> Result<UdpSinkResult> {
     let deadline = Instant::now() + max;
     let mut buf = [0u8; 2048];
     let (mut received, mut sent) = (0u64, 0u64);
@@ -365,4 +373,52 @@ pub fn run_client<T: for<'de> Deserialize<'de>>(mut cmd: Command, what: &str) ->
     }
     let s = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(s.trim()).with_context(|| format!("{what} printed {s:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The tools against each other on loopback (no privileges needed).
+    use super::*;
+
+    const SHORT: Duration = Duration::from_millis(300);
+
+    #[test]
+    fn rr_and_crr_against_the_echo_server() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = std::thread::spawn(move || serve_echo(&listener, Duration::from_secs(2)));
+        let r = rr(addr, SHORT).expect("rr");
+        assert!(r.transactions > 10, "{r:?}");
+        assert!(r.p50_us > 0.0 && r.p50_us <= r.p99_us, "{r:?}");
+        let c = crr(addr, SHORT).expect("crr");
+        assert!(c.connections > 10 && c.failures == 0, "{c:?}");
+        server.join().expect("server thread").expect("server");
+    }
+
+    #[test]
+    fn udp_flood_is_counted_by_the_sink() {
+        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let addr = sock.local_addr().expect("addr");
+        let sink = std::thread::spawn(move || count_datagrams(&sock, Duration::from_secs(10)));
+        let f = udp_flood(addr, SHORT, 18).expect("flood");
+        let r = sink.join().expect("sink thread").expect("sink");
+        assert_eq!(
+            r.sent, f.sent,
+            "the sink learns the sent count from the end marker"
+        );
+        assert!(r.received > 0 && r.received <= f.sent, "{r:?} {f:?}");
+    }
+
+    #[test]
+    fn crr_gives_up_on_a_closed_port() {
+        // Bind then drop: nothing listens there any more.
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr");
+        let e = crr(addr, Duration::from_secs(10)).expect_err("no server");
+        assert!(format!("{e:#}").contains("none succeeded"), "{e:#}");
+    }
 }
