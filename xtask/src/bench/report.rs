@@ -260,6 +260,16 @@ pub fn markdown(r: &Results) -> String {
 
 const COLORS: [&str; 4] = ["#4e79a7", "#f28e2b", "#59a14f", "#b07aa1"];
 
+/// One colour per mode in every chart (datapath and control-plane runs list modes differently).
+fn color(mode: &str, index: usize) -> &'static str {
+    match mode {
+        "host-gw" => COLORS[0],
+        "vxlan" => COLORS[1],
+        "ebpf" => COLORS[2],
+        _ => COLORS[3 + index % (COLORS.len() - 3)],
+    }
+}
+
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -290,7 +300,7 @@ pub fn svg(r: &Results) -> String {
         let _ = writeln!(
             s,
             r#"<rect x="{x}" y="30" width="12" height="12" fill="{}"/><text x="{}" y="41">{}</text>"#,
-            COLORS[i % COLORS.len()],
+            color(mode, i),
             x + 16.0,
             esc(mode)
         );
@@ -336,7 +346,7 @@ pub fn svg(r: &Results) -> String {
                 s,
                 r#"<rect x="{left}" y="{y}" width="{:.1}" height="{bar_h}" fill="{}"/>"#,
                 px(v.median) - left,
-                COLORS[i % COLORS.len()]
+                color(mode, i)
             );
             let wy = y + bar_h / 2.0;
             let _ = writeln!(
