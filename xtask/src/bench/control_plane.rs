@@ -9,11 +9,11 @@ use std::net::{Ipv4Addr, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use overlay_tests::agent::AgentProcess;
 use overlay_tests::topology::{Cluster, ClusterOptions, Node, UnderlayKind};
 use overlay_tests::try_wait_until;
 use serde::Serialize;
 
+use super::agent::BenchAgent;
 use super::cpu::{process_cpu_seconds, process_peak_rss};
 use super::etcd_http::EtcdHttp;
 use super::lab::{AGENT_ENV, ETCD_PREFIX, caught, clean_node, tail};
@@ -180,9 +180,7 @@ fn one_run(
 ) -> Result<Vec<f64>> {
     let args = node.agent_args(endpoint, mode);
     let start = Instant::now();
-    let mut agent = caught("start overlay-agent", || {
-        AgentProcess::spawn_with_env(&node.ns, &args, AGENT_ENV)
-    })?;
+    let mut agent = BenchAgent::spawn(&node.ns, &args, AGENT_ENV)?;
     let pid = agent.pid();
     let mut dp = match mode {
         "ebpf" => Datapath::Map(PeerMap::new(&node.pin_dir, Some(pid))),

@@ -12,10 +12,10 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use overlay_tests::agent::AgentProcess;
 use overlay_tests::topology::{Cluster, ClusterOptions, Node, UnderlayKind};
 use overlay_tests::try_wait_until;
 
+use super::agent::BenchAgent;
 use super::measure::PodPair;
 use super::{Progress, probe};
 
@@ -36,7 +36,7 @@ pub struct Lab {
 
 /// One mode, running: agents (killed on drop) and the pod pair to measure.
 pub struct ModeUp {
-    agents: Vec<AgentProcess>,
+    agents: Vec<BenchAgent>,
     pub pair: PodPair,
 }
 
@@ -93,9 +93,7 @@ impl Lab {
         let mut agents = Vec::new();
         for node in &self.cluster.nodes {
             let args = node.agent_args(&endpoint, mode);
-            agents.push(caught("start overlay-agent", || {
-                AgentProcess::spawn_with_env(&node.ns, &args, AGENT_ENV)
-            })?);
+            agents.push(BenchAgent::spawn(&node.ns, &args, AGENT_ENV)?);
         }
         let mut envs = Vec::new();
         for (node, agent) in self.cluster.nodes.iter().zip(&mut agents) {
@@ -188,7 +186,7 @@ impl Lab {
     }
 }
 
-fn wait_subnet_env(node: &Node, agent: &mut AgentProcess) -> Result<HashMap<String, String>> {
+fn wait_subnet_env(node: &Node, agent: &mut BenchAgent) -> Result<HashMap<String, String>> {
     let mut env = None;
     let mut exited = false;
     try_wait_until(AGENT_READY, || {

@@ -5,6 +5,7 @@
 //! Modes run interleaved (A B C A B C ...) so that the machine's noise hits all of them; the
 //! report gives medians, min-max spread and ratios. Nothing here asserts anything about speed.
 
+mod agent;
 mod control_plane;
 mod cpu;
 mod etcd_http;
