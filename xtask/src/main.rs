@@ -2,6 +2,7 @@
 //! every test and showing the agent at work. Must build on a bare machine (no protoc, no
 //! bpf-linker), so it depends only on light crates and the fixtures library.
 
+mod bench;
 mod demo;
 mod run_tests;
 mod setup;
@@ -21,7 +22,6 @@ struct Cli {
     command: Command,
 }
 
-// New subcommands (e.g. `Bench`) add a variant here and one arm in `main`.
 #[derive(Subcommand)]
 enum Command {
     /// Install and check everything the build and the tests need (idempotent; needs root).
@@ -30,6 +30,9 @@ enum Command {
     Test(run_tests::Args),
     /// Set up, then run three real agents in network namespaces and show what they do.
     Demo(demo::Args),
+    /// Set up, then benchmark the datapath modes side by side (or, with --control-plane, the
+    /// control plane at 1,000 and 10,000 peers) and write a report.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
         Command::Setup(args) => setup::run(&args),
         Command::Test(args) => run_tests::run(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Bench(args) => setup::run(&setup::Args::default()).and_then(|()| bench::run(args)),
     };
     // The error chain only: a backtrace of xtask itself (RUST_BACKTRACE is set for the tests)
     // would bury the message.

@@ -1,0 +1,310 @@
+//! `bench --control-plane`: N peer leases in etcd (flannel's key/JSON format), then for each
+//! mode: time from agent start until all N peers are in the datapath, latency from one etcd
+//! write to the datapath holding it (adds and removals), and the agent's peak RSS and CPU.
+//!
+//! One node namespace and etcd per N; the leases are written once and the modes take turns
+//! on them (interleaved rounds), with the node cleaned between runs.
+
+use std::net::{Ipv4Addr, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use overlay_tests::topology::{Cluster, ClusterOptions, Node, UnderlayKind};
+use overlay_tests::try_wait_until;
+use serde::Serialize;
+
+use super::agent::BenchAgent;
+use super::cpu::{process_cpu_seconds, process_peak_rss};
+use super::etcd_http::EtcdHttp;
+use super::lab::{AGENT_ENV, ETCD_PREFIX, caught, clean_node, tail};
+use super::probe::{PeerMap, RouteMonitor, count_vxlan_routes};
+use super::report::Samples;
+use super::stats::percentile;
+use super::{MetricDef, Progress};
+
+const NETWORK: &str = "10.0.0.0/8";
+/// Lease changes use subnets from this index on, far from the N leases and the agent's own.
+const CHANGE_BASE: u32 = 40_000;
+const CHANGE_LIMIT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Settings {
+    pub peers: Vec<usize>,
+    pub changes: usize,
+    pub rounds: u32,
+}
+
+/// The i-th /24 of 10.0.0.0/8 (i >= 1; i = 0 is below flannel's default SubnetMin).
+fn subnet(i: u32) -> Ipv4Addr {
+    Ipv4Addr::new(10, (i >> 8) as u8, (i & 0xff) as u8, 0)
+}
+
+fn lease(i: u32) -> (String, String) {
+    let s = subnet(i);
+    let public = Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 0)) + i);
+    let b = i.to_be_bytes();
+    let value = format!(
+        r#"{{"PublicIP":"{public}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"0a:58:{:02x}:{:02x}:{:02x}:{:02x}"}}}}"#,
+        b[0], b[1], b[2], b[3]
+    );
+    (format!("{ETCD_PREFIX}/subnets/{s}-24"), value)
+}
+
+fn defs_for(n: usize) -> Vec<MetricDef> {
+    let d = |key: &str, label: &str, unit: &'static str| MetricDef {
+        key: format!("{key}_{n}").into(),
+        label: format!("{label}, N={n}").into(),
+        unit,
+        higher_is_better: false,
+    };
+    vec![
+        d("sync", "Agent start to all peers in datapath", "s"),
+        d("change_p50", "Lease change to datapath p50", "ms"),
+        d("change_p99", "Lease change to datapath p99", "ms"),
+        d("peak_rss", "Agent peak RSS", "MiB"),
+        d("cpu_sync", "Agent CPU until synced", "CPU-s"),
+        d("cpu_total", "Agent CPU, sync + changes", "CPU-s"),
+    ]
+}
+
+pub fn run(
+    s: &Settings,
+    modes: &[String],
+    progress: &Progress,
+    errors: &mut Vec<String>,
+) -> Result<(Vec<MetricDef>, Samples)> {
+    if s.changes < 2 {
+        bail!("--changes must be at least 2 (one add and one removal)");
+    }
+    let mut defs = Vec::new();
+    let mut samples = Samples::new();
+    for &n in &s.peers {
+        if !(1..=30_000).contains(&n) {
+            bail!("--peers values must be 1..=30000, got {n}");
+        }
+        defs.extend(defs_for(n));
+        progress.line(&format!(
+            "control plane N={n}: building a node namespace and etcd"
+        ));
+        let mut cluster = caught("build the one-node topology", || {
+            Cluster::with(ClusterOptions {
+                nodes: 1,
+                underlay: UnderlayKind::Switch,
+                underlay_mtu: 1500,
+                etcd: true,
+            })
+        })?;
+        cluster.put_config(
+            ETCD_PREFIX,
+            &format!(r#"{{"Network":"{NETWORK}","SubnetLen":24,"Backend":{{"Type":"vxlan"}}}}"#),
+        );
+        // etcd listens on the fabric namespace's loopback too.
+        let stream = cluster
+            .fabric
+            .enter(|| TcpStream::connect(("127.0.0.1", 2379)))
+            .context("connect to etcd inside the fabric namespace")?;
+        let mut etcd = EtcdHttp::new(stream)?;
+        let t = Instant::now();
+        let leases: Vec<(String, String)> = (1..=n as u32).map(lease).collect();
+        etcd.put_many(&leases)?;
+        progress.line(&format!(
+            "    wrote {n} leases in {:.1} s",
+            t.elapsed().as_secs_f64()
+        ));
+        for round in 1..=s.rounds {
+            for mode in modes {
+                if super::interrupted() {
+                    errors.push(format!(
+                        "interrupted (Ctrl-C) before N={n} round {round} {mode}"
+                    ));
+                    return Ok((defs, samples));
+                }
+                progress.line(&format!(
+                    "N={n} round {round}/{} {mode}: starting the agent",
+                    s.rounds
+                ));
+                let node = &cluster.nodes[0];
+                let endpoint = cluster.etcd_endpoint();
+                match one_run(node, &endpoint, &mut etcd, n, mode, s.changes, progress) {
+                    Ok(values) => {
+                        for (def, v) in defs_for(n).iter().zip(values) {
+                            samples
+                                .entry((def.key.to_string(), mode.clone()))
+                                .or_default()
+                                .push(v);
+                        }
+                    }
+                    Err(e) => {
+                        let msg = format!("N={n} round {round} {mode}: {e:#}");
+                        progress.line(&format!("    FAILED {msg}"));
+                        errors.push(msg);
+                    }
+                }
+                // The agent's own lease: everything under subnets/ that is not one of ours.
+                let own = cluster.etcd().keys(&format!("{ETCD_PREFIX}/subnets/"));
+                for key in own.iter().filter(|k| !leases.iter().any(|(l, _)| l == *k)) {
+                    etcd.delete(key)?;
+                }
+                for p in clean_node(&mut cluster.nodes[0], NETWORK) {
+                    progress.line(&format!("    cleanup: {p}"));
+                }
+            }
+        }
+    }
+    Ok((defs, samples))
+}
+
+enum Datapath {
+    Map(PeerMap),
+    Routes(String),
+}
+
+impl Datapath {
+    fn count(&mut self) -> Result<usize> {
+        match self {
+            Datapath::Map(m) => m.count(),
+            Datapath::Routes(ns) => count_vxlan_routes(ns),
+        }
+    }
+}
+
+/// One agent run; returns values in [`defs_for`] order.
+fn one_run(
+    node: &Node,
+    endpoint: &str,
+    etcd: &mut EtcdHttp,
+    n: usize,
+    mode: &str,
+    changes: usize,
+    progress: &Progress,
+) -> Result<Vec<f64>> {
+    let args = node.agent_args(endpoint, mode);
+    let start = Instant::now();
+    let mut agent = BenchAgent::spawn(&node.ns, &args, AGENT_ENV)?;
+    let pid = agent.pid();
+    let mut dp = match mode {
+        "ebpf" => Datapath::Map(PeerMap::new(&node.pin_dir, Some(pid))),
+        _ => Datapath::Routes(node.ns.name().to_string()),
+    };
+    let limit = Duration::from_secs(60) + Duration::from_millis(20) * n as u32;
+    let sync = loop {
+        let probe_start = Instant::now();
+        let seen = dp.count()?;
+        if seen >= n {
+            break start.elapsed();
+        }
+        if super::interrupted() {
+            bail!("interrupted (Ctrl-C) while waiting for {seen}/{n} peers");
+        }
+        if !agent.is_running() {
+            bail!(
+                "the agent exited with {seen}/{n} peers programmed; its log ends:\n{}",
+                tail(&agent.log())
+            );
+        }
+        if start.elapsed() > limit {
+            bail!(
+                "only {seen}/{n} peers in the datapath after {limit:?}; log tail:\n{}",
+                tail(&agent.log())
+            );
+        }
+        // Poll less often when a probe is expensive (10,000 routes), so it does not starve
+        // the agent of CPU on a small machine.
+        std::thread::sleep((probe_start.elapsed() * 4).max(Duration::from_millis(20)));
+    };
+    let cpu_sync = process_cpu_seconds(pid)?;
+    progress.line(&format!(
+        "    {n} peers in the datapath {:.2} s after start (agent CPU {cpu_sync:.2} s)",
+        sync.as_secs_f64()
+    ));
+    if !try_wait_until(Duration::from_secs(30), || node.subnet_env().is_some()) {
+        bail!("no subnet file after 30 s");
+    }
+
+    let monitor = match mode {
+        "ebpf" => None,
+        _ => Some(RouteMonitor::start(node.ns.name())?),
+    };
+    let mut lat_ms = Vec::new();
+    let mut failures = Vec::new();
+    for j in 0..(changes / 2) as u32 {
+        if super::interrupted() {
+            bail!("interrupted (Ctrl-C) after {} lease changes", lat_ms.len());
+        }
+        let (key, value) = lease(CHANGE_BASE + j);
+        let s = subnet(CHANGE_BASE + j);
+        for added in [true, false] {
+            if let Some(m) = &monitor {
+                m.drain();
+            }
+            let t0 = Instant::now();
+            if added {
+                etcd.put(&key, &value)?;
+            } else {
+                etcd.delete(&key)?;
+            }
+            let seen_at = match (&mut dp, &monitor) {
+                (Datapath::Map(map), _) => poll_map(map, s, added),
+                (_, Some(m)) => m.wait_for(&format!("{s}/24"), added, CHANGE_LIMIT),
+                _ => unreachable!("vxlan runs with a route monitor"),
+            };
+            match seen_at {
+                Ok(t) => lat_ms.push(t.duration_since(t0).as_secs_f64() * 1e3),
+                Err(e) => failures.push(format!(
+                    "{s}/24 {}: {e:#}",
+                    if added { "add" } else { "removal" }
+                )),
+            }
+        }
+    }
+    let rss = process_peak_rss(pid)? as f64 / (1024.0 * 1024.0);
+    let cpu_total = process_cpu_seconds(pid)?;
+    agent.signal(libc::SIGTERM);
+    if !try_wait_until(Duration::from_secs(10), || !agent.is_running()) {
+        agent.kill();
+    }
+    if !failures.is_empty() {
+        bail!(
+            "{} of {changes} lease changes never reached the datapath, e.g. {}",
+            failures.len(),
+            failures[0]
+        );
+    }
+    let (p50, p99) = (percentile(&lat_ms, 0.5), percentile(&lat_ms, 0.99));
+    progress.line(&format!(
+        "    {} changes: p50 {p50:.2} ms, p99 {p99:.2} ms; peak RSS {rss:.1} MiB, CPU {cpu_total:.2} s",
+        lat_ms.len()
+    ));
+    Ok(vec![sync.as_secs_f64(), p50, p99, rss, cpu_sync, cpu_total])
+}
+
+/// Polls the map every 100 us until `subnet` is present (or absent); when it changed.
+fn poll_map(map: &mut PeerMap, subnet: Ipv4Addr, present: bool) -> Result<Instant> {
+    let deadline = Instant::now() + CHANGE_LIMIT;
+    loop {
+        if map.has(subnet, 24)? == present {
+            return Ok(Instant::now());
+        }
+        if Instant::now() > deadline {
+            bail!("PEERS map did not change within {CHANGE_LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leases_in_flannel_format() {
+        assert_eq!(subnet(1), Ipv4Addr::new(10, 0, 1, 0));
+        assert_eq!(subnet(10_000), Ipv4Addr::new(10, 39, 16, 0));
+        let (k, v) = lease(258);
+        assert_eq!(k, "/coreos.com/network/subnets/10.1.2.0-24");
+        let j: serde_json::Value = serde_json::from_str(&v).expect("json");
+        assert_eq!(j["PublicIP"], "172.16.1.2");
+        assert_eq!(j["BackendType"], "vxlan");
+        assert_eq!(j["BackendData"]["VtepMAC"], "0a:58:00:00:01:02");
+    }
+}
