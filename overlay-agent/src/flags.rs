@@ -56,7 +56,7 @@ pub enum Command {
     /// Show this node's lease and subnet file.
     Status,
     /// Write docker options from the subnet file (like flannel's mk-docker-opts.sh).
-    DockerOpts(DockerOptsArgs),
+    DockerOpts(crate::docker_opts::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -87,30 +87,6 @@ pub enum LeaseCommand {
         #[arg(long)]
         public_ip: Option<Ipv4Addr>,
     },
-}
-
-/// Options of `docker-opts`, mk-docker-opts.sh's switches as long flags.
-#[derive(Debug, Args)]
-pub struct DockerOptsArgs {
-    /// Name of the combined key (mk-docker-opts.sh -k).
-    #[arg(short = 'k', long = "key", default_value = "DOCKER_OPTS")]
-    pub key: String,
-    /// Output file (mk-docker-opts.sh -d).
-    #[arg(short = 'd', long = "output", default_value = "/run/docker_opts.env")]
-    pub output: PathBuf,
-    /// Write only the individual DOCKER_OPT_* lines (mk-docker-opts.sh -i).
-    #[arg(
-        short = 'i',
-        long = "individual-only",
-        conflicts_with = "combined_only"
-    )]
-    pub individual_only: bool,
-    /// Write only the combined line (mk-docker-opts.sh -c).
-    #[arg(short = 'c', long = "combined-only")]
-    pub combined_only: bool,
-    /// Leave out the ip-masq option (mk-docker-opts.sh -m).
-    #[arg(short = 'm', long = "no-ip-masq")]
-    pub no_ip_masq: bool,
 }
 
 /// flanneld's flags (and this project's additions). Global, so they may also follow a

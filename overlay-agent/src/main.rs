@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use overlay_agent::{
-    agent, cli,
+    agent, cli, docker_opts,
     flags::{Cli, Command},
 };
 use tracing_subscriber::EnvFilter;
@@ -48,8 +48,9 @@ fn main() -> ExitCode {
             Some(Command::Leases) => Some(cli::leases(&flags).await?),
             Some(Command::Lease(cmd)) => Some(cli::lease(&flags, &cmd).await?),
             Some(Command::Status) => Some(cli::status(&flags).await?),
-            Some(Command::DockerOpts(_)) => {
-                anyhow::bail!("docker-opts is not built into this binary yet")
+            Some(Command::DockerOpts(args)) => {
+                docker_opts::run(&args, &flags.subnet_file)?;
+                None
             }
         })
     });
