@@ -65,9 +65,10 @@ impl Args {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DockerOptsError {
+    // `source` is printed by the error chain (`{:#}`), so the messages do not repeat it.
     #[error(
-        "cannot read the subnet file {path}: {source}; it is written by overlay-agent once it \
-         holds a lease (start the agent first, or point -f at the right file)"
+        "cannot read the subnet file {path} (overlay-agent writes it once it holds a lease: \
+         start the agent first, or point -f at the right file)"
     )]
     ReadSubnetFile { path: PathBuf, source: io::Error },
     #[error(
@@ -85,7 +86,7 @@ pub enum DockerOptsError {
         "FLANNEL_SUBNET={value} is not an IPv4 address with a prefix length (like 10.5.52.1/24)"
     )]
     InvalidSubnet { value: String },
-    #[error("cannot read the routing table {path}: {source}")]
+    #[error("cannot read the routing table {path}")]
     ReadRoutes { path: PathBuf, source: io::Error },
     #[error(
         "Your routing table already contains the subnet: {subnet} via {gateway} dev {device}; \
@@ -97,7 +98,7 @@ pub enum DockerOptsError {
         gateway: Ipv4Addr,
         device: String,
     },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Write { path: PathBuf, source: io::Error },
 }
 
