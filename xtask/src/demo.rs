@@ -690,7 +690,11 @@ impl Report {
             }
         }
         if !self.tcp.is_empty() {
-            let _ = writeln!(out, "\nTCP (iperf3, one stream):");
+            let _ = writeln!(
+                out,
+                "\nTCP (iperf3, one stream; single runs on a shared machine, not a benchmark: \
+                 `cargo xtask bench` compares modes):"
+            );
             for tcp in &self.tcp {
                 let outcome = match &tcp.outcome {
                     Ok(gbps) => format!("{gbps:.2} Gbit/s"),
