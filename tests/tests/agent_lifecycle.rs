@@ -2,9 +2,8 @@
 //! units start flanneld (one-dash flags, /kube-centos/network prefix): it leases a subnet,
 //! programs the datapath, writes subnet.env, says READY=1, serves /readyz; pods on two nodes
 //! reach each other; `docker-opts` and `status` work against it; SIGTERM/SIGINT leave lease,
-//! datapath and subnet.env in place (traffic keeps
-//! flowing while the agent is down) and a restart keeps the subnet; a deleted lease comes
-//! back.
+//! datapath and subnet.env in place (traffic keeps flowing while the agent is down) and a
+//! restart keeps the subnet; a deleted lease comes back.
 
 use std::{
     os::unix::net::UnixDatagram,
