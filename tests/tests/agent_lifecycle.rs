@@ -148,8 +148,10 @@ fn lifecycle(backend: &str) {
         &args0,
         &[("NOTIFY_SOCKET", notify_path.to_str().expect("utf-8"))],
     );
-    let mut agent1 =
-        AgentProcess::spawn_with_env(&cluster.nodes[1].ns, &seeds_args(&cluster, 1, backend), &[]);
+    // Node 1 also masquerades (--ip-masq, one dash as in flanneld units).
+    let mut args1 = seeds_args(&cluster, 1, backend);
+    args1.push("-ip-masq".to_owned());
+    let mut agent1 = AgentProcess::spawn_with_env(&cluster.nodes[1].ns, &args1, &[]);
 
     let mut buf = [0u8; 64];
     let n = notify
@@ -177,6 +179,17 @@ fn lifecycle(backend: &str) {
     wait_until(LONG, "node 1's subnet.env", || {
         cluster.nodes[1].subnet_env().is_some()
     });
+    assert_eq!(
+        cluster.nodes[1].subnet_env().expect("env")["FLANNEL_IPMASQ"],
+        "true"
+    );
+    let rules = cluster.nodes[1]
+        .ns
+        .stdout(&["nft", "list", "table", "ip", "flannel-ipv4"]);
+    assert!(
+        rules.contains("masquerade") && rules.contains("172.30.0.0/16"),
+        "ip-masq rules installed before subnet.env: {rules}"
+    );
 
     let env0 = cluster.nodes[0].subnet_env().expect("env");
     assert_eq!(env0["FLANNEL_NETWORK"], "172.30.0.0/16");
