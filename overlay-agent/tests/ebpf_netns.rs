@@ -612,19 +612,20 @@ fn direct_mode_follows_a_recreated_bridge_and_mode_switch_detaches() {
     assert!(delta(&before, &t.stats(), stat::ENCAP_PACKETS) >= 2);
 }
 
-fn start_iperf_server(t: &Topology, port: u16) {
+fn start_iperf_server(t: &Topology, port: u16) -> overlay_tests::netns::Background {
     let port = port.to_string();
-    let server = t.b.pod.exec(&["iperf3", "-s", "-D", "-1", "-p", &port]);
-    assert!(server.status.success(), "iperf3 server: {server:?}");
+    let server =
+        overlay_tests::netns::Background::spawn(&t.b.pod.0, &["iperf3", "-s", "-1", "-p", &port]);
     wait_until(Duration::from_secs(10), "iperf3 server listening", || {
         let out = t.b.pod.exec(&["ss", "-ltn", &format!("sport = :{port}")]);
         String::from_utf8_lossy(&out.stdout).contains(&port)
     });
+    server
 }
 
 /// iperf3 from pod A to pod B (`reverse`: B sends); returns (bytes, bits/s).
 fn iperf(t: &Topology, port: u16, reverse: bool) -> (u64, f64) {
-    start_iperf_server(t, port);
+    let _server = start_iperf_server(t, port);
     let port = port.to_string();
     let target = t.b.pod_ip.to_string();
     let mut args = vec!["iperf3", "-c", &target, "-t", "2", "-p", &port, "-J"];
@@ -700,7 +701,7 @@ fn tcp_with_gso_is_encapsulated_and_decapsulated_in_both_modes() {
 /// A ClusterIP-style DNAT on node A (what kube-proxy installs) towards pod B: the replies
 /// come back as VXLAN from B and must meet node A's conntrack to be un-NATed.
 fn service_dnat_works(t: &mut Topology, port: u16) -> Vec<(&'static str, u64)> {
-    start_iperf_server(t, port);
+    let _server = start_iperf_server(t, port);
     let dnat = t.a.ns.exec(&[
         "iptables",
         "-t",
@@ -800,80 +801,6 @@ fn removed_peer_is_no_longer_reached_and_its_vxlan_is_dropped() {
         "dropped as VXLAN from a non-peer: {after:?}"
     );
     assert_eq!(delta(&before, &after, stat::DECAP_PACKETS), 0, "{after:?}");
-}
-
-/// Per-program cost (needs `kernel.bpf_stats_enabled=1`): average ns per run of each of our
-/// programs attached in node A.
-fn program_costs(t: &mut Topology) -> Vec<(String, u64, f64)> {
-    let hooks = [
-        ("eth0", TcAttachType::Ingress),
-        ("flannel.1", TcAttachType::Egress),
-        ("cni0", TcAttachType::Ingress),
-    ];
-    t.in_a(|_| {
-        hooks
-            .iter()
-            .flat_map(|(ifname, hook)| {
-                SchedClassifier::query_tcx(ifname, *hook)
-                    .expect("query tcx")
-                    .1
-                    .into_iter()
-                    .map(|p| {
-                        let runs = p.run_count();
-                        let ns = p.run_time().as_nanos() as f64 / runs.max(1) as f64;
-                        (p.name_as_str().unwrap_or("?").to_string(), runs, ns)
-                    })
-            })
-            .collect()
-    })
-}
-
-/// Interleaved comparison of plain kernel vxlan (programs detached), the default eBPF mode and
-/// the direct mode, on the same topology. Not a pass/fail test: prints figures.
-/// `cargo test -p overlay-agent --test ebpf_netns bench -- --ignored --nocapture`
-#[test]
-#[ignore = "benchmark: prints throughput figures; run explicitly with --ignored --nocapture"]
-fn bench_kernel_vs_ebpf_modes() {
-    let mut t = Topology::new();
-    let stats_was = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
-        .expect("bpf_stats_enabled")
-        .trim()
-        .to_string();
-    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").expect("enable bpf stats");
-    let mut port = 6000;
-    for round in 0..3 {
-        for mode in [
-            None,
-            Some(DatapathMode::KernelRouted),
-            Some(DatapathMode::Direct),
-        ] {
-            t.dataplane = None;
-            overlay_agent::dataplane::ebpf::remove_pinned(&t.pin.0).expect("unpin");
-            if let Some(mode) = mode {
-                t.settings.mode = mode;
-                let kernel = FlannelDevice {
-                    ns: t.a.ns.0.clone(),
-                    dev: "flannel.1".into(),
-                };
-                t.start_agent(kernel);
-            }
-            port += 2;
-            let (_, tx) = iperf(&t, port, false);
-            let (_, rx) = iperf(&t, port + 1, true);
-            let costs = if mode.is_some() {
-                program_costs(&mut t)
-            } else {
-                Vec::new()
-            };
-            eprintln!(
-                "round {round} {:<14} A->B {:6.2} Gbit/s  B->A {:6.2} Gbit/s  {costs:?}",
-                mode.map_or("kernel-vxlan".to_string(), |m| format!("{m:?}")),
-                tx / 1e9,
-                rx / 1e9
-            );
-        }
-    }
-    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_was);
 }
 
 #[test]

@@ -110,3 +110,38 @@ impl Drop for NetNs {
             .output();
     }
 }
+
+/// A background process inside a namespace, SIGKILLed and reaped on drop. Use it for servers
+/// (iperf3 -s, listeners) instead of their daemon modes, which outlive a failed test.
+#[derive(Debug)]
+pub struct Background {
+    child: std::process::Child,
+}
+
+impl Background {
+    /// Starts `argv` inside the namespace named `netns` with its output discarded.
+    pub fn spawn(netns: &str, argv: &[&str]) -> Background {
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns])
+            .args(argv)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start {argv:?} in {netns}: {err}"));
+        Background { child }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        crate::kill_and_reap(&mut self.child);
+    }
+}
+
+impl NetNs {
+    /// Starts `argv` inside the namespace in the background; stopped when the guard drops.
+    pub fn spawn_background(&self, argv: &[&str]) -> Background {
+        Background::spawn(&self.name, argv)
+    }
+}

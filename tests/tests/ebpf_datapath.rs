@@ -244,10 +244,9 @@ fn service_dnat_replies_meet_conntrack() {
         // br_netfilter on, as kube-proxy requires: the DNAT happens at the bridge, before
         // any TC hook on cni0.
         a.ns.sysctl("net.bridge.bridge-nf-call-iptables", "1");
-        let server = pod_b
+        let _server = pod_b
             .ns
-            .try_run(&["iperf3", "-s", "-D", "-1", "-p", "5201"]);
-        assert!(server.status.success(), "iperf3 server: {server:?}");
+            .spawn_background(&["iperf3", "-s", "-1", "-p", "5201"]);
         wait_until(Duration::from_secs(10), "iperf3 server listening", || {
             let out = pod_b.ns.try_run(&["ss", "-ltn", "sport = :5201"]);
             String::from_utf8_lossy(&out.stdout).contains("5201")

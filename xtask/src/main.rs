@@ -41,6 +41,7 @@ fn main() -> ExitCode {
         Command::Setup(args) => setup::run(&args),
         Command::Test(args) => run_tests::run(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Bench(args) if args.is_internal_tool() => bench::run(args),
         Command::Bench(args) => setup::run(&setup::Args::default()).and_then(|()| bench::run(args)),
     };
     // The error chain only: a backtrace of xtask itself (RUST_BACKTRACE is set for the tests)

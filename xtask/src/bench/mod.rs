@@ -131,6 +131,14 @@ impl Progress {
     }
 }
 
+impl BenchArgs {
+    /// True for the harness's own helper processes (load tools run inside pod namespaces),
+    /// which must not run the machine set-up.
+    pub fn is_internal_tool(&self) -> bool {
+        self.internal.is_some()
+    }
+}
+
 pub fn run(args: BenchArgs) -> Result<()> {
     if let Some(Internal::Tool { tool }) = args.internal {
         return tools::run(tool);
