@@ -180,6 +180,10 @@ impl Datapath {
 
 /// One agent run; returns values in [`defs_for`] order, and what went wrong with lease
 /// changes that never reached the datapath (the other values still stand).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one run needs the node, etcd, the settings and the report sinks"
+)]
 fn one_run(
     node: &Node,
     endpoint: &str,
