@@ -4,10 +4,20 @@
 //! host-gw) are kept apart: the control plane produces [`peer::PeerEvent`]s, and one task owns
 //! the dataplane and applies them through [`dataplane::Dataplane`].
 
+pub mod agent;
+pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod docker_opts;
+pub mod etcd;
+pub mod flags;
+pub mod health;
 pub mod iface;
+pub mod lease;
 pub mod masq;
 pub mod netlink;
+pub mod notify;
 pub mod peer;
 pub mod status;
+pub mod subnet_file;
+pub mod watch;

@@ -23,8 +23,12 @@ pub mod map_names {
 
 /// Program names (the Rust function names in `overlay-ebpf`).
 pub mod program_names {
-    /// TC ingress on the pod bridge: encapsulates pod traffic towards remote subnets.
+    /// TC ingress on the pod bridge: encapsulates pod traffic towards remote subnets (direct
+    /// mode).
     pub const BRIDGE_EGRESS: &str = "overlay_bridge_encap";
+    /// TC egress on the kernel vxlan device (`flannel.<VNI>`): encapsulates what the kernel
+    /// routed there (default mode).
+    pub const VXLAN_EGRESS: &str = "overlay_vxlan_encap";
     /// TC ingress on the uplink: filters and decapsulates VXLAN towards local pods.
     pub const UPLINK_INGRESS: &str = "overlay_uplink_decap";
 }
@@ -89,17 +93,32 @@ pub struct DatapathConfig {
     pub gateway_ip: [u8; 4],
     /// VXLAN network identifier (host byte order, < 2^24).
     pub vni: u32,
-    /// Interface indexes in the node's network namespace.
+    /// Interface indexes in the node's network namespace (0: not present).
     pub uplink_ifindex: u32,
     pub bridge_ifindex: u32,
+    /// The kernel's `flannel.<VNI>` device: decapsulated packets enter the stack through it.
+    pub vxlan_ifindex: u32,
     /// Largest inner IPv4 packet the underlay carries without fragmenting (uplink MTU - 50).
     pub max_inner_len: u32,
-    /// Our VtepMAC (inner source MAC on encap).
+    /// Our VtepMAC (inner source MAC on encap; the kernel device's MAC).
     pub vtep_mac: [u8; 6],
     /// VXLAN UDP destination port, network byte order.
     pub udp_port_be: u16,
+    /// Bit set of [`config_flags`].
+    pub flags: u32,
     /// Nonzero once the agent has written a complete configuration.
     pub enabled: u32,
+}
+
+/// Flags of [`DatapathConfig::flags`].
+pub mod config_flags {
+    /// Direct mode (the bridge program encapsulates). Decap delivers straight to the pod through the bridge (`bpf_redirect_neigh`), skipping
+    /// the node's netfilter/conntrack; replies of flows the Service guard remembered still go
+    /// the kernel way. Only correct when no NAT happens before the bridge's TC hook (e.g.
+    /// br_netfilter off). Without this flag, decapsulated packets enter the stack through the
+    /// kernel vxlan device exactly as if it had decapsulated them (conntrack, iptables and
+    /// rp_filter see what flannel would give them).
+    pub const DECAP_DIRECT: u32 = 1;
 }
 
 /// Key of [`map_names::SERVICE_FLOWS`]: a local pod's endpoint of a flow that left through the
@@ -117,7 +136,9 @@ pub struct FlowKey {
     pub _pad: u8,
 }
 
-/// Indexes of [`map_names::STATS`]. Every packet the programs see bumps exactly one of them.
+/// Indexes of [`map_names::STATS`]. Every packet a program sees bumps exactly one reason
+/// counter (all but the two `*_BYTES` counters, which encap/decap bump alongside their packet
+/// counter).
 pub mod stat {
     /// Encapsulated and sent to a peer.
     pub const ENCAP_PACKETS: u32 = 0;
@@ -130,7 +151,8 @@ pub mod stat {
     pub const PASS_NOT_OURS: u32 = 4;
     /// Passed to the kernel: IP fragment.
     pub const PASS_FRAGMENT: u32 = 5;
-    /// Passed to the kernel: no peer for the destination, or an address the kernel owns.
+    /// Passed to the kernel: no peer for the destination, an address the kernel owns, or the
+    /// device to deliver through is missing.
     pub const PASS_NO_ROUTE: u32 = 6;
     /// Passed to the kernel: larger than the underlay carries (the kernel answers PMTU).
     pub const PASS_TOO_BIG: u32 = 7;
@@ -140,7 +162,8 @@ pub mod stat {
     pub const PASS_UNCONFIGURED: u32 = 9;
     /// Passed to the kernel: TTL would expire.
     pub const PASS_TTL: u32 = 10;
-    /// Passed to the kernel: a helper failed (adjust_room, store, redirect).
+    /// Passed to the kernel untouched: a helper failed before the packet changed
+    /// (adjust_room, redirect).
     pub const PASS_HELPER_ERROR: u32 = 11;
     /// Dropped: VXLAN for us from an underlay address that holds no lease.
     pub const DROP_UNKNOWN_SOURCE: u32 = 12;
@@ -148,8 +171,13 @@ pub mod stat {
     pub const DROP_MALFORMED: u32 = 13;
     /// Passed to the kernel: truncated header on a packet that may not be ours.
     pub const PASS_TRUNCATED: u32 = 14;
+    /// Passed to the kernel: a GRO-merged VXLAN super-packet (its vxlan device decapsulates it).
+    pub const PASS_GSO: u32 = 15;
+    /// Dropped: a helper failed after the packet was already rewritten (half-built headers
+    /// must not reach the kernel).
+    pub const DROP_HELPER_ERROR: u32 = 16;
     /// Number of counters.
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 17;
 
     /// Names for metrics and status, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -168,12 +196,19 @@ pub mod stat {
         "drop_unknown_source",
         "drop_malformed",
         "pass_truncated",
+        "pass_gso",
+        "drop_helper_error",
     ];
+
+    /// Whether a counter counts packets by reason (as opposed to bytes).
+    pub const fn is_reason(index: u32) -> bool {
+        index != ENCAP_BYTES && index != DECAP_BYTES && index < COUNT
+    }
 }
 
 const _: () = assert!(core::mem::size_of::<PeerInfo>() == 16);
 const _: () = assert!(core::mem::size_of::<PeerSource>() == 8);
-const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 44);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 52);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 8);
 
 #[cfg(feature = "user")]

@@ -46,7 +46,8 @@ impl AgentProcess {
 
     pub fn spawn_with_env(netns: &NetNs, args: &[String], env: &[(&str, &str)]) -> AgentProcess {
         let log = NamedTempFile::with_prefix("overlay-agent-log-").expect("agent log file");
-        let mut command = netns.command(agent_binary().to_str().expect("utf-8 path"));
+        // nsenter, not `ip netns exec`: the agent must see the host's bpffs to pin its maps.
+        let mut command = netns.nsenter_command(agent_binary().to_str().expect("utf-8 path"));
         command
             .args(args)
             .env("RUST_LOG", "info,overlay_agent=debug")

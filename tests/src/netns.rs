@@ -37,6 +37,18 @@ impl NetNs {
         command
     }
 
+    /// A command that runs with only its network namespace switched (`nsenter --net`). Unlike
+    /// `ip netns exec`, it keeps the host's mounts: /sys/fs/bpf stays the host's bpffs, so
+    /// pinned BPF objects outlive the process. Use it for the agent.
+    pub fn nsenter_command(&self, program: &str) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/run/netns/{}", self.name))
+            .arg("--")
+            .arg(program);
+        command
+    }
+
     /// Runs `argv` inside the namespace; panics with the output on failure.
     pub fn run(&self, argv: &[&str]) -> Output {
         let mut command = self.command(argv[0]);

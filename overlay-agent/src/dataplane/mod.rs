@@ -12,6 +12,8 @@ use tracing::{error, info, warn};
 
 use crate::peer::{MacAddr6, PeerEvent};
 
+pub mod ebpf;
+
 /// What a dataplane needs to know about this node once its lease is held.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalLease {

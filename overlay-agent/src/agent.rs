@@ -1,0 +1,767 @@
+//! The agent's run loop (`overlay-agent run`):
+//! flags -> etcd -> a valid network config (waiting and saying what is wrong) -> uplink ->
+//! dataplane for the backend -> lease -> datapath programmed -> subnet.env -> READY=1 ->
+//! follow peers and keep the lease. SIGTERM/SIGINT stop the process and leave the lease
+//! and the datapath in place, so a restart interrupts no traffic.
+
+use std::{
+    future::Future,
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use etcd_client::Client;
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{BackendType, NetworkConfig},
+    dataplane::{
+        self, DataplaneCommand, DataplaneError, LeaseAttrs, LocalLease,
+        ebpf::{
+            DatapathMode, EbpfDataplane, EbpfSettings, counters_by_name, read_pinned_stats,
+            remove_pinned,
+        },
+        host_gw::HostGwDataplane,
+        vxlan::VxlanDataplane,
+    },
+    etcd::{self, EtcdError, EtcdOptions},
+    flags::{EbpfMode, Flags},
+    health, iface,
+    lease::{HeldLease, LEASE_TTL, LeaseError, Lessor, format_mac},
+    masq, notify,
+    peer::PeerEvent,
+    status::{AgentStatus, PeerStatus},
+    subnet_file::{SubnetEnv, SubnetFileError},
+    watch::PeerWatcher,
+};
+
+/// How often a missing or invalid config (or an unreachable etcd) is re-checked.
+pub const CONFIG_RECHECK: Duration = Duration::from_secs(2);
+/// How often a failed lease acquisition (e.g. out of subnets) is retried.
+pub const LEASE_RETRY: Duration = Duration::from_secs(5);
+/// How often the ip-masq rules are re-checked (and restored when someone removed them).
+pub const MASQ_RECHECK: Duration = Duration::from_secs(10);
+/// VXLAN over IPv4 costs 50 bytes (outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14).
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    #[error("choosing the uplink interface: {0}")]
+    Iface(#[from] iface::IfaceError),
+    #[error("setting up the {backend} dataplane: {source}")]
+    Dataplane {
+        backend: BackendType,
+        #[source]
+        source: DataplaneError,
+    },
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    #[error(transparent)]
+    SubnetFile(#[from] SubnetFileError),
+    #[error(transparent)]
+    Health(#[from] health::HealthError),
+    #[error("the dataplane task stopped unexpectedly")]
+    DataplaneStopped,
+}
+
+/// Logs a recurring problem once per distinct message instead of on every retry.
+#[derive(Default)]
+pub struct ProblemLog {
+    last: Option<String>,
+}
+
+impl ProblemLog {
+    pub fn report(&mut self, message: String) {
+        if self.last.as_deref() != Some(message.as_str()) {
+            warn!("{message}");
+            self.last = Some(message);
+        }
+    }
+
+    pub fn resolved(&mut self, what: &str) {
+        if self.last.take().is_some() {
+            info!("{what}");
+        }
+    }
+}
+
+/// The pod MTU for subnet.env: the underlay MTU (Backend.MTU or the uplink's) minus the
+/// VXLAN overhead, or unchanged for host-gw.
+pub fn pod_mtu(config: &NetworkConfig, uplink_mtu: u32) -> u32 {
+    let underlay = config.backend.mtu.unwrap_or(uplink_mtu);
+    match config.backend.kind {
+        BackendType::HostGw => underlay,
+        BackendType::Vxlan | BackendType::Ebpf => underlay.saturating_sub(VXLAN_OVERHEAD),
+    }
+}
+
+/// Connects to etcd, retrying (one log line per distinct problem) until it works or
+/// `shutdown` fires (`None`).
+pub async fn connect_etcd_retrying(
+    opts: &EtcdOptions,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Option<Client>, EtcdError> {
+    let mut problems = ProblemLog::default();
+    loop {
+        match etcd::connect(opts).await {
+            Ok(client) => {
+                problems.resolved("connected to etcd");
+                return Ok(Some(client));
+            }
+            // Bad local files or flags do not get better by waiting.
+            Err(
+                err @ (EtcdError::TlsFile { .. }
+                | EtcdError::HalfIdentity { .. }
+                | EtcdError::HalfCredentials
+                | EtcdError::PlainEndpointWithTls { .. }
+                | EtcdError::NoEndpoints),
+            ) => return Err(err),
+            Err(err) => problems.report(format!("{err}; retrying every {CONFIG_RECHECK:?}")),
+        }
+        if wait_or_shutdown(CONFIG_RECHECK, shutdown).await {
+            return Ok(None);
+        }
+    }
+}
+
+/// Sleeps `d`; true when shutdown was requested meanwhile.
+async fn wait_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    if *shutdown.borrow() {
+        return true;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(d) => *shutdown.borrow(),
+        _ = shutdown.changed() => true,
+    }
+}
+
+/// Reads `<prefix>/config` until it holds a valid config. Each distinct problem (absent,
+/// invalid and why, etcd unreachable) is logged once, with how to fix it.
+pub async fn wait_for_config(
+    client: &mut Client,
+    opts: &EtcdOptions,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<NetworkConfig> {
+    let key = opts.config_key();
+    let mut problems = ProblemLog::default();
+    loop {
+        match client.get(key.as_str(), None).await {
+            Ok(resp) => match resp.kvs().first() {
+                None => problems.report(format!(
+                    "no network config at {key} in etcd (v3 API; etcdctl v2's `mk`/`set` write elsewhere): \
+                     write one with `overlay-agent --etcd-prefix={} config set '{}'` \
+                     or `ETCDCTL_API=3 etcdctl put {key} '<json>'`; re-checking every {CONFIG_RECHECK:?}",
+                    opts.prefix,
+                    crate::config::EXAMPLE_CONFIG
+                )),
+                Some(kv) => {
+                    let text = String::from_utf8_lossy(kv.value());
+                    match NetworkConfig::parse_verbose(&text) {
+                        Ok(parsed) => {
+                            problems.resolved("the network config is valid now");
+                            if parsed.backend_defaulted {
+                                info!("the network config has no Backend: using vxlan (flanneld would use udp, which overlay-agent does not implement)");
+                            }
+                            let c = &parsed.config;
+                            info!(
+                                network = %c.network, subnet_len = c.subnet_len, subnet_min = %c.subnet_min,
+                                subnet_max = %c.subnet_max, backend = %c.backend.kind, vni = c.backend.vni,
+                                port = c.backend.port, "network config loaded from {key}"
+                            );
+                            return Some(parsed.config);
+                        }
+                        Err(err) => problems.report(format!(
+                            "the network config at {key} is invalid: {err}; re-checking every {CONFIG_RECHECK:?}"
+                        )),
+                    }
+                }
+            },
+            Err(err) => problems.report(format!(
+                "cannot read {key} from etcd: {}; re-checking every {CONFIG_RECHECK:?}",
+                etcd::describe(&err)
+            )),
+        }
+        if wait_or_shutdown(CONFIG_RECHECK, shutdown).await {
+            return None;
+        }
+    }
+}
+
+/// A dataplane ready to run, with what it publishes in our lease.
+pub struct NodeSetup<D> {
+    pub dataplane: D,
+    pub attrs: LeaseAttrs,
+    /// PublicIP for the lease.
+    pub public_ip: Ipv4Addr,
+    /// FLANNEL_MTU.
+    pub pod_mtu: u32,
+}
+
+/// Everything after the dataplane exists: lease, activation, subnet.env, READY=1, peers,
+/// lease keeping. Generic over the dataplane (tests drive it with a recording one); the
+/// dataplane runs on this task (its futures need not be `Send`).
+pub async fn run_node<D: dataplane::Dataplane>(
+    flags: &Flags,
+    client: Client,
+    config: NetworkConfig,
+    setup: NodeSetup<D>,
+    lease_ttl: Duration,
+    status: watch::Sender<AgentStatus>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), AgentError> {
+    let opts = flags.etcd_options();
+    let (cmd_tx, cmd_rx) = mpsc::channel::<DataplaneCommand>(256);
+    let (dp_ready_tx, dp_ready_rx) = watch::channel(false);
+    let backend = config.backend.kind;
+    let dataplane_task = dataplane::run_dataplane(setup.dataplane, cmd_rx, dp_ready_tx);
+    let control = control_loop(
+        flags,
+        &opts,
+        client,
+        config,
+        setup.attrs,
+        setup.public_ip,
+        setup.pod_mtu,
+        lease_ttl,
+        cmd_tx,
+        dp_ready_rx,
+        status,
+        &mut shutdown,
+    );
+    tokio::select! {
+        result = control => result,
+        () = dataplane_task => {
+            error!(backend = %backend, "the dataplane task ended");
+            Err(AgentError::DataplaneStopped)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn control_loop(
+    flags: &Flags,
+    opts: &EtcdOptions,
+    client: Client,
+    config: NetworkConfig,
+    attrs: LeaseAttrs,
+    public_ip: Ipv4Addr,
+    pod_mtu: u32,
+    lease_ttl: Duration,
+    cmd_tx: mpsc::Sender<DataplaneCommand>,
+    mut dp_ready: watch::Receiver<bool>,
+    status: watch::Sender<AgentStatus>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), AgentError> {
+    status.send_modify(|s| {
+        s.node.public_ip = public_ip.to_string();
+        s.node.vtep_mac = match &attrs {
+            LeaseAttrs::Vxlan { vtep_mac, .. } => Some(format_mac(vtep_mac)),
+            LeaseAttrs::HostGw => None,
+        };
+        s.etcd.connected = true;
+    });
+    // The previous run's subnet, to keep pod addresses stable across restarts.
+    let previous = match SubnetEnv::read(&flags.subnet_file) {
+        Ok(prev) => prev.map(|p| p.subnet),
+        Err(err) => {
+            warn!(error = %err, "ignoring the previous subnet file");
+            None
+        }
+    };
+    let mut lessor = Lessor::new(
+        client.clone(),
+        opts.clone(),
+        config.clone(),
+        public_ip,
+        attrs,
+    )
+    .with_ttl(lease_ttl);
+    let mut problems = ProblemLog::default();
+    let held = loop {
+        match lessor.acquire(previous).await {
+            Ok(held) => {
+                problems.resolved("subnet lease acquired after earlier failures");
+                break held;
+            }
+            Err(err) => problems.report(format!("{err}; retrying every {LEASE_RETRY:?}")),
+        }
+        if wait_or_shutdown(LEASE_RETRY, shutdown).await {
+            return Ok(());
+        }
+    };
+    info!(subnet = %held.subnet, public_ip = %public_ip, "holding subnet lease");
+    let publish_lease = |held: &HeldLease| {
+        let expires =
+            std::time::SystemTime::now() + held.ttl.saturating_sub(held.renewed_at.elapsed());
+        status.send_modify(|s| {
+            s.node.subnet = held.subnet.to_string();
+            s.node.lease_expires_unix = expires
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs());
+        });
+    };
+    publish_lease(&held);
+
+    let local = |held: &HeldLease| LocalLease {
+        subnet: held.subnet,
+        network: config.network,
+        public_ip,
+    };
+    let subnet_env = |held: &HeldLease| SubnetEnv {
+        network: config.network,
+        subnet: held.subnet,
+        mtu: pod_mtu,
+        ipmasq: flags.ip_masq,
+    };
+
+    if cmd_tx
+        .send(DataplaneCommand::Activate(local(&held)))
+        .await
+        .is_err()
+    {
+        return Err(AgentError::DataplaneStopped);
+    }
+    // READY=1 only once the datapath is programmed; it retries failed activations itself.
+    let mut waited = Duration::ZERO;
+    while !*dp_ready.borrow_and_update() {
+        tokio::select! {
+            changed = dp_ready.changed() => if changed.is_err() { return Err(AgentError::DataplaneStopped) },
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {
+                waited += Duration::from_secs(10);
+                warn!(waited = ?waited, "still waiting for the datapath to be programmed for our lease");
+                if cmd_tx.send(DataplaneCommand::Activate(local(&held))).await.is_err() {
+                    return Err(AgentError::DataplaneStopped);
+                }
+            }
+            _ = shutdown.changed() => return Ok(()),
+        }
+    }
+    // flanneld installs its masquerade rules before it writes subnet.env.
+    let start_masq = |subnet| {
+        flags
+            .ip_masq
+            .then(|| tokio::spawn(masq::keep_rules(config.network, subnet, MASQ_RECHECK)))
+    };
+    if flags.ip_masq
+        && let Err(err) = masq::apply(config.network, held.subnet).await
+    {
+        warn!(error = %err, "installing the ip-masq rules failed; retrying every {MASQ_RECHECK:?}");
+    }
+    let mut masq_task = start_masq(held.subnet);
+    subnet_env(&held).write(&flags.subnet_file)?;
+    info!(path = %flags.subnet_file.display(), "wrote the subnet file");
+    notify::ready();
+    status.send_modify(|s| s.ready = true);
+
+    let (held_tx, mut held_rx) = watch::channel(held.clone());
+    let (own_tx, own_rx) = watch::channel(held.subnet);
+    let keeper = tokio::spawn(lessor.keep(held.clone(), flags.renew_margin(), held_tx));
+    // The watcher's events pass through here on their way to the dataplane, to keep the
+    // status's peer list.
+    let (peer_tx, mut peer_rx) = mpsc::channel::<DataplaneCommand>(256);
+    let watcher = tokio::spawn(
+        PeerWatcher::new(
+            client,
+            opts.clone(),
+            config.backend.kind.lease_backend(),
+            own_rx,
+            peer_tx,
+        )
+        .with_status(status.clone())
+        .run(),
+    );
+
+    let result = loop {
+        tokio::select! {
+            changed = held_rx.changed() => {
+                if changed.is_err() {
+                    break Ok(());
+                }
+                let held = held_rx.borrow_and_update().clone();
+                info!(subnet = %held.subnet, "our lease changed; reprogramming and rewriting the subnet file");
+                publish_lease(&held);
+                if cmd_tx.send(DataplaneCommand::Activate(local(&held))).await.is_err() {
+                    break Err(AgentError::DataplaneStopped);
+                }
+                if let Some(task) = masq_task.take() {
+                    task.abort();
+                }
+                masq_task = start_masq(held.subnet);
+                if let Err(err) = subnet_env(&held).write(&flags.subnet_file) {
+                    error!(error = %err, "rewriting the subnet file failed");
+                }
+                own_tx.send_replace(held.subnet);
+            }
+            command = peer_rx.recv() => {
+                let Some(command) = command else { break Ok(()) };
+                if let DataplaneCommand::Peers(event) = &command {
+                    status.send_modify(|s| record_peer_event(s, event));
+                }
+                if cmd_tx.send(command).await.is_err() {
+                    break Err(AgentError::DataplaneStopped);
+                }
+            }
+            _ = shutdown.changed() => break Ok(()),
+        }
+    };
+    keeper.abort();
+    watcher.abort();
+    if let Some(task) = masq_task {
+        task.abort();
+    }
+    result
+}
+
+/// Keeps the status's peer list in step with what the dataplane is told.
+fn record_peer_event(status: &mut AgentStatus, event: &PeerEvent) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let entry = |peer: &crate::peer::Peer, since: u64| PeerStatus {
+        subnet: peer.subnet.to_string(),
+        public_ip: peer.public_ip.to_string(),
+        backend: if peer.vtep_mac.is_some() {
+            "vxlan".into()
+        } else {
+            "host-gw".into()
+        },
+        vtep_mac: peer.vtep_mac.as_ref().map(format_mac),
+        since_unix: since,
+    };
+    match event {
+        PeerEvent::Upsert(peer) => {
+            let key = peer.subnet.to_string();
+            let since = status
+                .peers
+                .iter()
+                .find(|p| p.subnet == key)
+                .map_or(now, |p| p.since_unix);
+            status.peers.retain(|p| p.subnet != key);
+            status.peers.push(entry(peer, since));
+        }
+        PeerEvent::Remove(subnet) => {
+            let key = subnet.to_string();
+            status.peers.retain(|p| p.subnet != key);
+        }
+        PeerEvent::Snapshot(peers) => {
+            let old = std::mem::take(&mut status.peers);
+            status.peers = peers
+                .iter()
+                .map(|peer| {
+                    let key = peer.subnet.to_string();
+                    let since = old
+                        .iter()
+                        .find(|p| p.subnet == key)
+                        .map_or(now, |p| p.since_unix);
+                    entry(peer, since)
+                })
+                .collect();
+        }
+    }
+    status
+        .peers
+        .sort_by_key(|p| p.subnet.parse::<ipnetwork::Ipv4Network>().ok());
+    status.events_applied += 1;
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+pub async fn termination_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(err) => {
+            warn!(error = %err, "cannot listen for SIGTERM; only SIGINT stops the agent");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+    }
+}
+
+/// Turns a future (a signal) into a shutdown watch.
+pub fn shutdown_on<F: Future<Output = ()> + Send + 'static>(signal: F) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        signal.await;
+        tx.send_replace(true);
+        // Keep the sender alive so receivers see `true`, not a closed channel.
+        std::future::pending::<()>().await;
+    });
+    rx
+}
+
+/// `overlay-agent run`.
+pub async fn run(flags: Flags) -> Result<(), AgentError> {
+    let mut shutdown = shutdown_on(termination_signal());
+    let (status_tx, status_rx) = watch::channel(AgentStatus::default());
+    let _health = if flags.healthz_port != 0 {
+        Some(
+            health::serve(
+                SocketAddr::new(flags.healthz_ip, flags.healthz_port),
+                status_rx,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+
+    let opts = flags.etcd_options();
+    let Some(mut client) = connect_etcd_retrying(&opts, &mut shutdown).await? else {
+        return Ok(());
+    };
+    let Some(mut config) = wait_for_config(&mut client, &opts, &mut shutdown).await else {
+        return Ok(());
+    };
+    if let Some(kind) = flags.backend {
+        if kind != config.backend.kind {
+            info!(config = %config.backend.kind, flag = %kind, "--backend overrides the config's Backend.Type");
+        }
+        config.backend.kind = kind;
+    }
+    status_tx.send_modify(|s| s.node.backend = config.backend.kind.to_string());
+
+    let uplink = iface::select_uplink(&flags.iface_options()).await?;
+    info!(
+        uplink = %uplink.name, address = %uplink.address, public_ip = %uplink.public_ip,
+        mtu = uplink.mtu, "selected the uplink"
+    );
+    let mtu = pod_mtu(&config, uplink.mtu);
+    let result = start_backend(&flags, client, config, &uplink, mtu, status_tx, shutdown).await;
+    if result.is_ok() {
+        info!("stopping; the lease, the datapath and subnet.env stay in place for the next start");
+        notify::stopping();
+    }
+    result
+}
+
+/// The dataplane factory: builds the configured backend and runs the node with it.
+///
+/// - `host-gw`: [`HostGwDataplane`] on the uplink;
+/// - `vxlan`: [`VxlanDataplane`] (`flannel.<VNI>` exactly as flanneld programs it);
+/// - `ebpf`: the same kernel device with [`EbpfDataplane`] on top; when the programs cannot
+///   be loaded or attached, the node runs the kernel device alone (a plain flannel vxlan
+///   node, wire-compatible) and says why in the log and the status.
+async fn start_backend(
+    flags: &Flags,
+    client: Client,
+    config: NetworkConfig,
+    uplink: &iface::Uplink,
+    pod_mtu: u32,
+    status: watch::Sender<AgentStatus>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), AgentError> {
+    let kind = config.backend.kind;
+    let setup_err = |source| AgentError::Dataplane {
+        backend: kind,
+        source,
+    };
+    let public_ip = uplink.public_ip;
+    match kind {
+        BackendType::HostGw => {
+            remove_stale_ebpf(&flags.bpf_pin_dir);
+            let (dataplane, attrs) = HostGwDataplane::new(uplink.clone())
+                .await
+                .map_err(setup_err)?;
+            status.send_modify(|s| s.node.active_datapath = "host-gw".into());
+            let setup = NodeSetup {
+                dataplane,
+                attrs,
+                public_ip,
+                pod_mtu,
+            };
+            run_node(flags, client, config, setup, LEASE_TTL, status, shutdown).await
+        }
+        BackendType::Vxlan => {
+            remove_stale_ebpf(&flags.bpf_pin_dir);
+            let (dataplane, attrs) = VxlanDataplane::new(uplink.clone(), &config.backend)
+                .await
+                .map_err(setup_err)?;
+            status.send_modify(|s| s.node.active_datapath = "vxlan".into());
+            let pod_mtu = dataplane.mtu();
+            let setup = NodeSetup {
+                dataplane,
+                attrs,
+                public_ip,
+                pod_mtu,
+            };
+            run_node(flags, client, config, setup, LEASE_TTL, status, shutdown).await
+        }
+        BackendType::Ebpf => {
+            let (kernel, attrs) = VxlanDataplane::new(uplink.clone(), &config.backend)
+                .await
+                .map_err(setup_err)?;
+            let pod_mtu = kernel.mtu();
+            let vtep_mac = match &attrs {
+                LeaseAttrs::Vxlan { vtep_mac, .. } => Some(*vtep_mac),
+                LeaseAttrs::HostGw => None,
+            };
+            let settings = EbpfSettings {
+                pin_dir: flags.bpf_pin_dir.clone(),
+                bridge: flags.bridge.clone(),
+                uplink: uplink.clone(),
+                vni: config.backend.vni,
+                port: config.backend.port,
+                vtep_mac,
+                vxlan_device: kernel.device_name().to_string(),
+                mode: match flags.ebpf_mode {
+                    EbpfMode::KernelRouted => DatapathMode::KernelRouted,
+                    EbpfMode::Direct => DatapathMode::Direct,
+                },
+            };
+            match EbpfDataplane::new(kernel, settings) {
+                Ok(dataplane) => {
+                    status.send_modify(|s| s.node.active_datapath = "ebpf".into());
+                    let stats = tokio::spawn(copy_datapath_counters(
+                        flags.bpf_pin_dir.clone(),
+                        status.clone(),
+                    ));
+                    let setup = NodeSetup {
+                        dataplane,
+                        attrs,
+                        public_ip,
+                        pod_mtu,
+                    };
+                    let result =
+                        run_node(flags, client, config, setup, LEASE_TTL, status, shutdown).await;
+                    stats.abort();
+                    result
+                }
+                Err(unavailable) => {
+                    let reason = unavailable.to_string();
+                    warn!(reason = %reason, "the eBPF datapath cannot run here; this node forwards through the kernel vxlan device alone (a plain flannel vxlan node)");
+                    status.send_modify(|s| {
+                        s.node.active_datapath = "vxlan".into();
+                        s.node.fallback_reason = Some(reason);
+                    });
+                    let setup = NodeSetup {
+                        dataplane: unavailable.kernel,
+                        attrs,
+                        public_ip,
+                        pod_mtu,
+                    };
+                    run_node(flags, client, config, setup, LEASE_TTL, status, shutdown).await
+                }
+            }
+        }
+    }
+}
+
+/// How often the eBPF datapath's counters are copied into the status.
+pub const STATS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Copies the pinned eBPF counters into the status every [`STATS_INTERVAL`].
+async fn copy_datapath_counters(pin_dir: std::path::PathBuf, status: watch::Sender<AgentStatus>) {
+    let mut ticker = tokio::time::interval(STATS_INTERVAL);
+    let mut warned = false;
+    loop {
+        ticker.tick().await;
+        match read_pinned_stats(&pin_dir) {
+            Ok(values) => status.send_modify(|s| s.datapath_counters = counters_by_name(&values)),
+            Err(err) if !warned => {
+                warn!(error = %err, "cannot read the eBPF counters for the status");
+                warned = true;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// A node switched from `ebpf` to `vxlan`/`host-gw` must not keep running the old programs:
+/// unpinning their links detaches them (the kernel path underneath stays).
+fn remove_stale_ebpf(pin_dir: &std::path::Path) {
+    match remove_pinned(pin_dir) {
+        Ok(true) => {
+            info!(pin_dir = %pin_dir.display(), "removed the eBPF datapath of an earlier --backend=ebpf run")
+        }
+        Ok(false) => {}
+        Err(err) => warn!(error = %err, "cannot remove the eBPF datapath of an earlier run"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peer::{MacAddr6, Peer};
+
+    fn config(json: &str) -> NetworkConfig {
+        NetworkConfig::parse(json).expect("valid test config")
+    }
+
+    #[test]
+    fn pod_mtu_subtracts_vxlan_overhead_except_for_host_gw() {
+        let vxlan = config(r#"{"Network":"10.5.0.0/16"}"#);
+        assert_eq!(pod_mtu(&vxlan, 1500), 1450);
+        let mut ebpf = vxlan.clone();
+        ebpf.backend.kind = BackendType::Ebpf;
+        assert_eq!(pod_mtu(&ebpf, 9000), 8950);
+        let jumbo = config(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","MTU":9000}}"#);
+        assert_eq!(
+            pod_mtu(&jumbo, 1500),
+            8950,
+            "Backend.MTU wins over the uplink's"
+        );
+        let host_gw = config(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#);
+        assert_eq!(pod_mtu(&host_gw, 1500), 1500);
+    }
+
+    #[test]
+    fn status_peer_list_follows_events_and_keeps_first_seen_times() {
+        let peer = |n: u8, mac: u8| Peer {
+            subnet: format!("10.5.{n}.0/24").parse().expect("net"),
+            public_ip: Ipv4Addr::new(192, 168, 1, n),
+            vtep_mac: Some(MacAddr6::new(0xc6, 0, 0, 0, 0, mac)),
+        };
+        let mut status = AgentStatus::default();
+        record_peer_event(
+            &mut status,
+            &PeerEvent::Snapshot(vec![peer(3, 3), peer(2, 2)]),
+        );
+        assert_eq!(status.peers.len(), 2);
+        assert_eq!(status.peers[0].subnet, "10.5.2.0/24", "sorted by subnet");
+        status.peers[0].since_unix = 1;
+        record_peer_event(&mut status, &PeerEvent::Upsert(peer(2, 9)));
+        assert_eq!(
+            status.peers[0].vtep_mac.as_deref(),
+            Some("c6:00:00:00:00:09")
+        );
+        assert_eq!(
+            status.peers[0].since_unix, 1,
+            "a changed peer keeps its first-seen time"
+        );
+        record_peer_event(
+            &mut status,
+            &PeerEvent::Remove("10.5.3.0/24".parse().expect("net")),
+        );
+        assert_eq!(status.peers.len(), 1);
+        record_peer_event(
+            &mut status,
+            &PeerEvent::Snapshot(vec![peer(2, 9), peer(4, 4)]),
+        );
+        assert_eq!(
+            status.peers[0].since_unix, 1,
+            "a snapshot keeps known peers' times"
+        );
+        assert_eq!(status.peers.len(), 2);
+        assert_eq!(status.events_applied, 4);
+    }
+
+    #[test]
+    fn problem_log_reports_each_distinct_problem_once() {
+        let mut log = ProblemLog::default();
+        log.report("a".into());
+        assert_eq!(log.last.as_deref(), Some("a"));
+        log.report("a".into());
+        log.report("b".into());
+        assert_eq!(log.last.as_deref(), Some("b"));
+        log.resolved("fine");
+        assert_eq!(log.last, None);
+    }
+}

@@ -1,0 +1,237 @@
+//! The operator subcommands: `config set|show`, `leases`, `lease release`, `status`.
+
+use std::fmt::Write as _;
+
+use etcd_client::Client;
+
+use crate::{
+    config::{ConfigError, NetworkConfig},
+    etcd::{self, EtcdError},
+    flags::{ConfigCommand, Flags, LeaseCommand},
+    lease::{self, LeaseError, format_mac},
+    subnet_file::{SubnetEnv, SubnetFileError},
+};
+
+/// Errors of a subcommand; printed to stderr by main, exit status 1.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("invalid network config: {0}")]
+    Config(#[from] ConfigError),
+    #[error("cannot read {path}: {source}")]
+    ReadFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    #[error(transparent)]
+    SubnetFile(#[from] SubnetFileError),
+    #[error(
+        "no network config at {key}: write one with `overlay-agent config set '<json>'`, e.g. {}",
+        crate::config::EXAMPLE_CONFIG
+    )]
+    NoConfig { key: String },
+    #[error("no lease for {what} under {prefix}/subnets/ (see `overlay-agent leases`)")]
+    NoSuchLease { what: String, prefix: String },
+}
+
+async fn connect(flags: &Flags) -> Result<Client, CliError> {
+    Ok(etcd::connect(&flags.etcd_options()).await?)
+}
+
+/// `config set` / `config show`. Returns what to print on stdout.
+pub async fn config(flags: &Flags, cmd: &ConfigCommand) -> Result<String, CliError> {
+    let opts = flags.etcd_options();
+    let key = opts.config_key();
+    match cmd {
+        ConfigCommand::Set { json, file } => {
+            let text = match (json, file) {
+                (Some(j), _) => j.clone(),
+                (None, Some(path)) => {
+                    std::fs::read_to_string(path).map_err(|source| CliError::ReadFile {
+                        path: path.clone(),
+                        source,
+                    })?
+                }
+                (None, None) => unreachable!("clap requires one of them"),
+            };
+            // Validate before touching etcd: a bad config must never reach the nodes.
+            let parsed = NetworkConfig::parse_verbose(&text)?;
+            let mut client = connect(flags).await?;
+            // Written as given (flanneld nodes may read keys we do not know); printed normalized.
+            client
+                .put(key.as_str(), text.trim(), None)
+                .await
+                .map_err(|e| EtcdError::request(format!("writing {key}"), e))?;
+            let mut out = format!("wrote {key}\n{}\n", parsed.config.to_json());
+            if parsed.backend_defaulted {
+                out.push_str("note: no Backend given; overlay-agent uses vxlan (flanneld would use udp): add \"Backend\": {\"Type\": \"vxlan\"} to be explicit\n");
+            }
+            Ok(out)
+        }
+        ConfigCommand::Show => {
+            let mut client = connect(flags).await?;
+            let resp = client
+                .get(key.as_str(), None)
+                .await
+                .map_err(|e| EtcdError::request(format!("reading {key}"), e))?;
+            let kv = resp
+                .kvs()
+                .first()
+                .ok_or(CliError::NoConfig { key: key.clone() })?;
+            let raw = String::from_utf8_lossy(kv.value()).into_owned();
+            let mut out = format!("{key}: {raw}\n");
+            match NetworkConfig::parse_verbose(&raw) {
+                Ok(parsed) => {
+                    let _ = writeln!(out, "normalized: {}", parsed.config.to_json());
+                }
+                Err(err) => {
+                    let _ = writeln!(out, "INVALID: {err}");
+                }
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// `leases`: one line per key under subnets/.
+pub async fn leases(flags: &Flags) -> Result<String, CliError> {
+    let opts = flags.etcd_options();
+    let mut client = connect(flags).await?;
+    let (leases, _) = lease::list_leases(&mut client, &opts).await?;
+    let mut out = format!(
+        "{:<20} {:<16} {:<8} {:<18} {}\n",
+        "SUBNET", "PUBLIC-IP", "BACKEND", "VTEP-MAC", "EXPIRES-IN"
+    );
+    for l in &leases {
+        let ttl = if l.etcd_lease != 0 {
+            match client.lease_time_to_live(l.etcd_lease, None).await {
+                Ok(r) if r.ttl() >= 0 => format_ttl(r.ttl()),
+                _ => "expired".to_string(),
+            }
+        } else {
+            "never".to_string()
+        };
+        match (&l.subnet, &l.value) {
+            (Some(subnet), Ok(v)) => {
+                let _ = writeln!(
+                    out,
+                    "{:<20} {:<16} {:<8} {:<18} {}",
+                    subnet.to_string(),
+                    v.public_ip.to_string(),
+                    v.backend_type,
+                    v.vtep_mac.as_ref().map_or("-".to_string(), format_mac),
+                    ttl
+                );
+            }
+            (Some(subnet), Err(err)) => {
+                let _ = writeln!(out, "{:<20} (unreadable value: {err})", subnet.to_string());
+            }
+            (None, _) => {
+                let _ = writeln!(out, "{} (not a subnet key; ignored by the agents)", l.key);
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "{} lease(s) under {}",
+        leases.len(),
+        opts.subnets_prefix()
+    );
+    Ok(out)
+}
+
+fn format_ttl(secs: i64) -> String {
+    format!(
+        "{}h{:02}m{:02}s",
+        secs / 3600,
+        (secs % 3600) / 60,
+        secs % 60
+    )
+}
+
+/// `lease release`.
+pub async fn lease(flags: &Flags, cmd: &LeaseCommand) -> Result<String, CliError> {
+    let opts = flags.etcd_options();
+    match cmd {
+        LeaseCommand::Release { subnet, public_ip } => {
+            let mut client = connect(flags).await?;
+            if let Some(ip) = public_ip {
+                let released = lease::release_by_public_ip(&mut client, &opts, *ip).await?;
+                if released.is_empty() {
+                    return Err(CliError::NoSuchLease {
+                        what: format!("PublicIP {ip}"),
+                        prefix: opts.prefix.clone(),
+                    });
+                }
+                let list: Vec<String> = released.iter().map(ToString::to_string).collect();
+                return Ok(format!("released {} (PublicIP {ip})\n", list.join(", ")));
+            }
+            let subnet_arg = subnet
+                .as_deref()
+                .expect("clap requires a subnet or --public-ip");
+            let subnet = lease::parse_subnet_arg(subnet_arg)?;
+            if lease::release(&mut client, &opts, subnet).await? {
+                Ok(format!("released {subnet}\n"))
+            } else {
+                Err(CliError::NoSuchLease {
+                    what: subnet.to_string(),
+                    prefix: opts.prefix.clone(),
+                })
+            }
+        }
+    }
+}
+
+/// `status`: with `--healthz-port`, the running agent's own view (from its `/status`);
+/// always this node's subnet file and whether etcd still holds its lease.
+pub async fn status(flags: &Flags) -> Result<String, CliError> {
+    let mut agent_view = String::new();
+    if flags.healthz_port != 0 {
+        let ip = if flags.healthz_ip.is_unspecified() {
+            std::net::IpAddr::from([127, 0, 0, 1])
+        } else {
+            flags.healthz_ip
+        };
+        let addr = std::net::SocketAddr::new(ip, flags.healthz_port);
+        agent_view = match crate::health::fetch_status(addr).await {
+            Ok(status) => crate::status::render_table(&status),
+            Err(err) => format!("the agent's status endpoint is not answering: {err}\n"),
+        };
+        agent_view.push('\n');
+    }
+    let local = local_status(flags).await?;
+    Ok(format!("{agent_view}{local}"))
+}
+
+async fn local_status(flags: &Flags) -> Result<String, CliError> {
+    let opts = flags.etcd_options();
+    let Some(env) = SubnetEnv::read(&flags.subnet_file)? else {
+        return Ok(format!(
+            "no subnet file at {}: the agent has not acquired a lease on this node yet\n",
+            flags.subnet_file.display()
+        ));
+    };
+    let mut out = format!("{}:\n{}", flags.subnet_file.display(), env.render());
+    let mut client = connect(flags).await?;
+    let key = lease::subnet_key(&opts, env.subnet);
+    let resp = client
+        .get(key.as_str(), None)
+        .await
+        .map_err(|e| EtcdError::request(format!("reading {key}"), e))?;
+    match resp.kvs().first() {
+        Some(kv) => {
+            let _ = writeln!(out, "lease {key}: {}", String::from_utf8_lossy(kv.value()));
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "lease {key}: MISSING (a running agent re-acquires it within seconds)"
+            );
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,272 @@
+//! Watching the other nodes' leases and turning them into [`PeerEvent`]s for the dataplane.
+//!
+//! List `<prefix>/subnets/`, send the result as one [`PeerEvent::Snapshot`], then watch from
+//! the list's revision + 1. On compaction, a broken watch, or a change of our own subnet,
+//! list again and send a new snapshot (the dataplane diffs it; no flood of removals).
+//! Our own subnet and leases of another BackendType are ignored. Unlike flannel, a key or
+//! value that cannot be parsed is skipped with a warning naming the key and never removes
+//! other peers.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use etcd_client::{Client, EventType, WatchOptions};
+use ipnetwork::Ipv4Network;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::{
+    dataplane::DataplaneCommand,
+    etcd::{EtcdOptions, describe},
+    lease::{ListedLease, decode_lease, list_leases, parse_subnet_key_name},
+    peer::{LeaseBackend, Peer, PeerEvent},
+    status::AgentStatus,
+};
+
+/// Follows the peers' leases and feeds the dataplane task.
+pub struct PeerWatcher {
+    client: Client,
+    opts: EtcdOptions,
+    backend: LeaseBackend,
+    own_subnet: watch::Receiver<Ipv4Network>,
+    tx: mpsc::Sender<DataplaneCommand>,
+    /// What the dataplane has been told, by subnet.
+    peers: BTreeMap<Ipv4Network, Peer>,
+    /// Where to report the etcd connection state, if anywhere.
+    status: Option<watch::Sender<AgentStatus>>,
+}
+
+/// Why the watch loop has to list again.
+enum Relist {
+    Stopped,
+    Again,
+}
+
+impl PeerWatcher {
+    /// `backend`: the lease type we speak (others are ignored); `own_subnet`: our lease's
+    /// subnet, updated when the lease is re-acquired elsewhere.
+    pub fn new(
+        client: Client,
+        opts: EtcdOptions,
+        backend: LeaseBackend,
+        own_subnet: watch::Receiver<Ipv4Network>,
+        tx: mpsc::Sender<DataplaneCommand>,
+    ) -> PeerWatcher {
+        PeerWatcher {
+            client,
+            opts,
+            backend,
+            own_subnet,
+            tx,
+            peers: BTreeMap::new(),
+            status: None,
+        }
+    }
+
+    /// Reports the connection state (`etcd.connected`, `etcd.reconnects`) in `status`.
+    pub fn with_status(mut self, status: watch::Sender<AgentStatus>) -> PeerWatcher {
+        self.status = Some(status);
+        self
+    }
+
+    fn report_connected(&self, connected: bool) {
+        if let Some(status) = &self.status {
+            status.send_if_modified(|s| {
+                let was = s.etcd.connected;
+                s.etcd.connected = connected;
+                if was && !connected {
+                    s.etcd.reconnects += 1;
+                }
+                was != connected
+            });
+        }
+    }
+
+    /// Runs until the dataplane channel closes.
+    pub async fn run(mut self) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.list_and_watch().await {
+                Ok(Relist::Stopped) => return,
+                Ok(Relist::Again) => backoff = Duration::from_millis(200),
+                Err(err) => {
+                    self.report_connected(false);
+                    warn!(error = %err, "following peer leases failed; listing again in {backoff:?}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = self.tx.closed() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    // Probe the endpoints again: the one we used may be the one that died.
+                    if self.opts.endpoints.len() > 1
+                        && let Ok(client) = crate::etcd::connect(&self.opts).await
+                    {
+                        self.client = client;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn send(&self, event: PeerEvent) -> bool {
+        self.tx.send(DataplaneCommand::Peers(event)).await.is_ok()
+    }
+
+    /// One cycle: list, send a snapshot, watch until something forces a re-list.
+    async fn list_and_watch(&mut self) -> Result<Relist, String> {
+        let own = *self.own_subnet.borrow_and_update();
+        let (leases, revision) = list_leases(&mut self.client, &self.opts)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.peers = leases
+            .iter()
+            .filter_map(|listed| self.peer_from_listing(listed, own))
+            .map(|p| (p.subnet, p))
+            .collect();
+        info!(peers = self.peers.len(), revision, "peer leases listed");
+        self.report_connected(true);
+        if !self
+            .send(PeerEvent::Snapshot(self.peers.values().cloned().collect()))
+            .await
+        {
+            return Ok(Relist::Stopped);
+        }
+
+        let prefix = self.opts.subnets_prefix();
+        let mut stream = self
+            .client
+            .watch(
+                prefix.as_str(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(revision + 1),
+                ),
+            )
+            .await
+            .map_err(|e| format!("watching {prefix}: {}", describe(&e)))?;
+        loop {
+            tokio::select! {
+                msg = stream.message() => {
+                    let resp = match msg {
+                        Ok(Some(resp)) => resp,
+                        Ok(None) => return Err(format!("the watch on {prefix} ended")),
+                        Err(err) => return Err(format!("the watch on {prefix} broke: {}", describe(&err))),
+                    };
+                    if resp.compact_revision() != 0 {
+                        warn!(compact_revision = resp.compact_revision(), "peer watch fell behind etcd compaction; listing again");
+                        return Ok(Relist::Again);
+                    }
+                    if resp.canceled() {
+                        warn!(reason = resp.cancel_reason(), "etcd canceled the peer watch; listing again");
+                        return Ok(Relist::Again);
+                    }
+                    for ev in resp.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        let key = String::from_utf8_lossy(kv.key()).into_owned();
+                        let Some(event) = self.apply_event(&key, ev.event_type(), kv.value(), own) else {
+                            continue;
+                        };
+                        if !self.send(event).await {
+                            return Ok(Relist::Stopped);
+                        }
+                    }
+                }
+                changed = self.own_subnet.changed() => {
+                    if changed.is_err() {
+                        return Ok(Relist::Stopped);
+                    }
+                    info!(subnet = %*self.own_subnet.borrow(), "our own subnet changed; listing peers again");
+                    return Ok(Relist::Again);
+                }
+                _ = self.tx.closed() => return Ok(Relist::Stopped),
+            }
+        }
+    }
+
+    fn peer_from_listing(&self, listed: &ListedLease, own: Ipv4Network) -> Option<Peer> {
+        let Some(subnet) = listed.subnet else {
+            warn!(key = %listed.key, "skipping a key under subnets/ whose name is not a subnet (expected e.g. 10.5.52.0-24)");
+            return None;
+        };
+        if subnet == own {
+            return None;
+        }
+        let value = match &listed.value {
+            Ok(v) => v,
+            Err(err) => {
+                warn!(key = %listed.key, error = %err, "skipping a lease whose value cannot be parsed");
+                return None;
+            }
+        };
+        match value.to_peer(subnet, self.backend) {
+            Ok(peer) => {
+                if peer.is_none() {
+                    debug!(key = %listed.key, backend = %value.backend_type, "ignoring a lease of another backend type");
+                }
+                peer
+            }
+            Err(err) => {
+                warn!(key = %listed.key, error = %err, "skipping an unusable lease");
+                None
+            }
+        }
+    }
+
+    /// Updates the cache for one watch event and returns what the dataplane must hear.
+    fn apply_event(
+        &mut self,
+        key: &str,
+        kind: EventType,
+        value: &[u8],
+        own: Ipv4Network,
+    ) -> Option<PeerEvent> {
+        let name = key.strip_prefix(&self.opts.subnets_prefix()).unwrap_or(key);
+        let Some(subnet) = parse_subnet_key_name(name) else {
+            warn!(
+                key,
+                "skipping a key under subnets/ whose name is not a subnet (expected e.g. 10.5.52.0-24)"
+            );
+            return None;
+        };
+        if subnet == own {
+            return None;
+        }
+        match kind {
+            EventType::Delete => {
+                let removed = self.peers.remove(&subnet)?;
+                info!(subnet = %subnet, public_ip = %removed.public_ip, "peer lease removed");
+                Some(PeerEvent::Remove(subnet))
+            }
+            EventType::Put => {
+                let value = match decode_lease(value) {
+                    Ok(v) => v,
+                    Err(err) => {
+                        warn!(key, error = %err, "skipping a lease whose value cannot be parsed; keeping what we knew of it");
+                        return None;
+                    }
+                };
+                match value.to_peer(subnet, self.backend) {
+                    Ok(Some(peer)) => {
+                        if self.peers.get(&subnet) == Some(&peer) {
+                            return None;
+                        }
+                        info!(subnet = %subnet, public_ip = %peer.public_ip, "peer lease added or changed");
+                        self.peers.insert(subnet, peer.clone());
+                        Some(PeerEvent::Upsert(peer))
+                    }
+                    Ok(None) => {
+                        // It switched to a backend we do not speak: we can no longer reach it.
+                        debug!(key, backend = %value.backend_type, "ignoring a lease of another backend type");
+                        self.peers
+                            .remove(&subnet)
+                            .map(|_| PeerEvent::Remove(subnet))
+                    }
+                    Err(err) => {
+                        warn!(key, error = %err, "skipping an unusable lease; keeping what we knew of it");
+                        None
+                    }
+                }
+            }
+        }
+    }
+}

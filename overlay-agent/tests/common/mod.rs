@@ -1,0 +1,362 @@
+//! Helpers for the control-plane tests: a real etcd process (plain, TLS or with auth) on
+//! free loopback ports, TLS material made with `openssl`, a recording dataplane, polling.
+//!
+//! etcd itself is the shared fixture `overlay_tests::etcd::EtcdServer`.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use overlay_agent::{
+    dataplane::{Dataplane, DataplaneError, LocalLease},
+    peer::PeerEvent,
+};
+use tokio::sync::mpsc;
+
+/// Paths of TLS material for one test.
+pub struct Tls {
+    pub dir: tempfile::TempDir,
+}
+
+impl Tls {
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn openssl(&self, args: &[&str]) {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn ca(&self, name: &str) {
+        self.openssl(&[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            &format!("{name}.key"),
+        ]);
+        self.openssl(&[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+    }
+
+    fn leaf(&self, name: &str, ca: &str, ext: &str) {
+        self.openssl(&[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            &format!("{name}.key"),
+        ]);
+        self.openssl(&[
+            "req",
+            "-new",
+            "-key",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={name}"),
+        ]);
+        std::fs::write(self.path(&format!("{name}.ext")), ext).expect("write ext");
+        self.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{name}.ext"),
+        ]);
+    }
+
+    /// A CA, a server certificate for 127.0.0.1, a client certificate, and a client
+    /// certificate from another CA (which the server must refuse).
+    pub fn generate() -> Tls {
+        let tls = Tls {
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
+        tls.ca("ca");
+        tls.ca("rogue-ca");
+        tls.leaf(
+            "server",
+            "ca",
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        );
+        tls.leaf(
+            "client",
+            "ca",
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n",
+        );
+        tls.leaf(
+            "rogue-client",
+            "rogue-ca",
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n",
+        );
+        tls
+    }
+}
+
+/// A real etcd (the shared fixture) on free loopback ports; killed on drop.
+pub struct Etcd {
+    server: overlay_tests::etcd::EtcdServer,
+    pub endpoint: String,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        Self::from(overlay_tests::etcd::EtcdServer::start())
+    }
+
+    /// etcd with server TLS and client-certificate authentication.
+    pub fn start_tls(tls: &Tls) -> Etcd {
+        Self::from(overlay_tests::etcd::EtcdServer::start_with(
+            overlay_tests::etcd::EtcdOptions {
+                tls: Some(overlay_tests::etcd::EtcdTls {
+                    ca: tls.path("ca.pem"),
+                    cert: tls.path("server.pem"),
+                    key: tls.path("server.key"),
+                }),
+            },
+        ))
+    }
+
+    fn from(server: overlay_tests::etcd::EtcdServer) -> Etcd {
+        let endpoint = server.endpoint().to_string();
+        Etcd { server, endpoint }
+    }
+
+    pub fn log(&self) -> String {
+        self.server.log()
+    }
+
+    /// Kills etcd and starts it again on the same port and data (blocks until healthy).
+    pub fn restart(&mut self) {
+        tokio::task::block_in_place(|| self.server.restart());
+    }
+}
+
+/// Connects a plain client (retrying while etcd elects itself).
+pub async fn client(endpoint: &str) -> etcd_client::Client {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut c) = etcd_client::Client::connect([endpoint], None).await
+            && c.get("probe", None).await.is_ok()
+        {
+            return c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "etcd at {endpoint} not usable within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls `cond` until true; panics with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What a [`RecordingDataplane`] saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recorded {
+    Activated(LocalLease),
+    Applied(PeerEvent),
+}
+
+/// Everything a [`RecordingDataplane`] was asked to do, in order.
+pub type RecordLog = std::sync::Arc<std::sync::Mutex<Vec<Recorded>>>;
+
+/// A dataplane that records what the control plane asks of it.
+pub struct RecordingDataplane {
+    pub tx: mpsc::UnboundedSender<Recorded>,
+    pub log: RecordLog,
+}
+
+impl RecordingDataplane {
+    pub fn new() -> (RecordingDataplane, mpsc::UnboundedReceiver<Recorded>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            RecordingDataplane {
+                tx,
+                log: RecordLog::default(),
+            },
+            rx,
+        )
+    }
+
+    fn record(&self, r: Recorded) {
+        self.log.lock().unwrap().push(r.clone());
+        let _ = self.tx.send(r);
+    }
+}
+
+impl Dataplane for RecordingDataplane {
+    fn name(&self) -> &'static str {
+        "recording"
+    }
+    async fn activate(&mut self, lease: &LocalLease) -> Result<(), DataplaneError> {
+        self.record(Recorded::Activated(lease.clone()));
+        Ok(())
+    }
+    async fn apply(&mut self, event: &PeerEvent) -> Result<(), DataplaneError> {
+        self.record(Recorded::Applied(event.clone()));
+        Ok(())
+    }
+    async fn maintain(&mut self) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+}
+
+pub fn exists(path: &Path) -> bool {
+    path.exists()
+}
+
+/// A three-member etcd cluster on loopback (for endpoint failover); members killed on drop.
+pub struct EtcdCluster {
+    pub endpoints: Vec<String>,
+    members: Vec<Option<std::process::Child>>,
+    args: Vec<Vec<String>>,
+    dir: tempfile::TempDir,
+}
+
+impl EtcdCluster {
+    pub fn start() -> EtcdCluster {
+        let port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .expect("bind")
+                .local_addr()
+                .expect("addr")
+                .port()
+        };
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (port(), port())).collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let args: Vec<Vec<String>> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (client, peer))| {
+                vec![
+                    format!("--name=m{i}"),
+                    format!("--data-dir={}", dir.path().join(format!("m{i}")).display()),
+                    format!("--listen-client-urls=http://127.0.0.1:{client}"),
+                    format!("--advertise-client-urls=http://127.0.0.1:{client}"),
+                    format!("--listen-peer-urls=http://127.0.0.1:{peer}"),
+                    format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"),
+                    format!("--initial-cluster={}", initial.join(",")),
+                    "--initial-cluster-state=new".to_string(),
+                    "--log-level=warn".to_string(),
+                ]
+            })
+            .collect();
+        let mut cluster = EtcdCluster {
+            endpoints: ports
+                .iter()
+                .map(|(c, _)| format!("http://127.0.0.1:{c}"))
+                .collect(),
+            members: vec![None, None, None],
+            args,
+            dir,
+        };
+        for i in 0..3 {
+            cluster.spawn(i);
+        }
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("m{i}.log")))
+            .expect("log");
+        let child = Command::new("etcd")
+            .args(&self.args[i])
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start etcd member");
+        self.members[i] = Some(child);
+    }
+
+    /// SIGKILLs member `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts member `i` again with its data.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i);
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..3 {
+            self.kill(i);
+        }
+    }
+}

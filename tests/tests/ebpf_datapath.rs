@@ -1,0 +1,297 @@
+//! The eBPF datapath over the real kernel vxlan dataplane, on the shared fixtures: two nodes
+//! joined by a veth underlay, a pod behind `cni0` on each. Node A runs
+//! `EbpfDataplane<VxlanDataplane>`, node B only `VxlanDataplane` (a flannel node). Traffic in
+//! both directions, counted by A's programs, proves wire compatibility with flannel's device;
+//! a kube-proxy-style DNAT proves Service replies still meet conntrack.
+//!
+//! The dataplanes run in-process on a thread that entered node A's namespace, on one
+//! current-thread runtime for the whole scenario (their netlink connections live on it).
+
+use std::{future::Future, time::Duration};
+
+use overlay_agent::{
+    config::{BackendConfig, BackendType},
+    dataplane::{
+        Dataplane, LeaseAttrs, LocalLease,
+        ebpf::{DatapathMode, EbpfDataplane, EbpfSettings},
+        vxlan::VxlanDataplane,
+    },
+    iface::{IfaceOptions, Uplink, select_uplink},
+    peer::{MacAddr6, Peer, PeerEvent},
+};
+use overlay_common::stat;
+use overlay_tests::{
+    netns::NetNs,
+    topology::{Cluster, ClusterOptions, Node, UnderlayKind},
+    wait_until,
+};
+
+const SUBNET_A: &str = "10.5.1.0/24";
+const SUBNET_B: &str = "10.5.2.0/24";
+
+fn backend() -> BackendConfig {
+    BackendConfig {
+        kind: BackendType::Vxlan,
+        vni: 1,
+        port: 8472,
+        mtu: None,
+        gbp: false,
+        learning: false,
+        direct_routing: false,
+    }
+}
+
+fn lease(subnet: &str, node: &Node) -> LocalLease {
+    LocalLease {
+        subnet: subnet.parse().expect("subnet"),
+        network: "10.5.0.0/16".parse().expect("network"),
+        public_ip: node.ip,
+    }
+}
+
+fn vtep_mac(attrs: &LeaseAttrs) -> MacAddr6 {
+    match attrs {
+        LeaseAttrs::Vxlan { vtep_mac, .. } => *vtep_mac,
+        other => panic!("expected vxlan lease attributes, got {other:?}"),
+    }
+}
+
+async fn uplink() -> Uplink {
+    select_uplink(&IfaceOptions {
+        iface: vec!["eth0".to_owned()],
+        ..IfaceOptions::default()
+    })
+    .await
+    .expect("select uplink")
+}
+
+/// Runs `make()`'s future inside `ns` on a fresh current-thread runtime.
+fn run_in<T: Send, F: Future<Output = T>>(ns: &NetNs, make: impl FnOnce() -> F + Send) -> T {
+    ns.enter(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+            .block_on(make())
+    })
+}
+
+fn cluster() -> Cluster {
+    let mut cluster = Cluster::with(ClusterOptions {
+        nodes: 2,
+        underlay: UnderlayKind::DirectVeth,
+        etcd: false,
+        ..ClusterOptions::default()
+    });
+    cluster.nodes[0].add_pod("10.5.1.1/24", 1450);
+    cluster.nodes[1].add_pod("10.5.2.1/24", 1450);
+    cluster
+}
+
+fn delta(before: &[u64], after: &[u64], index: u32) -> u64 {
+    after[index as usize] - before[index as usize]
+}
+
+fn moved(before: &[u64], after: &[u64]) -> Vec<(&'static str, u64)> {
+    (0..stat::COUNT)
+        .filter(|&i| delta(before, after, i) > 0)
+        .map(|i| (stat::NAMES[i as usize], delta(before, after, i)))
+        .collect()
+}
+
+/// Node B as a flannel node that knows A; returns B's VtepMAC.
+fn start_kernel_node_b(cluster: &Cluster, mac_a: MacAddr6) -> MacAddr6 {
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let peer_a = Peer {
+        subnet: SUBNET_A.parse().expect("subnet"),
+        public_ip: a.ip,
+        vtep_mac: Some(mac_a),
+    };
+    let lease_b = lease(SUBNET_B, b);
+    run_in(&b.ns, || async move {
+        let (mut kernel_b, attrs) = VxlanDataplane::new(uplink().await, &backend())
+            .await
+            .expect("node B vxlan dataplane");
+        kernel_b.activate(&lease_b).await.expect("activate B");
+        kernel_b
+            .apply(&PeerEvent::Snapshot(vec![peer_a]))
+            .await
+            .expect("peers B");
+        // Dropping the dataplane leaves the device, neighbours and routes programmed.
+        vtep_mac(&attrs)
+    })
+}
+
+/// Runs `check` with node A on `EbpfDataplane<VxlanDataplane>` in `mode` and node B on
+/// `VxlanDataplane`, both programmed.
+fn with_nodes(
+    mode: DatapathMode,
+    check: impl FnOnce(&Cluster, &mut EbpfDataplane<VxlanDataplane>, &tokio::runtime::Runtime) + Send,
+) {
+    let cluster = cluster();
+    let a = &cluster.nodes[0];
+    let cluster_ref = &cluster;
+    a.ns.enter(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let a = &cluster_ref.nodes[0];
+        let b = &cluster_ref.nodes[1];
+        let uplink_a = rt.block_on(uplink());
+        let (kernel_a, attrs) = rt
+            .block_on(VxlanDataplane::new(uplink_a.clone(), &backend()))
+            .expect("node A vxlan dataplane");
+        let mac_a = vtep_mac(&attrs);
+        let mac_b = start_kernel_node_b(cluster_ref, mac_a);
+        let settings = EbpfSettings {
+            pin_dir: a.pin_dir.clone(),
+            bridge: None,
+            uplink: uplink_a,
+            vni: 1,
+            port: 8472,
+            vtep_mac: Some(mac_a),
+            vxlan_device: kernel_a.device_name().to_owned(),
+            mode,
+        };
+        let mut dp = EbpfDataplane::new(kernel_a, settings)
+            .unwrap_or_else(|unavailable| panic!("{unavailable}"));
+        rt.block_on(dp.activate(&lease(SUBNET_A, a)))
+            .expect("activate A");
+        let peer_b = Peer {
+            subnet: SUBNET_B.parse().expect("subnet"),
+            public_ip: b.ip,
+            vtep_mac: Some(mac_b),
+        };
+        rt.block_on(dp.apply(&PeerEvent::Snapshot(vec![peer_b])))
+            .expect("peers A");
+        check(cluster_ref, &mut dp, &rt);
+    });
+}
+
+fn pings_both_ways_through_the_programs(mode: DatapathMode) {
+    with_nodes(mode, |cluster, dp, _rt| {
+        let (pod_a, pod_b) = (&cluster.nodes[0].pods[0], &cluster.nodes[1].pods[0]);
+        let before = dp.stats().expect("stats");
+        wait_until(Duration::from_secs(20), "pod A reaches pod B", || {
+            pod_a.ping_once(pod_b.ip)
+        });
+        let out = pod_a.ns.try_run(&[
+            "ping",
+            "-c",
+            "5",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            &pod_b.ip.to_string(),
+        ]);
+        assert!(out.status.success(), "{mode:?}: pod A -> pod B: {out:?}");
+        let out = pod_b.ns.try_run(&[
+            "ping",
+            "-c",
+            "5",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            &pod_a.ip.to_string(),
+        ]);
+        assert!(out.status.success(), "{mode:?}: pod B -> pod A: {out:?}");
+        let after = dp.stats().expect("stats");
+        // 5 requests from A and 5 replies to B's requests; 5 replies from B and 5 requests
+        // from B, at least.
+        assert!(
+            delta(&before, &after, stat::ENCAP_PACKETS) >= 10
+                && delta(&before, &after, stat::DECAP_PACKETS) >= 10,
+            "{mode:?}: A's programs carried the traffic: {:?}",
+            moved(&before, &after)
+        );
+        for bad in [
+            stat::PASS_HELPER_ERROR,
+            stat::DROP_HELPER_ERROR,
+            stat::DROP_MALFORMED,
+            stat::DROP_UNKNOWN_SOURCE,
+        ] {
+            assert_eq!(
+                delta(&before, &after, bad),
+                0,
+                "{:?}",
+                moved(&before, &after)
+            );
+        }
+    });
+}
+
+#[test]
+fn ebpf_node_and_flannel_kernel_node_ping_both_ways() {
+    pings_both_ways_through_the_programs(DatapathMode::KernelRouted);
+}
+
+#[test]
+fn ebpf_node_in_direct_mode_and_flannel_kernel_node_ping_both_ways() {
+    pings_both_ways_through_the_programs(DatapathMode::Direct);
+}
+
+#[test]
+fn service_dnat_replies_meet_conntrack() {
+    with_nodes(DatapathMode::KernelRouted, |cluster, dp, _rt| {
+        let (a, pod_a, pod_b) = (
+            &cluster.nodes[0],
+            &cluster.nodes[0].pods[0],
+            &cluster.nodes[1].pods[0],
+        );
+        // br_netfilter on, as kube-proxy requires: the DNAT happens at the bridge, before
+        // any TC hook on cni0.
+        a.ns.sysctl("net.bridge.bridge-nf-call-iptables", "1");
+        let server = pod_b
+            .ns
+            .try_run(&["iperf3", "-s", "-D", "-1", "-p", "5201"]);
+        assert!(server.status.success(), "iperf3 server: {server:?}");
+        wait_until(Duration::from_secs(10), "iperf3 server listening", || {
+            let out = pod_b.ns.try_run(&["ss", "-ltn", "sport = :5201"]);
+            String::from_utf8_lossy(&out.stdout).contains("5201")
+        });
+        a.ns.run(&[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-d",
+            "10.96.0.10",
+            "-p",
+            "tcp",
+            "--dport",
+            "80",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &format!("{}:5201", pod_b.ip),
+        ]);
+        let before = dp.stats().expect("stats");
+        let out = pod_a.ns.try_run(&[
+            "iperf3",
+            "-c",
+            "10.96.0.10",
+            "-p",
+            "80",
+            "-t",
+            "1",
+            "--connect-timeout",
+            "3000",
+        ]);
+        let after = dp.stats().expect("stats");
+        assert!(
+            out.status.success(),
+            "TCP to a DNAT 'Service' backed by the remote pod failed: {out:?}; counters {:?}",
+            moved(&before, &after)
+        );
+        assert!(
+            delta(&before, &after, stat::ENCAP_PACKETS) > 0
+                && delta(&before, &after, stat::DECAP_PACKETS) > 0,
+            "the Service flow crossed the eBPF programs both ways: {:?}",
+            moved(&before, &after)
+        );
+    });
+}
