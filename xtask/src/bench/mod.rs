@@ -101,6 +101,13 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
+impl BenchArgs {
+    /// `bench tool ...`: a load tool the harness runs inside a pod, not a benchmark run.
+    pub fn is_internal(&self) -> bool {
+        self.internal.is_some()
+    }
+}
+
 /// A metric as shown in the report.
 #[derive(Clone, Debug)]
 pub struct MetricDef {
