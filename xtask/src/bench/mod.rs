@@ -232,7 +232,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             &progress,
             &mut errors,
             &mut notes,
-        )?;
+        );
+        measure::remove_tool_exe();
+        let samples = samples?;
         let metrics = report::summarize(
             measure::METRICS,
             &modes,
