@@ -40,8 +40,6 @@ use crate::{
 pub const CONFIG_RECHECK: Duration = Duration::from_secs(2);
 /// How often a failed lease acquisition (e.g. out of subnets) is retried.
 pub const LEASE_RETRY: Duration = Duration::from_secs(5);
-/// How often the ip-masq rules are re-checked (and restored when someone removed them).
-pub const MASQ_RECHECK: Duration = Duration::from_secs(10);
 /// VXLAN over IPv4 costs 50 bytes (outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14).
 pub const VXLAN_OVERHEAD: u32 = 50;
 
@@ -343,14 +341,18 @@ async fn control_loop(
     }
     // flanneld installs its masquerade rules before it writes subnet.env.
     let start_masq = |subnet| {
-        flags
-            .ip_masq
-            .then(|| tokio::spawn(masq::keep_rules(config.network, subnet, MASQ_RECHECK)))
+        flags.ip_masq.then(|| {
+            tokio::spawn(masq::keep_rules(
+                config.network,
+                subnet,
+                flags.iptables_resync(),
+            ))
+        })
     };
     if flags.ip_masq
         && let Err(err) = masq::apply(config.network, held.subnet).await
     {
-        warn!(error = %err, "installing the ip-masq rules failed; retrying every {MASQ_RECHECK:?}");
+        warn!(error = %err, "installing the ip-masq rules failed; retrying every {:?}", flags.iptables_resync());
     }
     let mut masq_task = start_masq(held.subnet);
     subnet_env(&held).write(&flags.subnet_file)?;

@@ -166,6 +166,15 @@ pub struct Flags {
         action = clap::ArgAction::Set
     )]
     pub ip_masq: bool,
+    /// Re-check the --ip-masq rules every this many seconds (restoring them when removed).
+    #[arg(
+        long,
+        global = true,
+        env = "FLANNELD_IPTABLES_RESYNC",
+        default_value_t = 5,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub iptables_resync: u64,
     /// Address for the /healthz and /readyz endpoint.
     #[arg(
         long,
@@ -230,6 +239,11 @@ impl Flags {
             iface_can_reach: self.iface_can_reach,
             public_ip: self.public_ip,
         }
+    }
+
+    /// `--iptables-resync` as a duration.
+    pub fn iptables_resync(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.iptables_resync)
     }
 
     /// `--subnet-lease-renew-margin` as a duration.
@@ -330,6 +344,7 @@ mod tests {
         assert!(!f.ip_masq);
         assert_eq!(f.healthz_ip, IpAddr::from([0, 0, 0, 0]));
         assert_eq!(f.healthz_port, 0);
+        assert_eq!(f.iptables_resync, 5);
         assert_eq!(f.verbosity, 0);
         assert_eq!(f.bpf_pin_dir, PathBuf::from("/sys/fs/bpf/overlay/v1"));
         assert_eq!(f.backend, None);

@@ -85,6 +85,8 @@ fn spawn(spec: &Spec, dir: &Path) -> Child {
         .arg(format!("--initial-advertise-peer-urls={peer}"))
         .arg(format!("--initial-cluster=test={peer}"))
         .arg("--log-level=warn")
+        // etcd speaks sd_notify itself: it must not answer a test's notify socket.
+        .env_remove("NOTIFY_SOCKET")
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("dup log"))
         .stderr(log);

@@ -1,9 +1,9 @@
 //! The real `overlay-agent` binary in node namespaces, started the way the seeds' systemd
 //! units start flanneld (one-dash flags, /kube-centos/network prefix): it leases a subnet,
 //! programs the datapath, writes subnet.env, says READY=1, serves /readyz; pods on two nodes
-//! reach each other; SIGTERM leaves lease, datapath and subnet.env in place (traffic keeps
-//! flowing while the agent is down) and a restart keeps the subnet; a deleted lease comes
-//! back.
+//! reach each other; `docker-opts` and `status` work against it; SIGTERM/SIGINT leave lease,
+//! datapath and subnet.env in place (traffic keeps flowing while the agent is down) and a
+//! restart keeps the subnet; a deleted lease comes back.
 
 use std::{
     os::unix::net::UnixDatagram,
@@ -148,8 +148,10 @@ fn lifecycle(backend: &str) {
         &args0,
         &[("NOTIFY_SOCKET", notify_path.to_str().expect("utf-8"))],
     );
-    let mut agent1 =
-        AgentProcess::spawn_with_env(&cluster.nodes[1].ns, &seeds_args(&cluster, 1, backend), &[]);
+    // Node 1 also masquerades (--ip-masq, one dash as in flanneld units).
+    let mut args1 = seeds_args(&cluster, 1, backend);
+    args1.push("-ip-masq".to_owned());
+    let mut agent1 = AgentProcess::spawn_with_env(&cluster.nodes[1].ns, &args1, &[]);
 
     let mut buf = [0u8; 64];
     let n = notify
@@ -177,6 +179,17 @@ fn lifecycle(backend: &str) {
     wait_until(LONG, "node 1's subnet.env", || {
         cluster.nodes[1].subnet_env().is_some()
     });
+    assert_eq!(
+        cluster.nodes[1].subnet_env().expect("env")["FLANNEL_IPMASQ"],
+        "true"
+    );
+    let rules = cluster.nodes[1]
+        .ns
+        .stdout(&["nft", "list", "table", "ip", "flannel-ipv4"]);
+    assert!(
+        rules.contains("masquerade") && rules.contains("172.30.0.0/16"),
+        "ip-masq rules installed before subnet.env: {rules}"
+    );
 
     let env0 = cluster.nodes[0].subnet_env().expect("env");
     assert_eq!(env0["FLANNEL_NETWORK"], "172.30.0.0/16");
@@ -224,8 +237,38 @@ fn lifecycle(backend: &str) {
         });
     }
 
-    // SIGTERM: a clean exit that leaves lease, datapath and subnet.env in place.
-    agent0.signal(libc::SIGTERM);
+    // The seeds' ExecStartPost: docker options from the subnet file the agent wrote.
+    let docker_file = cluster.nodes[0].dir().join("docker");
+    let out = Command::new(agent_binary())
+        .args([
+            format!("-subnet-file={}", cluster.nodes[0].subnet_file().display()),
+            "docker-opts".to_owned(),
+            "-k".to_owned(),
+            "DOCKER_NETWORK_OPTIONS".to_owned(),
+            "-d".to_owned(),
+            docker_file.display().to_string(),
+        ])
+        .output()
+        .expect("overlay-agent docker-opts");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docker = std::fs::read_to_string(&docker_file).expect("docker options file");
+    assert!(
+        docker.contains(&format!("DOCKER_OPT_BIP=\"--bip={subnet0}\""))
+            && docker.contains(&format!("DOCKER_OPT_MTU=\"--mtu={mtu}\"")),
+        "{docker}"
+    );
+
+    // SIGTERM (SIGINT for host-gw: both stop the agent the same way): a clean exit that
+    // leaves lease, datapath and subnet.env in place.
+    agent0.signal(if backend == "host-gw" {
+        libc::SIGINT
+    } else {
+        libc::SIGTERM
+    });
     assert_eq!(agent0.wait_exit(LONG), Some(0), "log:\n{}", agent0.log());
     assert!(
         cluster.etcd().get(&lease_key(&subnet0)).is_some(),

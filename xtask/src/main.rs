@@ -41,8 +41,7 @@ fn main() -> ExitCode {
         Command::Setup(args) => setup::run(&args),
         Command::Test(args) => run_tests::run(&args),
         Command::Demo(args) => demo::run(&args),
-        // The load tools the harness runs inside pods must start fast and quiet: no set-up.
-        Command::Bench(args) if args.is_internal() => bench::run(args),
+        Command::Bench(args) if args.is_internal_tool() => bench::run(args),
         Command::Bench(args) => setup::run(&setup::Args::default()).and_then(|()| bench::run(args)),
     };
     // The error chain only: a backtrace of xtask itself (RUST_BACKTRACE is set for the tests)

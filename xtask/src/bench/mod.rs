@@ -101,13 +101,6 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
-impl BenchArgs {
-    /// `bench tool ...`: a load tool the harness runs inside a pod, not a benchmark run.
-    pub fn is_internal(&self) -> bool {
-        self.internal.is_some()
-    }
-}
-
 /// A metric as shown in the report.
 #[derive(Clone, Debug)]
 pub struct MetricDef {
@@ -141,6 +134,14 @@ pub struct Progress {
 impl Progress {
     pub fn line(&self, msg: &str) {
         eprintln!("[bench {:>6.1}s] {msg}", self.start.elapsed().as_secs_f64());
+    }
+}
+
+impl BenchArgs {
+    /// True for the harness's own helper processes (load tools run inside pod namespaces),
+    /// which must not run the machine set-up.
+    pub fn is_internal_tool(&self) -> bool {
+        self.internal.is_some()
     }
 }
 
