@@ -87,9 +87,10 @@ extern "C" fn on_sigint(_: libc::c_int) {
     INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
-/// Ctrl-C (or SIGTERM, e.g. from `timeout`) stops the run after the current test (whose tools get the same SIGINT and end) so
-/// that agents, namespaces and etcd are torn down by their guards and partial results are
-/// written; a second Ctrl-C during the teardown is ignored for the same reason.
+/// Ctrl-C (or SIGTERM, e.g. from `timeout`) stops the run after the current test (whose
+/// tools get the same SIGINT and end) so that agents, namespaces and etcd are torn down by
+/// their guards and partial results are written; a second Ctrl-C during the teardown is
+/// ignored for the same reason.
 fn catch_signals() {
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
