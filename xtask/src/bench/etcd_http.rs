@@ -49,6 +49,20 @@ impl EtcdHttp {
         Ok(())
     }
 
+    /// Deletes every key under `prefix`.
+    pub fn delete_prefix(&mut self, prefix: &str) -> Result<()> {
+        // range_end = prefix with its last byte + 1: etcd's "all keys with this prefix".
+        let mut end = prefix.as_bytes().to_vec();
+        let last = end.last_mut().context("empty prefix")?;
+        *last += 1;
+        self.post(
+            "/v3/kv/deleterange",
+            &json!({"key": B64.encode(prefix), "range_end": B64.encode(&end)}),
+        )
+        .with_context(|| format!("etcd delete prefix {prefix}"))?;
+        Ok(())
+    }
+
     /// Writes many keys, up to etcd's transaction limit per request.
     pub fn put_many(&mut self, kvs: &[(String, String)]) -> Result<()> {
         for chunk in kvs.chunks(MAX_TXN_OPS) {

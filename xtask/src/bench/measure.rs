@@ -72,8 +72,33 @@ pub fn in_ns(ns: &str, program: &str) -> Command {
     c
 }
 
+/// A private copy of this binary for the tools: a `cargo build` during a long run replaces
+/// target/debug/xtask, and the tools would then exec a deleted file.
+static TOOL_EXE: std::sync::OnceLock<tempfile::TempPath> = std::sync::OnceLock::new();
+
+fn tool_exe() -> Result<&'static std::path::Path> {
+    if TOOL_EXE.get().is_none() {
+        let exe = std::env::current_exe().context("find the xtask binary to run its tools")?;
+        let copy = tempfile::Builder::new()
+            .prefix("xtask-bench-tools-")
+            .tempfile()
+            .context("temp file for the tools' binary")?
+            .into_temp_path();
+        std::fs::copy(&exe, &copy).with_context(|| format!("copy {}", exe.display()))?;
+        let _ = TOOL_EXE.set(copy);
+    }
+    Ok(TOOL_EXE.get().expect("set above"))
+}
+
+/// Removes the tools' binary copy (a static is never dropped, so its TempPath would not).
+pub fn remove_tool_exe() {
+    if let Some(p) = TOOL_EXE.get() {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
 fn self_tool(ns: &str) -> Result<Command> {
-    let exe = std::env::current_exe().context("find the xtask binary to run its tools")?;
+    let exe = tool_exe()?;
     let mut c = in_ns(ns, &exe.to_string_lossy());
     c.args(["bench", "tool"]);
     Ok(c)

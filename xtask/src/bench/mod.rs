@@ -59,6 +59,10 @@ pub struct BenchArgs {
     /// (default: 400, or 40 with --quick).
     #[arg(long)]
     changes: Option<usize>,
+    /// Control plane: seconds allowed for the lease changes of one run (default: 180, or 30
+    /// with --quick); a slower agent gets fewer changes, said in the report's notes.
+    #[arg(long)]
+    change_budget: Option<u64>,
     /// The agent binary. Default: build it (release; debug with --quick) and use that.
     #[arg(long, env = "OVERLAY_AGENT_BIN")]
     agent_bin: Option<PathBuf>,
@@ -83,12 +87,15 @@ extern "C" fn on_sigint(_: libc::c_int) {
     INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
-/// Ctrl-C stops the run after the current test (whose tools get the same SIGINT and end) so
-/// that agents, namespaces and etcd are torn down by their guards and partial results are
-/// written; a second Ctrl-C during the teardown is ignored for the same reason.
-fn catch_sigint() {
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+/// Ctrl-C (or SIGTERM, e.g. from `timeout`) stops the run after the current test (whose
+/// tools get the same SIGINT and end) so that agents, namespaces and etcd are torn down by
+/// their guards and partial results are written; a second Ctrl-C during the teardown is
+/// ignored for the same reason.
+fn catch_signals() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_sigint as *const () as libc::sighandler_t) };
+    }
 }
 
 pub fn interrupted() -> bool {
@@ -195,7 +202,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let host = Host::probe();
     let mut errors = Vec::new();
     let mut notes = Vec::new();
-    catch_sigint();
+    catch_signals();
     let (settings, metrics) = if args.control_plane {
         let settings = control_plane::Settings {
             peers: args.peers.clone().unwrap_or_else(|| {
@@ -206,9 +213,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 }
             }),
             changes: args.changes.unwrap_or(if args.quick { 40 } else { 400 }),
+            change_budget_secs: args
+                .change_budget
+                .unwrap_or(if args.quick { 30 } else { 180 }),
             rounds,
         };
-        let (defs, samples) = control_plane::run(&settings, &modes, &progress, &mut errors)?;
+        let (defs, samples) =
+            control_plane::run(&settings, &modes, &progress, &mut errors, &mut notes)?;
         let metrics = report::summarize(&defs, &modes, &samples, &[("ebpf", "vxlan")]);
         (serde_json::to_value(&settings)?, metrics)
     } else {
@@ -223,7 +234,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             &progress,
             &mut errors,
             &mut notes,
-        )?;
+        );
+        measure::remove_tool_exe();
+        let samples = samples?;
         let metrics = report::summarize(
             measure::METRICS,
             &modes,
