@@ -140,20 +140,96 @@ fn iperf_client(from: &NetNs, to: Ipv4Addr, extra: &[&str]) -> Command {
     command
 }
 
-/// Sends `BULK_BYTES` over TCP from `from` to `to` (an iperf3 server must run there).
-fn bulk_tcp(from: &Pod, to: Ipv4Addr, what: &str) {
+/// A TCP sink in a pod: reads each connection to its end and appends the byte count to a
+/// file, so a test knows exactly what arrived (iperf3 -n stops once the client has *written*
+/// its bytes and may discard what is still in flight).
+struct Sink {
+    _server: Background,
+    dir: tempfile::TempDir,
+}
+
+const SINK_PORT: u16 = 5202;
+const SINK_PY: &str = r#"
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[2])))
+s.listen(8)
+while True:
+    c, _ = s.accept()
+    n = 0
+    while True:
+        b = c.recv(1 << 20)
+        if not b:
+            break
+        n += len(b)
+    c.close()
+    with open(sys.argv[1], "a") as f:
+        f.write("%d\n" % n)
+"#;
+
+impl Sink {
+    fn start(pod: &Pod) -> Sink {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("received");
+        let port = SINK_PORT.to_string();
+        let server = pod.ns.spawn_background(&[
+            "python3",
+            "-c",
+            SINK_PY,
+            file.to_str().expect("utf-8"),
+            &port,
+        ]);
+        wait_until(LONG, "TCP sink listening", || {
+            pod.ns
+                .stdout(&["ss", "-Hltn", &format!("sport = :{port}")])
+                .contains(&port)
+        });
+        Sink {
+            _server: server,
+            dir,
+        }
+    }
+
+    fn counts(&self) -> Vec<u64> {
+        std::fs::read_to_string(self.dir.path().join("received"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.parse().expect("count"))
+            .collect()
+    }
+}
+
+/// Sends `BULK_BYTES` over one TCP connection from `from` to the [`Sink`] of the pod at `to`
+/// and waits until all of it arrived; returns the byte count.
+fn bulk_tcp(from: &Pod, to: Ipv4Addr, sink: &Sink, what: &str) -> u64 {
     let started = Instant::now();
-    let out = iperf_client(&from.ns, to, &["-n", &BULK_BYTES.to_string()])
+    let done = sink.counts().len();
+    let out = from
+        .ns
+        .command("bash")
+        .arg("-c")
+        .arg(format!(
+            "head -c {BULK_BYTES} /dev/zero > /dev/tcp/{to}/{SINK_PORT}"
+        ))
         .output()
-        .expect("iperf3");
+        .expect("bash");
     assert!(
         out.status.success(),
-        "TCP {what} ({} -> {to}) failed after {:?}: {}{}",
+        "TCP {what} ({} -> {to}) failed after {:?}: {}",
         from.ip,
         started.elapsed(),
-        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    let arrived = try_wait_until(LONG, || sink.counts().len() > done);
+    let counts = sink.counts();
+    assert!(
+        arrived && counts[done] == BULK_BYTES,
+        "TCP {what}: the sink got {:?} of {BULK_BYTES} bytes",
+        counts.get(done)
+    );
+    eprintln!("TCP {what}: {BULK_BYTES} bytes in {:?}", started.elapsed());
+    BULK_BYTES
 }
 
 fn ping_ok(from: &Pod, to: Ipv4Addr, what: &str) {
@@ -226,23 +302,22 @@ fn mixed_ebpf_and_vxlan_nodes_carry_ping_and_tcp_between_every_pair_and_count_it
         "BPF programs on the vxlan node: {tc}"
     );
 
-    let servers: Vec<Background> = (0..3).map(|i| iperf_server(pod(c, i))).collect();
+    let sinks: Vec<Sink> = (0..3).map(|i| Sink::start(pod(c, i))).collect();
     for (from, to) in PAIRS {
         let what = format!("node {} -> node {}", from + 1, to + 1);
         ping_ok(pod(c, from), pod(c, to).ip, &what);
         let before: Vec<Counters> = (0..2).map(|i| counters(c, i)).collect();
-        bulk_tcp(pod(c, from), pod(c, to).ip, &what);
-        // iperf3 may exit with data still in its socket buffer: wait for the counters.
+        let got = bulk_tcp(pod(c, from), pod(c, to).ip, &sinks[to], &what);
+        // The counters are read from another process: wait until they caught up.
         let ok = try_wait_until(LONG, || {
             let after: Vec<Counters> = (0..2).map(|i| counters(c, i)).collect();
             // Every byte leaving an eBPF node is encapsulated by its program.
-            let sender_ok =
-                from >= 2 || after[from].encap_bytes - before[from].encap_bytes >= BULK_BYTES;
+            let sender_ok = from >= 2 || after[from].encap_bytes - before[from].encap_bytes >= got;
             // The receiving eBPF node decapsulates the flow; GRO-merged super-packets are
             // left to the kernel device (pass_gso, see docs/ebpf-datapath.md).
             let receiver_ok = to >= 2
                 || (after[to].decap_packets > before[to].decap_packets
-                    && (after[to].decap_bytes - before[to].decap_bytes >= BULK_BYTES
+                    && (after[to].decap_bytes - before[to].decap_bytes >= got
                         || after[to].pass_gso > before[to].pass_gso));
             // Between eBPF nodes the ACKs are encapsulated by the receiver's program too.
             let acks_ok =
@@ -252,7 +327,7 @@ fn mixed_ebpf_and_vxlan_nodes_carry_ping_and_tcp_between_every_pair_and_count_it
         let after: Vec<Counters> = (0..2).map(|i| counters(c, i)).collect();
         assert!(
             ok,
-            "{what}: eBPF counters do not account for {BULK_BYTES} bytes:\nbefore {before:#?}\nafter {after:#?}"
+            "{what}: eBPF counters do not account for {got} bytes:\nbefore {before:#?}\nafter {after:#?}"
         );
         for i in 0..2 {
             eprintln!(
@@ -264,7 +339,17 @@ fn mixed_ebpf_and_vxlan_nodes_carry_ping_and_tcp_between_every_pair_and_count_it
             );
         }
     }
-    drop(servers);
+    drop(sinks);
+}
+
+/// A statistic of the pod's eth0 on node `node`.
+fn pod_stat(cluster: &Cluster, node: usize, name: &str) -> u64 {
+    pod(cluster, node)
+        .ns
+        .stdout(&["cat", &format!("/sys/class/net/eth0/statistics/{name}")])
+        .trim()
+        .parse()
+        .expect("counter")
 }
 
 fn pod_host_veths(cluster: &Cluster, node: usize) -> Vec<String> {
@@ -323,6 +408,7 @@ fn mtu_sized_packets_and_tcp_without_offloads_cross_ebpf_and_vxlan_nodes() {
         assert!(!out.status.success(), "{what}: {over}-byte DF ping passed");
     }
     let before: Vec<Counters> = (0..2).map(|i| counters(c, i)).collect();
+    let pod_tx_before: Vec<u64> = (0..2).map(|i| pod_stat(c, i, "tx_bytes")).collect();
     for node in 0..3 {
         let ns = &c.nodes[node].ns;
         let mut links = pod_host_veths(c, node);
@@ -336,26 +422,38 @@ fn mtu_sized_packets_and_tcp_without_offloads_cross_ebpf_and_vxlan_nodes() {
             "ethtool", "-K", "eth0", "gso", "off", "tso", "off", "gro", "off",
         ]);
     }
-    let servers: Vec<Background> = (0..3).map(|i| iperf_server(pod(c, i))).collect();
+    let sinks: Vec<Sink> = (0..3).map(|i| Sink::start(pod(c, i))).collect();
+    let (mut sent, mut received) = ([0u64; 3], [0u64; 3]);
     for (from, to) in PAIRS {
-        bulk_tcp(
+        let got = bulk_tcp(
             pod(c, from),
             pod(c, to).ip,
+            &sinks[to],
             &format!("without offloads, node {} -> node {}", from + 1, to + 1),
         );
+        sent[from] += got;
+        received[to] += got;
     }
-    drop(servers);
-    // Without GSO/GRO every segment is MTU-sized and goes through the programs: each eBPF
-    // node sent two transfers and received two (iperf3 may exit before its socket buffer is
-    // drained: wait for the counters).
+    drop(sinks);
+    // Without GSO/GRO every segment is MTU-sized and goes through the programs, both ways
+    // (no pass_gso): each eBPF node encapsulated all it sent and decapsulated all it received.
     let ok = try_wait_until(LONG, || {
         let after: Vec<Counters> = (0..2).map(|i| counters(c, i)).collect();
         (0..2).all(|i| {
-            after[i].encap_bytes - before[i].encap_bytes >= 2 * BULK_BYTES
-                && after[i].decap_bytes - before[i].decap_bytes >= 2 * BULK_BYTES
+            after[i].encap_bytes - before[i].encap_bytes >= sent[i]
+                && after[i].decap_bytes - before[i].decap_bytes >= received[i]
         })
     });
     let after: Vec<Counters> = (0..2).map(|i| counters(c, i)).collect();
+    for i in 0..2 {
+        eprintln!(
+            "node {}: pod tx +{} B, encap +{} B / {} pkts",
+            i + 1,
+            pod_stat(c, i, "tx_bytes") - pod_tx_before[i],
+            after[i].encap_bytes - before[i].encap_bytes,
+            after[i].encap_packets - before[i].encap_packets
+        );
+    }
     assert!(
         ok,
         "eBPF counters do not account for the transfers:\nbefore {before:#?}\nafter {after:#?}"
@@ -655,14 +753,23 @@ fn flanneld_by_hand_interop(backend: &str) {
     let before = (backend == "ebpf").then(|| counters(c, 1));
     ping_ok(pod(c, 1), pod(c, 0).ip, "agent node -> flanneld node");
     ping_ok(pod(c, 0), pod(c, 1).ip, "flanneld node -> agent node");
-    let _server = iperf_server(pod(c, 0));
-    bulk_tcp(pod(c, 1), pod(c, 0).ip, "agent node -> flanneld node");
+    let sink = Sink::start(pod(c, 0));
+    let got = bulk_tcp(
+        pod(c, 1),
+        pod(c, 0).ip,
+        &sink,
+        "agent node -> flanneld node",
+    );
     if let Some(before) = before {
+        let ok = try_wait_until(LONG, || {
+            let after = counters(c, 1);
+            after.encap_bytes - before.encap_bytes >= got
+                && after.decap_packets > before.decap_packets
+        });
         let after = counters(c, 1);
         assert!(
-            after.encap_bytes - before.encap_bytes >= BULK_BYTES
-                && after.decap_packets > before.decap_packets,
-            "the eBPF programs did not carry the traffic: {before:?} -> {after:?}"
+            ok,
+            "the eBPF programs did not carry the traffic ({got} bytes): {before:?} -> {after:?}"
         );
     }
 }
