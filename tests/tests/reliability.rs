@@ -15,6 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aya::programs::{SchedClassifier, TcAttachType};
 use overlay_tests::{
     agent::AgentProcess,
     netns::NetNs,
@@ -176,12 +177,17 @@ fn flannel_objects(ns: &NetNs) -> (usize, usize, usize) {
     (routes, neighs, fdbs)
 }
 
-/// How many TCX attachments of `program` the namespace has (`bpftool net show`).
-fn tcx_attachments(ns: &NetNs, program: &str) -> usize {
-    ns.stdout(&["bpftool", "net", "show"])
-        .lines()
-        .filter(|l| l.contains("tcx/") && l.contains(program))
-        .count()
+/// The names of the programs attached to `ifname`'s TCX hook in `ns` (bpftool 7.1 here does
+/// not list TCX, so ask the kernel directly).
+fn tcx_programs(ns: &NetNs, ifname: &str, attach: TcAttachType) -> Vec<String> {
+    ns.enter(|| {
+        let (_, programs) = SchedClassifier::query_tcx(ifname, attach)
+            .unwrap_or_else(|err| panic!("querying TCX on {ifname}: {err}"));
+        programs
+            .iter()
+            .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+            .collect()
+    })
 }
 
 /// Entries in a pinned map (`bpftool -j map dump pinned`).
@@ -554,18 +560,11 @@ fn kill_and_restart(backend: &str) {
     check("after restart");
     if backend == "ebpf" {
         let ns = setup.ns(0);
-        assert_eq!(
-            tcx_attachments(ns, "overlay_uplink_"),
-            1,
-            "{}",
-            ns.stdout(&["bpftool", "net", "show"])
-        );
-        assert_eq!(
-            tcx_attachments(ns, "overlay_vxlan_e"),
-            1,
-            "{}",
-            ns.stdout(&["bpftool", "net", "show"])
-        );
+        // Program names are cut to 15 bytes by the kernel.
+        let uplink = tcx_programs(ns, "eth0", TcAttachType::Ingress);
+        assert_eq!(uplink, vec!["overlay_uplink_"], "TCX ingress of eth0");
+        let vxlan = tcx_programs(ns, "flannel.1", TcAttachType::Egress);
+        assert_eq!(vxlan, vec!["overlay_vxlan_e"], "TCX egress of flannel.1");
         let pin = &setup.cluster.nodes[0].pin_dir;
         wait_until(LONG, "one PEERS entry per peer", || {
             pinned_map_entries(&pin.join(overlay_common::map_names::PEERS)) == 1
