@@ -170,11 +170,17 @@ pub fn decode_lease(value: &[u8]) -> Result<LeaseValue, LeaseParseError> {
     let obj = v
         .as_object()
         .ok_or_else(|| LeaseParseError("not a JSON object".into()))?;
-    let public_ip = get_ci(obj, "PublicIP")
-        .and_then(Value::as_str)
-        .ok_or_else(|| LeaseParseError("no PublicIP".into()))?
-        .parse::<Ipv4Addr>()
-        .map_err(|e| LeaseParseError(format!("bad PublicIP: {e}")))?;
+    let public_ip = match get_ci(obj, "PublicIP") {
+        None => return Err(LeaseParseError("no PublicIP".into())),
+        Some(Value::String(s)) => s
+            .parse::<Ipv4Addr>()
+            .map_err(|e| LeaseParseError(format!("bad PublicIP {s:?}: {e}")))?,
+        Some(other) => {
+            return Err(LeaseParseError(format!(
+                "PublicIP must be a string like \"192.168.1.2\", not {other}"
+            )));
+        }
+    };
     let backend_type = match get_ci(obj, "BackendType") {
         None => String::new(),
         Some(Value::String(s)) => s.clone(),
@@ -604,6 +610,20 @@ impl Lessor {
     }
 
     /// Whether our key still exists, holds our PublicIP and hangs on our etcd lease.
+    /// Writes our value back on our key, attached to our still-live etcd lease.
+    async fn restore(&mut self, held: &HeldLease) -> Result<(), EtcdError> {
+        let key = subnet_key(&self.opts, held.subnet);
+        self.client
+            .put(
+                key.as_str(),
+                self.value(),
+                Some(PutOptions::new().with_lease(held.etcd_lease)),
+            )
+            .await
+            .map_err(|e| EtcdError::request(format!("writing our lease {key} back"), e))?;
+        Ok(())
+    }
+
     pub async fn still_ours(&mut self, held: &HeldLease) -> Result<bool, EtcdError> {
         let key = subnet_key(&self.opts, held.subnet);
         let resp = self
@@ -661,6 +681,7 @@ impl Lessor {
                 }
             };
             backoff = Duration::from_secs(1);
+            let mut overwritten_by = None;
             while !lost {
                 let renew_in = renew_delay(&held, renew_margin);
                 tokio::select! {
@@ -687,8 +708,14 @@ impl Lessor {
                                     let gone = match ev.event_type() {
                                         EventType::Delete => true,
                                         EventType::Put => ev.kv().is_some_and(|kv| {
+                                            let value = decode_lease(kv.value());
+                                            if let Ok(v) = &value
+                                                && v.public_ip != self.public_ip
+                                            {
+                                                overwritten_by = Some(v.public_ip);
+                                            }
                                             kv.lease() != held.etcd_lease
-                                                || !decode_lease(kv.value()).is_ok_and(|v| v.public_ip == self.public_ip)
+                                                || !value.is_ok_and(|v| v.public_ip == self.public_ip)
                                         }),
                                     };
                                     if gone {
@@ -707,6 +734,20 @@ impl Lessor {
             }
             if !lost {
                 continue;
+            }
+            if let Some(claimed) = overwritten_by {
+                // Another writer put a lease with another PublicIP on our key. Moving to a new
+                // subnet would cut off every pod of this node; the key is ours (our etcd lease
+                // still lives), so we write our value back and say who tried to take it.
+                warn!(key = %key, claimed_public_ip = %claimed, our_public_ip = %self.public_ip,
+                    "another writer put a lease for our subnet with another PublicIP; writing ours back \
+                     (two nodes cannot share a subnet: check the other node's --public-ip or remove its key)");
+                match self.restore(&held).await {
+                    Ok(()) => continue,
+                    Err(err) => {
+                        warn!(key = %key, error = %err, "cannot write our lease back; re-acquiring")
+                    }
+                }
             }
             let old = held.subnet;
             warn!(subnet = %old, "our lease was deleted or expired in etcd; re-acquiring it (flanneld would exit here)");

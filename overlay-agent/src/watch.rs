@@ -95,7 +95,9 @@ impl PeerWatcher {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = self.tx.closed() => return,
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    // Capped at 1 s: leases changed while etcd was away must be applied within ~2 s of
+                    // its return (issue 8), and one list per second is cheap for etcd.
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
                     // Probe the endpoints again: the one we used may be the one that died.
                     if self.opts.endpoints.len() > 1
                         && let Ok(client) = crate::etcd::connect(&self.opts).await
@@ -117,11 +119,14 @@ impl PeerWatcher {
         let (leases, revision) = list_leases(&mut self.client, &self.opts)
             .await
             .map_err(|e| e.to_string())?;
-        self.peers = leases
-            .iter()
-            .filter_map(|listed| self.peer_from_listing(listed, own))
-            .map(|p| (p.subnet, p))
-            .collect();
+        // One at a time: a lease overlapping one accepted before it is skipped.
+        let mut peers = BTreeMap::new();
+        for listed in &leases {
+            if let Some(peer) = self.peer_from_listing(listed, own, &peers) {
+                peers.insert(peer.subnet, peer);
+            }
+        }
+        self.peers = peers;
         info!(peers = self.peers.len(), revision, "peer leases listed");
         self.report_connected(true);
         if !self
@@ -183,7 +188,12 @@ impl PeerWatcher {
         }
     }
 
-    fn peer_from_listing(&self, listed: &ListedLease, own: Ipv4Network) -> Option<Peer> {
+    fn peer_from_listing(
+        &self,
+        listed: &ListedLease,
+        own: Ipv4Network,
+        accepted: &BTreeMap<Ipv4Network, Peer>,
+    ) -> Option<Peer> {
         let Some(subnet) = listed.subnet else {
             warn!(key = %listed.key, "skipping a key under subnets/ whose name is not a subnet (expected e.g. 10.5.52.0-24)");
             return None;
@@ -199,11 +209,16 @@ impl PeerWatcher {
             }
         };
         match value.to_peer(subnet, self.backend) {
-            Ok(peer) => {
-                if peer.is_none() {
-                    debug!(key = %listed.key, backend = %value.backend_type, "ignoring a lease of another backend type");
+            Ok(Some(peer)) => match check_peer(&peer, own, accepted) {
+                Ok(()) => Some(peer),
+                Err(problem) => {
+                    warn!(key = %listed.key, "skipping an unusable lease: {problem}");
+                    None
                 }
-                peer
+            },
+            Ok(None) => {
+                debug!(key = %listed.key, backend = %value.backend_type, "ignoring a lease of another backend type");
+                None
             }
             Err(err) => {
                 warn!(key = %listed.key, error = %err, "skipping an unusable lease");
@@ -229,6 +244,10 @@ impl PeerWatcher {
             return None;
         };
         if subnet == own {
+            // Our own key: the lease keeper (lease.rs) notices foreign writes and answers them.
+            if kind == EventType::Put {
+                debug!(key, "a write on our own lease key");
+            }
             return None;
         }
         match kind {
@@ -247,6 +266,13 @@ impl PeerWatcher {
                 };
                 match value.to_peer(subnet, self.backend) {
                     Ok(Some(peer)) => {
+                        if let Err(problem) = check_peer(&peer, own, &self.peers) {
+                            warn!(
+                                key,
+                                "skipping an unusable lease: {problem}; keeping what we knew of it"
+                            );
+                            return None;
+                        }
                         if self.peers.get(&subnet) == Some(&peer) {
                             return None;
                         }
@@ -268,5 +294,78 @@ impl PeerWatcher {
                 }
             }
         }
+    }
+}
+
+/// Why a peer lease cannot be programmed: its PublicIP is not a unicast address (the FDB
+/// and routes would send our pods' traffic to a broadcast or multicast group, or nowhere), or
+/// its subnet overlaps ours or another peer's (two routes would claim the same pods).
+fn check_peer(
+    peer: &Peer,
+    own: Ipv4Network,
+    peers: &BTreeMap<Ipv4Network, Peer>,
+) -> Result<(), String> {
+    let ip = peer.public_ip;
+    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback() {
+        return Err(format!(
+            "PublicIP {ip} is not a unicast IPv4 address (the node's underlay address is expected)"
+        ));
+    }
+    if peer.subnet.overlaps(own) {
+        return Err(format!(
+            "subnet {} overlaps our own subnet {own}",
+            peer.subnet
+        ));
+    }
+    if let Some(other) = peers
+        .keys()
+        .find(|other| **other != peer.subnet && other.overlaps(peer.subnet))
+    {
+        return Err(format!(
+            "subnet {} overlaps the subnet {other} of another peer",
+            peer.subnet
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(subnet: &str, ip: &str) -> Peer {
+        Peer {
+            subnet: subnet.parse().expect("net"),
+            public_ip: ip.parse().expect("ip"),
+            vtep_mac: None,
+        }
+    }
+
+    #[test]
+    fn check_peer_rejects_non_unicast_ips_and_overlaps() {
+        let own: Ipv4Network = "10.5.1.0/24".parse().expect("net");
+        let mut peers = BTreeMap::new();
+        let good = peer("10.5.2.0/24", "192.168.1.2");
+        assert_eq!(check_peer(&good, own, &peers), Ok(()));
+        peers.insert(good.subnet, good.clone());
+        // The same subnet again (a changed lease) is not an overlap.
+        assert_eq!(
+            check_peer(&peer("10.5.2.0/24", "192.168.1.9"), own, &peers),
+            Ok(())
+        );
+        for ip in ["0.0.0.0", "224.0.0.1", "255.255.255.255", "127.0.0.1"] {
+            let err = check_peer(&peer("10.5.3.0/24", ip), own, &peers).expect_err(ip);
+            assert!(err.contains(ip) && err.contains("unicast"), "{err}");
+        }
+        let err = check_peer(&peer("10.5.0.0/16", "192.168.1.3"), own, &BTreeMap::new())
+            .expect_err("overlaps ours");
+        assert!(err.contains("overlaps our own subnet 10.5.1.0/24"), "{err}");
+        let err = check_peer(
+            &peer("10.5.2.0/23", "192.168.1.3"),
+            "10.5.9.0/24".parse().expect("net"),
+            &peers,
+        )
+        .expect_err("overlaps a peer");
+        assert!(err.contains("overlaps the subnet 10.5.2.0/24"), "{err}");
     }
 }

@@ -6,6 +6,7 @@ mod bench;
 mod demo;
 mod run_tests;
 mod setup;
+mod soak;
 mod util;
 
 use std::process::ExitCode;
@@ -33,6 +34,8 @@ enum Command {
     /// Set up, then benchmark the datapath modes side by side (or, with --control-plane, the
     /// control plane at 1,000 and 10,000 peers) and write a report.
     Bench(bench::BenchArgs),
+    /// Run agents for a while under lease churn and traffic; fail on fd/RSS/datapath leaks.
+    Soak(soak::Args),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +44,7 @@ fn main() -> ExitCode {
         Command::Setup(args) => setup::run(&args),
         Command::Test(args) => run_tests::run(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Soak(args) => soak::run(&args),
         Command::Bench(args) if args.is_internal_tool() => bench::run(args),
         Command::Bench(args) => setup::run(&setup::Args::default()).and_then(|()| bench::run(args)),
     };
