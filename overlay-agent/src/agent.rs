@@ -366,6 +366,11 @@ async fn control_loop(
     // The watcher's events pass through here on their way to the dataplane, to keep the
     // status's peer list.
     let (peer_tx, mut peer_rx) = mpsc::channel::<DataplaneCommand>(256);
+    let config_watcher = tokio::spawn(crate::config_watch::watch_config(
+        client.clone(),
+        opts.clone(),
+        config.clone(),
+    ));
     let watcher = tokio::spawn(
         PeerWatcher::new(
             client,
@@ -413,6 +418,7 @@ async fn control_loop(
     };
     keeper.abort();
     watcher.abort();
+    config_watcher.abort();
     if let Some(task) = masq_task {
         task.abort();
     }

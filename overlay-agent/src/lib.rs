@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod config_watch;
 pub mod dataplane;
 pub mod docker_opts;
 pub mod etcd;

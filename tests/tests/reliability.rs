@@ -669,6 +669,15 @@ fn bad_peer_leases_and_bad_config_are_reported_and_disturb_nothing() {
 
     // An invalid config while running: the running agents carry on.
     etcd.put(&format!("{PREFIX}/config"), "{ this is not json");
+    for agent in &setup.agents {
+        wait_log_line(agent, &["config", "invalid", "keeps running"]);
+    }
+    // A valid but different config: a restart applies it, and the agent says so.
+    etcd.put(
+        &format!("{PREFIX}/config"),
+        r#"{"Network":"10.6.0.0/16","Backend":{"Type":"vxlan"}}"#,
+    );
+    wait_log_line(&setup.agents[0], &["config changed", "restarted"]);
 
     // Nothing else disturbed: the agents run, the good peers stay, node 0 keeps its subnet.
     assert_no_loss(ping);

@@ -1,0 +1,141 @@
+//! Watches `<prefix>/config` while the agent runs. Like flanneld, the agent applies the
+//! network config only at start-up; unlike flanneld, it says so when someone changes it: an
+//! invalid config gets a warning saying what is wrong (and that nothing changed), a valid but
+//! different one a warning that a restart applies it.
+
+use std::time::Duration;
+
+use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use tracing::{debug, info, warn};
+
+use crate::{
+    config::NetworkConfig,
+    etcd::{EtcdOptions, describe},
+};
+
+/// What a change of the config key means for a running agent.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ConfigChange {
+    /// Same config as the running one (e.g. rewritten with other formatting).
+    Unchanged,
+    /// Valid, different: applied at the next start.
+    NeedsRestart,
+    /// Invalid: ignored, with the parser's message.
+    Invalid(String),
+    /// The key was deleted.
+    Deleted,
+}
+
+/// Classifies a new value (`None`: deleted) against the running config.
+pub fn classify(running: &NetworkConfig, new_value: Option<&[u8]>) -> ConfigChange {
+    let Some(bytes) = new_value else {
+        return ConfigChange::Deleted;
+    };
+    let text = String::from_utf8_lossy(bytes);
+    match NetworkConfig::parse(&text) {
+        Ok(config) if &config == running => ConfigChange::Unchanged,
+        Ok(_) => ConfigChange::NeedsRestart,
+        Err(err) => ConfigChange::Invalid(err.to_string()),
+    }
+}
+
+fn report(key: &str, change: &ConfigChange) {
+    match change {
+        ConfigChange::Unchanged => debug!(%key, "network config rewritten without changes"),
+        ConfigChange::NeedsRestart => warn!(
+            %key,
+            "the network config changed; this agent keeps the config it started with until it is restarted (as flanneld does)"
+        ),
+        ConfigChange::Invalid(reason) => warn!(
+            %key,
+            %reason,
+            "the network config was changed to an invalid one; ignored, this agent keeps running with the config it started with"
+        ),
+        ConfigChange::Deleted => warn!(
+            %key,
+            "the network config was deleted; this agent keeps running with the config it started with, but agents starting now will wait for one"
+        ),
+    }
+}
+
+/// Runs until aborted; reconnects (re-reading the key first, so nothing is missed) on error.
+pub async fn watch_config(client: Client, opts: EtcdOptions, running: NetworkConfig) {
+    let key = opts.config_key();
+    let mut client = client;
+    let mut last = None;
+    loop {
+        if let Err(err) = watch_once(&mut client, &key, &running, &mut last).await {
+            debug!(%key, error = %err, "config watch interrupted; retrying in 1 s");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn watch_once(
+    client: &mut Client,
+    key: &str,
+    running: &NetworkConfig,
+    last: &mut Option<ConfigChange>,
+) -> Result<(), String> {
+    let current = client
+        .get(key, Some(GetOptions::new()))
+        .await
+        .map_err(|e| format!("reading {key}: {}", describe(&e)))?;
+    let revision = current.header().map(|h| h.revision()).unwrap_or(0);
+    let change = classify(running, current.kvs().first().map(|kv| kv.value()));
+    // Report what happened while we were not watching, once.
+    if last.as_ref() != Some(&change) {
+        if last.is_some() || change != ConfigChange::Unchanged {
+            report(key, &change);
+        }
+        *last = Some(change);
+    }
+    let mut stream = client
+        .watch(
+            key,
+            Some(WatchOptions::new().with_start_revision(revision + 1)),
+        )
+        .await
+        .map_err(|e| format!("watching {key}: {}", describe(&e)))?;
+    info!(%key, "watching the network config for changes");
+    loop {
+        let response = stream
+            .message()
+            .await
+            .map_err(|e| format!("the watch on {key} broke: {}", describe(&e)))?
+            .ok_or_else(|| format!("the watch on {key} ended"))?;
+        if response.canceled() || response.compact_revision() != 0 {
+            return Err(format!("the watch on {key} was canceled or compacted"));
+        }
+        for event in response.events() {
+            let value = match event.event_type() {
+                EventType::Put => event.kv().map(|kv| kv.value()),
+                EventType::Delete => None,
+            };
+            let change = classify(running, value);
+            report(key, &change);
+            *last = Some(change);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_config_changes() {
+        let running =
+            NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#)
+                .expect("valid");
+        let same = br#"{"network": "10.5.0.0/16", "backend": {"type": "vxlan"}}"#;
+        assert_eq!(classify(&running, Some(same)), ConfigChange::Unchanged);
+        let other = br#"{"Network":"10.6.0.0/16","Backend":{"Type":"vxlan"}}"#;
+        assert_eq!(classify(&running, Some(other)), ConfigChange::NeedsRestart);
+        assert!(matches!(
+            classify(&running, Some(b"{not json")),
+            ConfigChange::Invalid(_)
+        ));
+        assert_eq!(classify(&running, None), ConfigChange::Deleted);
+    }
+}
