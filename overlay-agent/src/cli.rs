@@ -188,8 +188,9 @@ pub async fn lease(flags: &Flags, cmd: &LeaseCommand) -> Result<String, CliError
 
 /// `status`: with `--healthz-port`, the running agent's own view (from its `/status`);
 /// always this node's subnet file and whether etcd still holds its lease.
-pub async fn status(flags: &Flags) -> Result<String, CliError> {
-    let mut agent_view = String::new();
+pub async fn status(flags: &Flags, args: &crate::flags::StatusArgs) -> Result<String, CliError> {
+    let mut agent_view = None;
+    let mut unreachable = None;
     if flags.healthz_port != 0 {
         let ip = if flags.healthz_ip.is_unspecified() {
             std::net::IpAddr::from([127, 0, 0, 1])
@@ -197,14 +198,80 @@ pub async fn status(flags: &Flags) -> Result<String, CliError> {
             flags.healthz_ip
         };
         let addr = std::net::SocketAddr::new(ip, flags.healthz_port);
-        agent_view = match crate::health::fetch_status(addr).await {
-            Ok(status) => crate::status::render_table(&status),
-            Err(err) => format!("the agent's status endpoint is not answering: {err}\n"),
-        };
-        agent_view.push('\n');
+        match crate::health::fetch_status(addr).await {
+            Ok(status) => agent_view = Some(status),
+            Err(err) => {
+                unreachable = Some(format!(
+                    "the agent's status endpoint is not answering: {err}"
+                ))
+            }
+        }
     }
-    let local = local_status(flags).await?;
-    Ok(format!("{agent_view}{local}"))
+    if args.json {
+        // The running agent's view when it answers; else what etcd and the pinned maps say.
+        let status = match agent_view {
+            Some(status) => status,
+            None => offline_status(flags).await?,
+        };
+        return Ok(serde_json::to_string_pretty(&status).unwrap_or_default() + "\n");
+    }
+    let mut out = String::new();
+    match (agent_view, unreachable) {
+        (Some(status), _) => out.push_str(&crate::status::render_table(&status)),
+        (None, reason) => {
+            if let Some(reason) = reason {
+                let _ = writeln!(out, "{reason}");
+            }
+            let _ = writeln!(
+                out,
+                "(agent not answering: state read from etcd and the pinned maps)"
+            );
+            out.push_str(&crate::status::render_table(&offline_status(flags).await?));
+        }
+    }
+    out.push('\n');
+    out.push_str(&local_status(flags).await?);
+    Ok(out)
+}
+
+/// The node's status without the agent: lease from the subnet file and etcd, peers from
+/// etcd, counters from the pinned BPF maps (if this node ran the eBPF datapath).
+async fn offline_status(flags: &Flags) -> Result<crate::status::AgentStatus, CliError> {
+    use crate::status::{AgentStatus, PeerStatus};
+    let opts = flags.etcd_options();
+    let mut status = AgentStatus::default();
+    status.node.backend = flags
+        .backend
+        .map(|b| b.as_str().to_owned())
+        .unwrap_or_default();
+    let own = SubnetEnv::read(&flags.subnet_file)?.map(|env| env.subnet);
+    let mut client = connect(flags).await?;
+    status.etcd.connected = true;
+    let (leases, _) = lease::list_leases(&mut client, &opts).await?;
+    for listed in leases {
+        let (Some(subnet), Ok(value)) = (listed.subnet, listed.value) else {
+            continue;
+        };
+        if Some(subnet) == own {
+            status.node.subnet = subnet.to_string();
+            status.node.public_ip = value.public_ip.to_string();
+            status.node.vtep_mac = value.vtep_mac.as_ref().map(lease::format_mac);
+            continue;
+        }
+        status.peers.push(PeerStatus {
+            subnet: subnet.to_string(),
+            public_ip: value.public_ip.to_string(),
+            backend: value.backend_type.clone(),
+            vtep_mac: value.vtep_mac.as_ref().map(lease::format_mac),
+            since_unix: 0,
+        });
+    }
+    status.peers.sort_by(|a, b| a.subnet.cmp(&b.subnet));
+    if let Ok(stats) = crate::dataplane::ebpf::read_pinned_stats(&flags.bpf_pin_dir) {
+        status.datapath_counters = crate::dataplane::ebpf::counters_by_name(&stats);
+        status.node.active_datapath = "ebpf".to_owned();
+    }
+    Ok(status)
 }
 
 async fn local_status(flags: &Flags) -> Result<String, CliError> {

@@ -53,10 +53,18 @@ pub enum Command {
     /// Manage one lease.
     #[command(subcommand)]
     Lease(LeaseCommand),
-    /// Show this node's lease and subnet file.
-    Status,
+    /// Show this node's lease, backend, peers and datapath counters: from the running agent
+    /// (its health port) when it answers, else from the subnet file, etcd and the pinned maps.
+    Status(StatusArgs),
     /// Write docker options from the subnet file (like flannel's mk-docker-opts.sh).
     DockerOpts(crate::docker_opts::Args),
+}
+
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct StatusArgs {
+    /// Print the status as JSON (the same document as the agent's /status endpoint).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -47,7 +47,7 @@ fn main() -> ExitCode {
             Some(Command::Config(cmd)) => Some(cli::config(&flags, &cmd).await?),
             Some(Command::Leases) => Some(cli::leases(&flags).await?),
             Some(Command::Lease(cmd)) => Some(cli::lease(&flags, &cmd).await?),
-            Some(Command::Status) => Some(cli::status(&flags).await?),
+            Some(Command::Status(args)) => Some(cli::status(&flags, &args).await?),
             Some(Command::DockerOpts(args)) => {
                 docker_opts::run(&args, &flags.subnet_file)?;
                 None
