@@ -200,7 +200,38 @@ impl RouteMonitor {
                 }
             }
         });
-        Ok(Self { child, lines: rx })
+        let monitor = Self { child, lines: rx };
+        monitor.wait_until_listening(ns)?;
+        Ok(monitor)
+    }
+
+    /// `ip monitor` subscribes some time after it starts: a change made before then would be
+    /// missed and counted as lost. Add and remove a blackhole route (TEST-NET-2, no device)
+    /// until the monitor reports it.
+    fn wait_until_listening(&self, ns: &str) -> Result<()> {
+        const PROBE: &str = "198.51.100.1";
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let _ = Command::new("ip")
+                .args(["-n", ns, "route", "replace", "blackhole", PROBE])
+                .status();
+            let seen = loop {
+                match self.lines.recv_timeout(Duration::from_millis(200)) {
+                    Ok((_, line)) if line.contains(PROBE) => break true,
+                    Ok(_) => {}
+                    Err(_) => break false,
+                }
+            };
+            let _ = Command::new("ip")
+                .args(["-n", ns, "route", "del", "blackhole", PROBE])
+                .status();
+            if seen {
+                std::thread::sleep(Duration::from_millis(50));
+                self.drain();
+                return Ok(());
+            }
+        }
+        bail!("ip monitor route in {ns} reported nothing for 10 s")
     }
 
     /// Drops lines already read (events of earlier changes).
