@@ -2,7 +2,7 @@
 //! the uplink. It needs all nodes on one L2 segment, and the PublicIP must be the uplink's own
 //! address (behind NAT the peers could not reach it as a gateway).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
@@ -143,13 +143,7 @@ impl HostGwDataplane {
                 errors.push(err);
             }
         }
-        let wanted: HashSet<Ipv4Network> = peers.iter().map(|peer| peer.subnet).collect();
-        let gone: Vec<Ipv4Network> = self
-            .peers
-            .keys()
-            .filter(|s| !wanted.contains(s))
-            .copied()
-            .collect();
+        let gone = super::stale_subnets(self.peers.keys(), peers);
         for subnet in gone {
             if let Err(err) = self.remove(subnet).await {
                 errors.push(err);

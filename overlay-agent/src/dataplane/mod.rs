@@ -64,6 +64,20 @@ pub trait Dataplane {
     async fn maintain(&mut self) -> Result<(), DataplaneError>;
 }
 
+/// The subnets a dataplane holds that a snapshot no longer lists: the "sweep" half of
+/// mark-and-sweep, shared by the backends.
+pub fn stale_subnets<'a>(
+    held: impl IntoIterator<Item = &'a Ipv4Network>,
+    snapshot: &[crate::peer::Peer],
+) -> Vec<Ipv4Network> {
+    let wanted: std::collections::HashSet<Ipv4Network> =
+        snapshot.iter().map(|peer| peer.subnet).collect();
+    held.into_iter()
+        .filter(|subnet| !wanted.contains(subnet))
+        .copied()
+        .collect()
+}
+
 /// Commands for the dataplane task.
 #[derive(Debug)]
 pub enum DataplaneCommand {

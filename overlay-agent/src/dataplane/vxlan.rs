@@ -508,13 +508,7 @@ impl VxlanDataplane {
                 errors.push(err);
             }
         }
-        let wanted: HashSet<Ipv4Network> = peers.iter().map(|peer| peer.subnet).collect();
-        let gone: Vec<Ipv4Network> = self
-            .peers
-            .keys()
-            .filter(|subnet| !wanted.contains(subnet))
-            .copied()
-            .collect();
+        let gone = super::stale_subnets(self.peers.keys(), peers);
         for subnet in gone {
             if let Err(err) = self.remove(subnet).await {
                 errors.push(err);
