@@ -523,22 +523,35 @@ impl Netlink {
 
     // ----------------------------------------------------------- neighbours
 
-    /// IPv4 neighbours of one link.
-    pub async fn neighbours(&self, index: u32) -> Result<Vec<Neighbour>, NetlinkError> {
+    /// Neighbour-table entries of `family` (Inet: ARP; Bridge: FDB) on link `index`.
+    async fn neighbour_dump(
+        &self,
+        family: AddressFamily,
+        index: u32,
+        what: &'static str,
+    ) -> Result<Vec<NeighbourMessage>, NetlinkError> {
         let messages: Vec<NeighbourMessage> = self
             .handle
             .neighbours()
             .get()
-            .set_address_family(AddressFamily::Inet)
+            .set_address_family(family)
             .execute()
             .try_collect()
             .await
-            .map_err(NetlinkError::request("listing neighbours"))?;
+            .map_err(NetlinkError::request(what))?;
+        Ok(messages
+            .into_iter()
+            .filter(|message| message.header.family == family && message.header.ifindex == index)
+            .collect())
+    }
+
+    /// IPv4 neighbours of one link.
+    pub async fn neighbours(&self, index: u32) -> Result<Vec<Neighbour>, NetlinkError> {
+        let messages = self
+            .neighbour_dump(AddressFamily::Inet, index, "listing neighbours")
+            .await?;
         Ok(messages
             .iter()
-            .filter(|message| {
-                message.header.family == AddressFamily::Inet && message.header.ifindex == index
-            })
             .filter_map(|message| {
                 let ip = message
                     .attributes
@@ -602,20 +615,11 @@ impl Netlink {
 
     /// Bridge FDB entries of one device (`bridge fdb show dev DEV`).
     pub async fn fdb_entries(&self, index: u32) -> Result<Vec<FdbEntry>, NetlinkError> {
-        let messages: Vec<NeighbourMessage> = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Bridge)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(NetlinkError::request("listing bridge FDB entries"))?;
+        let messages = self
+            .neighbour_dump(AddressFamily::Bridge, index, "listing bridge FDB entries")
+            .await?;
         Ok(messages
             .iter()
-            .filter(|message| {
-                message.header.family == AddressFamily::Bridge && message.header.ifindex == index
-            })
             .filter_map(|message| {
                 Some(FdbEntry {
                     index,
