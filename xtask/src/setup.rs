@@ -20,29 +20,53 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Oldest kernel with TCX links, which aya 0.14 uses for TC programs.
 const MIN_KERNEL: (u32, u32) = (6, 6);
 
-/// Debian packages and, for each, a program it installs: a package counts as present when
-/// dpkg says so or when its program is on PATH (tools installed some other way are fine).
-const PACKAGES: &[(&str, &str, &str)] = &[
-    ("etcd-server", "etcd", "a real etcd for tests and the demo"),
-    (
-        "etcd-client",
-        "etcdctl",
-        "etcdctl for fixtures and `overlay-agent config`",
+/// What shows that a package's content is on the machine, installed by dpkg or otherwise.
+#[derive(Clone, Copy)]
+enum Provides {
+    /// A program on PATH.
+    Program(&'static str),
+    /// A file that is not a program (headers, data files).
+    File(&'static str),
+}
+
+impl Provides {
+    fn present(self) -> bool {
+        match self {
+            Self::Program(program) => util::which(program).is_some(),
+            Self::File(path) => Path::new(path).exists(),
+        }
+    }
+}
+
+/// The well-known proto files protoc resolves `import "google/protobuf/...";` against.
+/// `protobuf-compiler` alone does not ship them (they come with `libprotobuf-dev`, a
+/// recommendation that `--no-install-recommends` leaves out), and etcd-client's build script
+/// imports them.
+const WELL_KNOWN_PROTOS: &str = "/usr/include/google/protobuf/descriptor.proto";
+
+/// Debian packages and, for each, something it installs: a package counts as present when
+/// dpkg says so or when that program or file is there (tools installed some other way are
+/// fine).
+const PACKAGES: &[(&str, Provides, &str)] = &[
+    ("etcd-server", Provides::Program("etcd"), "a real etcd for tests and the demo"),
+    ("etcd-client", Provides::Program("etcdctl"), "etcdctl for fixtures and `overlay-agent config`",
     ),
-    ("protobuf-compiler", "protoc", "etcd-client's build script"),
-    ("iproute2", "ip", "namespaces, links, routes"),
-    ("iputils-ping", "ping", "reachability checks"),
-    ("ethtool", "ethtool", "offload settings on veths"),
-    ("bpftool", "bpftool", "inspecting loaded programs and maps"),
-    ("iperf3", "iperf3", "throughput benchmarks"),
-    ("sockperf", "sockperf", "latency benchmarks"),
-    ("openssl", "openssl", "certificates for etcd mTLS tests"),
-    ("iptables", "iptables", "--ip-masq rules (iptables mode)"),
-    ("nftables", "nft", "--ip-masq rules (nftables mode)"),
+    ("protobuf-compiler", Provides::Program("protoc"), "etcd-client's build script"),
     (
-        "systemd",
-        "systemd-analyze",
-        "`systemd-analyze verify` of deploy/overlay-agent.service",
+        "libprotobuf-dev",
+        Provides::File(WELL_KNOWN_PROTOS),
+        "the google/protobuf/*.proto files etcd-client's protos import",
+    ),
+    ("iproute2", Provides::Program("ip"), "namespaces, links, routes"),
+    ("iputils-ping", Provides::Program("ping"), "reachability checks"),
+    ("ethtool", Provides::Program("ethtool"), "offload settings on veths"),
+    ("bpftool", Provides::Program("bpftool"), "inspecting loaded programs and maps"),
+    ("iperf3", Provides::Program("iperf3"), "throughput benchmarks"),
+    ("sockperf", Provides::Program("sockperf"), "latency benchmarks"),
+    ("openssl", Provides::Program("openssl"), "certificates for etcd mTLS tests"),
+    ("iptables", Provides::Program("iptables"), "--ip-masq rules (iptables mode)"),
+    ("nftables", Provides::Program("nft"), "--ip-masq rules (nftables mode)"),
+    ("systemd", Provides::Program("systemd-analyze"), "`systemd-analyze verify` of deploy/overlay-agent.service",
     ),
 ];
 
@@ -66,6 +90,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     check_kernel()?;
     let mut missing = Vec::new();
     packages(args.check, &mut missing)?;
+    protoc_imports(args.check, &mut missing)?;
     bpffs(args.check, &mut missing)?;
     rust_src(args.check, &mut missing)?;
     bpf_linker(args.check, &mut missing)?;
@@ -127,8 +152,8 @@ fn packages(check_only: bool, missing_out: &mut Vec<String>) -> anyhow::Result<(
     step("checking Debian packages");
     let missing: Vec<&str> = PACKAGES
         .iter()
-        .filter(|(package, program, why)| {
-            let present = util::which(program).is_some() || dpkg_installed(package);
+        .filter(|(package, provides, why)| {
+            let present = provides.present() || dpkg_installed(package);
             if present {
                 note(&format!("{package}: already installed"));
             } else {
@@ -173,7 +198,7 @@ fn packages(check_only: bool, missing_out: &mut Vec<String>) -> anyhow::Result<(
     .with_context(|| format!("could not install Debian packages {}", missing.join(" ")))?;
     let still_missing: Vec<&str> = PACKAGES
         .iter()
-        .filter(|(package, program, _)| missing.contains(package) && util::which(program).is_none())
+        .filter(|(package, provides, _)| missing.contains(package) && !provides.present())
         .map(|(package, _, _)| *package)
         .collect();
     ensure!(
@@ -182,6 +207,50 @@ fn packages(check_only: bool, missing_out: &mut Vec<String>) -> anyhow::Result<(
         still_missing.join(" ")
     );
     note("installed");
+    Ok(())
+}
+
+/// Proves protoc can build what etcd-client's build script builds: a proto that imports a
+/// well-known type. A package list can look complete while this fails (protoc without
+/// libprotobuf-dev), so compile one for real.
+fn protoc_imports(check_only: bool, missing: &mut Vec<String>) -> anyhow::Result<()> {
+    step("checking that protoc resolves google/protobuf imports (as etcd-client's build needs)");
+    let Some(protoc) = util::which("protoc") else {
+        ensure!(check_only, "protoc is not on PATH after installing protobuf-compiler");
+        note("protoc: not installed");
+        return Ok(()); // already listed among the missing packages
+    };
+    let dir = tempfile::tempdir().context("creating a temporary directory for the protoc check")?;
+    let proto = dir.path().join("setup_check.proto");
+    fs::write(
+        &proto,
+        "syntax = \"proto3\";\n\
+         package setup_check;\n\
+         import \"google/protobuf/descriptor.proto\";\n\
+         message Probe { google.protobuf.FileDescriptorProto file = 1; }\n",
+    )
+    .with_context(|| format!("writing {}", proto.display()))?;
+    let output = Command::new(&protoc)
+        .arg("--proto_path")
+        .arg(dir.path())
+        .arg("--descriptor_set_out")
+        .arg(dir.path().join("out.pb"))
+        .arg(&proto)
+        .output()
+        .with_context(|| format!("running {}", protoc.display()))?;
+    if output.status.success() {
+        note("compiled a proto importing google/protobuf/descriptor.proto: ok");
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let problem = format!(
+        "protoc cannot resolve google/protobuf/descriptor.proto ({WELL_KNOWN_PROTOS} missing? \
+         `apt-get install libprotobuf-dev`): {}",
+        stderr.trim()
+    );
+    ensure!(check_only, "{problem}");
+    note(&problem);
+    missing.push(problem);
     Ok(())
 }
 
