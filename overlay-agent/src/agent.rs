@@ -19,14 +19,14 @@ use crate::{
     dataplane::{
         self, DataplaneCommand, DataplaneError, LeaseAttrs, LocalLease,
         ebpf::{
-            DatapathMode, EbpfDataplane, EbpfSettings, counters_by_name, read_pinned_stats,
+            EbpfDataplane, EbpfSettings, counters_by_name, read_pinned_stats,
             remove_pinned,
         },
         host_gw::HostGwDataplane,
         vxlan::VxlanDataplane,
     },
     etcd::{self, EtcdError, EtcdOptions},
-    flags::{EbpfMode, Flags},
+    flags::Flags,
     health, iface,
     lease::{HeldLease, LEASE_TTL, LeaseError, Lessor, format_mac},
     masq, notify,
@@ -619,14 +619,16 @@ async fn start_backend(
                 port: config.backend.port,
                 vtep_mac,
                 vxlan_device: kernel.device_name().to_string(),
-                mode: match flags.ebpf_mode {
-                    EbpfMode::KernelRouted => DatapathMode::KernelRouted,
-                    EbpfMode::Direct => DatapathMode::Direct,
-                },
+                fast_path: flags.ebpf_fast_path,
             };
             match EbpfDataplane::new(kernel, settings) {
                 Ok(dataplane) => {
-                    status.send_modify(|s| s.node.active_datapath = "ebpf".into());
+                    let gso_decap = dataplane.gso_decap_supported();
+                    status.send_modify(|s| {
+                        s.node.active_datapath = "ebpf".into();
+                        s.node.ebpf_fast_path = Some(flags.ebpf_fast_path.to_string());
+                        s.node.gso_decap_in_bpf = Some(gso_decap);
+                    });
                     let stats = tokio::spawn(copy_datapath_counters(
                         flags.bpf_pin_dir.clone(),
                         status.clone(),

@@ -15,15 +15,7 @@ use crate::{config::BackendType, etcd::EtcdOptions, iface::IfaceOptions};
 /// Default `--subnet-file` (where docker and the flannel CNI plugin look).
 pub const DEFAULT_SUBNET_FILE: &str = "/run/flannel/subnet.env";
 /// Default `--bpf-pin-dir`: versioned so an incompatible layout gets a fresh directory.
-pub const DEFAULT_BPF_PIN_DIR: &str = "/sys/fs/bpf/overlay/v1";
-
-/// `--ebpf-mode`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum EbpfMode {
-    #[default]
-    KernelRouted,
-    Direct,
-}
+pub const DEFAULT_BPF_PIN_DIR: &str = crate::dataplane::ebpf::DEFAULT_PIN_DIR;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -205,12 +197,12 @@ pub struct Flags {
     /// Dataplane: ebpf, vxlan or host-gw (default: the config's Backend.Type).
     #[arg(long, global = true, env = "FLANNELD_BACKEND")]
     pub backend: Option<BackendType>,
-    /// Where the eBPF programs sit (`--backend=ebpf`): `kernel-routed` (encapsulation at the
-    /// vxlan device's egress, after the node's routing and netfilter; the safe default) or
-    /// `direct` (pod bridge straight to the uplink, skipping the node's netfilter; fastest,
-    /// breaks Service replies under br_netfilter, see docs/ebpf-datapath.md).
-    #[arg(long, global = true, env = "FLANNELD_EBPF_MODE", value_enum, default_value_t = EbpfMode::KernelRouted)]
-    pub ebpf_mode: EbpfMode,
+    /// Which fast-path pieces `--backend=ebpf` uses for flows that crossed the kernel path
+    /// unchanged: `all` (default), `none` (anti-spoofing and counters only; the kernel
+    /// forwards everything), or a comma-separated list of `rx-after-decap`, `tx`,
+    /// `rx-before-decap` (see docs/ebpf-datapath.md).
+    #[arg(long, global = true, env = "FLANNELD_EBPF_FAST_PATH", default_value = "all")]
+    pub ebpf_fast_path: crate::dataplane::ebpf::FastPath,
     /// bpffs directory for pinned maps and links (versioned layout).
     #[arg(long, global = true, env = "FLANNELD_BPF_PIN_DIR", default_value = DEFAULT_BPF_PIN_DIR)]
     pub bpf_pin_dir: PathBuf,
@@ -354,7 +346,7 @@ mod tests {
         assert_eq!(f.healthz_port, 0);
         assert_eq!(f.iptables_resync, 5);
         assert_eq!(f.verbosity, 0);
-        assert_eq!(f.bpf_pin_dir, PathBuf::from("/sys/fs/bpf/overlay/v1"));
+        assert_eq!(f.bpf_pin_dir, PathBuf::from("/sys/fs/bpf/overlay/v2"));
         assert_eq!(f.backend, None);
     }
 
@@ -413,10 +405,18 @@ mod tests {
             "--bpf-pin-dir=/sys/fs/bpf/t1",
             "--bridge",
             "cni0",
-            "-ebpf-mode=direct",
+            "-ebpf-fast-path=rx-after-decap,tx",
         ]);
-        assert_eq!(cli.flags.ebpf_mode, EbpfMode::Direct);
-        assert_eq!(parse(&[]).flags.ebpf_mode, EbpfMode::KernelRouted);
+        assert_eq!(
+            cli.flags.ebpf_fast_path,
+            crate::dataplane::ebpf::FastPath {
+                rx_after_decap: true,
+                tx: true,
+                rx_before_decap: false
+            }
+        );
+        assert_eq!(parse(&[]).flags.ebpf_fast_path, crate::dataplane::ebpf::FastPath::ALL);
+        assert!(Cli::try_parse_args(["overlay-agent", "--ebpf-fast-path=turbo"]).is_err());
         assert_eq!(cli.flags.backend, Some(BackendType::Ebpf));
         assert_eq!(cli.flags.bpf_pin_dir, PathBuf::from("/sys/fs/bpf/t1"));
         assert_eq!(cli.flags.bridge.as_deref(), Some("cni0"));

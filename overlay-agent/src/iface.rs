@@ -266,6 +266,9 @@ mod tests {
             up: true,
             kind: None,
             vxlan: None,
+            master: None,
+            peer_index: None,
+            peer_netnsid: None,
         }
     }
 

@@ -99,6 +99,13 @@ pub struct Link {
     /// `IFLA_INFO_KIND` ("vxlan", "bridge", "veth", ...), absent for plain devices.
     pub kind: Option<String>,
     pub vxlan: Option<VxlanInfo>,
+    /// `IFLA_MASTER`: the bridge (or bond) this link is a port of.
+    pub master: Option<u32>,
+    /// `IFLA_LINK`: for a veth, its peer's index (in the peer's namespace).
+    pub peer_index: Option<u32>,
+    /// `IFLA_LINK_NETNSID`: the id, as our namespace knows it, of the namespace the peer is
+    /// in (absent when the peer is in ours).
+    pub peer_netnsid: Option<i32>,
 }
 
 /// What to create: a flannel-style VXLAN device.
@@ -243,6 +250,18 @@ impl Netlink {
         single_link(result, format!("looking up link #{index}"))
     }
 
+    /// The link with index `index` in the network namespace our namespace knows as `nsid`
+    /// (`IFLA_TARGET_NETNSID`: read without entering it), or `None`.
+    pub async fn link_in_netns(&self, nsid: i32, index: u32) -> Result<Option<Link>, NetlinkError> {
+        let mut request = self.handle.link().get().match_index(index);
+        request
+            .message_mut()
+            .attributes
+            .push(LinkAttribute::IfNetnsId(nsid));
+        let result: Result<Vec<LinkMessage>, _> = request.execute().try_collect().await;
+        single_link(result, format!("looking up link #{index} in netns id {nsid}"))
+    }
+
     /// Creates a VXLAN device (`ip link add NAME type vxlan id VNI local LOCAL dev DEV
     /// dstport PORT [nolearning] [gbp]` with MTU and MAC set at creation).
     pub async fn create_vxlan(&self, spec: &VxlanSpec) -> Result<(), NetlinkError> {
@@ -367,6 +386,41 @@ impl Netlink {
                 Some(InterfaceAddress {
                     index: message.header.index,
                     address: Ipv4Network::new(ip, message.header.prefix_len).ok()?,
+                })
+            })
+            .collect())
+    }
+
+    /// IPv4 addresses of link `index` in the network namespace our namespace knows as `nsid`.
+    /// The kernel honours `IFA_TARGET_NETNSID` in dumps only with strict checking, so this
+    /// uses a connection of its own with `NETLINK_GET_STRICT_CHK` on.
+    pub async fn addresses_in_netns(
+        nsid: i32,
+        index: u32,
+    ) -> Result<Vec<Ipv4Network>, NetlinkError> {
+        let (connection, handle, _) =
+            rtnetlink::new_connection_with_strict_check().map_err(NetlinkError::Connect)?;
+        let task = tokio::spawn(connection);
+        let mut request = handle.address().get().set_link_index_filter(index);
+        request.message_mut().header.family = AddressFamily::Inet;
+        request
+            .message_mut()
+            .attributes
+            .push(AddressAttribute::TargetNetNsId(nsid));
+        let messages: Result<Vec<AddressMessage>, _> = request.execute().try_collect().await;
+        task.abort();
+        let messages = messages.map_err(NetlinkError::request(format!(
+            "listing addresses of link #{index} in netns id {nsid}"
+        )))?;
+        Ok(messages
+            .iter()
+            .filter(|message| message.header.family == AddressFamily::Inet)
+            .filter_map(|message| {
+                message.attributes.iter().find_map(|attribute| match attribute {
+                    AddressAttribute::Local(IpAddr::V4(ip)) | AddressAttribute::Address(IpAddr::V4(ip)) => {
+                        Ipv4Network::new(*ip, message.header.prefix_len).ok()
+                    }
+                    _ => None,
                 })
             })
             .collect())
@@ -763,10 +817,16 @@ fn link_from_message(message: &LinkMessage) -> Link {
         up: message.header.flags.contains(LinkFlags::Up),
         kind: None,
         vxlan: None,
+        master: None,
+        peer_index: None,
+        peer_netnsid: None,
     };
     for attribute in &message.attributes {
         match attribute {
             LinkAttribute::IfName(name) => link.name = name.clone(),
+            LinkAttribute::Controller(index) => link.master = Some(*index),
+            LinkAttribute::Link(index) => link.peer_index = Some(*index),
+            LinkAttribute::LinkNetNsId(id) => link.peer_netnsid = Some(*id),
             LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
             LinkAttribute::Address(bytes) => link.mac = mac_from_bytes(bytes),
             LinkAttribute::LinkInfo(infos) => {

@@ -31,6 +31,13 @@ pub struct NodeStatus {
     pub active_datapath: String,
     /// Why the eBPF programs are not in use, when the node fell back to the kernel path.
     pub fallback_reason: Option<String>,
+    /// eBPF: the fast-path pieces in use (`--ebpf-fast-path`).
+    #[serde(default)]
+    pub ebpf_fast_path: Option<String>,
+    /// eBPF: whether GRO-merged VXLAN is decapsulated in BPF (the kernel has
+    /// `BPF_F_ADJ_ROOM_DECAP_L4_UDP`) or by the vxlan device.
+    #[serde(default)]
+    pub gso_decap_in_bpf: Option<bool>,
     pub vtep_mac: Option<String>,
     /// When our lease expires (Unix seconds), if known.
     pub lease_expires_unix: Option<u64>,
@@ -105,6 +112,15 @@ pub fn render_prometheus(status: &AgentStatus) -> String {
             1,
         )],
     );
+    if let Some(pieces) = &node.ebpf_fast_path {
+        let gso = node.gso_decap_in_bpf.map_or("unknown", |b| if b { "true" } else { "false" });
+        metric(
+            "ebpf_fast_path_info",
+            "gauge",
+            "eBPF fast-path pieces in use and whether GSO VXLAN is decapsulated in BPF (always 1).",
+            &[(labels(&[("pieces", pieces), ("gso_decap_in_bpf", gso)]), 1)],
+        );
+    }
     metric(
         "kernel_fallback",
         "gauge",
@@ -151,7 +167,7 @@ pub fn render_prometheus(status: &AgentStatus) -> String {
     metric(
         "datapath_packets_total",
         "counter",
-        "eBPF datapath counters (encap, decap, pass and drop by reason; *_bytes count bytes).",
+        "eBPF datapath counters: fast_* took a fast path, kernel_* went to the kernel and why, drop_* were dropped; *_bytes count bytes.",
         &counters,
     );
     out
@@ -194,6 +210,14 @@ pub fn render_table(status: &AgentStatus) -> String {
     );
     if let Some(mac) = &node.vtep_mac {
         let _ = writeln!(out, "vtep-mac  {mac}");
+    }
+    if let Some(pieces) = &node.ebpf_fast_path {
+        let gso = match node.gso_decap_in_bpf {
+            Some(true) => "in BPF",
+            Some(false) => "by the vxlan device (kernel lacks BPF_F_ADJ_ROOM_DECAP_L4_UDP)",
+            None => "unknown",
+        };
+        let _ = writeln!(out, "fast-path {pieces}  (GSO VXLAN decapsulated {gso})");
     }
     let _ = writeln!(
         out,

@@ -16,27 +16,51 @@ pub mod map_names {
     pub const CONFIG: &str = "OVL_CONFIG";
     /// Per-CPU array of `u64`, indexed by [`crate::stat`].
     pub const STATS: &str = "OVL_STATS";
-    /// LRU hash: [`crate::FlowKey`] of a local pod's flow towards a non-pod address
-    /// (e.g. a Service IP that kube-proxy DNATs) -> `u64` last-seen ktime.
-    pub const SERVICE_FLOWS: &str = "OVL_SVC_FLOWS";
+    /// Hash: a local pod's IPv4 address -> [`crate::Endpoint`] (learned from netlink).
+    pub const ENDPOINTS: &str = "OVL_ENDPOINTS";
+    /// LRU hash: [`crate::FlowKey`] -> [`crate::FlowState`]: flows seen crossing the kernel
+    /// path unchanged in both directions (learn-then-bypass).
+    pub const FLOWS: &str = "OVL_FLOWS";
 }
 
 /// Program names (the Rust function names in `overlay-ebpf`).
 pub mod program_names {
-    /// TC ingress on the pod bridge: encapsulates pod traffic towards remote subnets (direct
-    /// mode).
-    pub const BRIDGE_EGRESS: &str = "overlay_bridge_encap";
-    /// TC egress on the kernel vxlan device (`flannel.<VNI>`): encapsulates what the kernel
-    /// routed there (default mode).
-    pub const VXLAN_EGRESS: &str = "overlay_vxlan_encap";
-    /// TC ingress on the uplink: filters and decapsulates VXLAN towards local pods.
+    /// TCX ingress on the uplink: drops spoofed VXLAN; decapsulates VXLAN of learned flows
+    /// to local pods and delivers it into the pod (`bpf_redirect_peer`); the rest goes to
+    /// the kernel vxlan device.
     pub const UPLINK_INGRESS: &str = "overlay_uplink_decap";
+    /// TCX ingress on the kernel vxlan device (`flannel.<VNI>`): what the kernel
+    /// decapsulated, for learned flows to local pods, goes straight into the pod.
+    pub const VXLAN_INGRESS: &str = "overlay_vxlan_deliver";
+    /// TCX egress on the kernel vxlan device: learns the tuples that left through the kernel
+    /// path (after all NAT); the kernel device encapsulates.
+    pub const VXLAN_EGRESS: &str = "overlay_vxlan_learn";
+    /// TCX ingress on each host-side pod veth: encapsulates learned flows to remote pods and
+    /// sends them out of the uplink.
+    pub const POD_INGRESS: &str = "overlay_pod_encap";
+    /// TCX egress on each host-side pod veth: learns the tuples the kernel delivered to the
+    /// pod (after un-NAT).
+    pub const POD_EGRESS: &str = "overlay_pod_learn";
+    /// Run once at load with BPF_PROG_TEST_RUN: does the kernel accept
+    /// `BPF_F_ADJ_ROOM_DECAP_L4_UDP` (clears the tunnel GSO state on decap)?
+    pub const PROBE_DECAP_L4_UDP: &str = "overlay_probe_decap_l4_udp";
 }
+
+/// `BPF_F_ADJ_ROOM_DECAP_L4_UDP` (bpf-next, 2026; not in 6.18): `bpf_skb_adjust_room` clears
+/// `SKB_GSO_UDP_TUNNEL[_CSUM]` and `skb->encapsulation` when it removes a UDP tunnel header.
+/// Kernels without it reject the bit with -EINVAL.
+pub const BPF_F_ADJ_ROOM_DECAP_L4_UDP: u64 = 1 << 10;
 
 /// Capacity of the peer maps: one entry per remote node lease.
 pub const MAX_PEERS: u32 = 65_536;
-/// Capacity of the Service-flow guard.
-pub const MAX_SERVICE_FLOWS: u32 = 65_536;
+/// Capacity of the endpoint map: local pods.
+pub const MAX_ENDPOINTS: u32 = 4_096;
+/// Capacity of the learned-flow table (LRU: the least recently used flow is evicted and
+/// simply takes the kernel path again).
+pub const MAX_FLOWS: u32 = 262_144;
+/// A learned direction of a flow is trusted this long; then its next packet crosses the
+/// kernel path again, which re-validates it (a NAT rule added since, conntrack kept alive).
+pub const FLOW_FRESH_NS: u64 = 5_000_000_000;
 
 /// Bytes VXLAN over IPv4 adds in front of the inner Ethernet frame's IP packet:
 /// outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
@@ -60,6 +84,10 @@ pub struct PeerInfo {
     pub flags: u16,
     /// Generation of the resync that last wrote this entry (mark-and-sweep).
     pub generation: u32,
+    /// Underlay next hop towards `underlay_ip` (the peer itself on a flat underlay, else
+    /// its gateway), so the fast path resolves only a neighbour, with no route lookup per
+    /// packet. All zero: unknown, the fast path leaves the flow to the kernel.
+    pub nexthop_ip: [u8; 4],
 }
 
 /// Flags of [`PeerInfo::flags`].
@@ -96,7 +124,7 @@ pub struct DatapathConfig {
     /// Interface indexes in the node's network namespace (0: not present).
     pub uplink_ifindex: u32,
     pub bridge_ifindex: u32,
-    /// The kernel's `flannel.<VNI>` device: decapsulated packets enter the stack through it.
+    /// The kernel's `flannel.<VNI>` device (what the kernel path encapsulates with).
     pub vxlan_ifindex: u32,
     /// Largest inner IPv4 packet the underlay carries without fragmenting (uplink MTU - 50).
     pub max_inner_len: u32,
@@ -110,113 +138,180 @@ pub struct DatapathConfig {
     pub enabled: u32,
 }
 
-/// Flags of [`DatapathConfig::flags`].
+/// Flags of [`DatapathConfig::flags`]: which fast-path pieces are on (`--ebpf-fast-path`)
+/// and what the kernel supports.
 pub mod config_flags {
-    /// Direct mode (the bridge program encapsulates). Decap delivers straight to the pod through the bridge (`bpf_redirect_neigh`), skipping
-    /// the node's netfilter/conntrack; replies of flows the Service guard remembered still go
-    /// the kernel way. Only correct when no NAT happens before the bridge's TC hook (e.g.
-    /// br_netfilter off). Without this flag, decapsulated packets enter the stack through the
-    /// kernel vxlan device exactly as if it had decapsulated them (conntrack, iptables and
-    /// rp_filter see what flannel would give them).
-    pub const DECAP_DIRECT: u32 = 1;
+    /// R1: TCX ingress of the vxlan device delivers learned flows into the pod.
+    pub const FAST_RX_AFTER_DECAP: u32 = 1;
+    /// R2: TCX ingress of the pod veth encapsulates learned flows and sends them to the
+    /// uplink.
+    pub const FAST_TX: u32 = 2;
+    /// R3: the uplink program decapsulates learned flows and delivers them into the pod.
+    pub const FAST_RX_BEFORE_DECAP: u32 = 4;
+    /// The kernel accepts [`crate::BPF_F_ADJ_ROOM_DECAP_L4_UDP`]: R3 may decapsulate
+    /// GRO-merged (GSO) VXLAN too.
+    pub const HAVE_DECAP_L4_UDP: u32 = 8;
 }
 
-/// Key of [`map_names::SERVICE_FLOWS`]: a local pod's endpoint of a flow that left through the
-/// kernel path towards a non-pod address. Replies to it must go through the kernel too (its
-/// conntrack holds the reverse NAT).
+/// Value of [`map_names::ENDPOINTS`]: a local pod, learned from netlink (a veth whose master
+/// is the pod bridge, its peer's address and MAC in the pod's network namespace).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The host-side veth (the pod's eth0 is its peer).
+    pub host_ifindex: u32,
+    /// The pod's eth0 MAC: destination MAC of frames delivered into the pod.
+    pub pod_mac: [u8; 6],
+    /// The bridge's MAC (the pods' gateway): source MAC of frames delivered into the pod.
+    pub gateway_mac: [u8; 6],
+    /// Generation of the resync that last wrote this entry.
+    pub generation: u32,
+}
+
+/// Key of [`map_names::FLOWS`]: a TCP/UDP flow between a local pod and a remote pod, seen
+/// from the local pod (the same key for both directions).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     /// The local pod's address, network byte order.
     pub pod_ip: [u8; 4],
-    /// The local pod's port, network byte order.
+    /// The remote pod's address, network byte order.
+    pub remote_ip: [u8; 4],
+    /// Ports as on the wire (network byte order).
     pub pod_port_be: u16,
+    pub remote_port_be: u16,
     /// IP protocol number (6 TCP, 17 UDP).
     pub protocol: u8,
-    pub _pad: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of [`map_names::FLOWS`]: when each direction last crossed the kernel path with
+/// exactly this tuple. A flow takes the fast path only while both are fresh
+/// ([`FLOW_FRESH_NS`]), so a NATed flow (whose tuple the kernel changes) never does.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowState {
+    /// `bpf_ktime_get_ns` when the pod's packet left through the vxlan device (0: never).
+    pub egress_seen_ns: u64,
+    /// `bpf_ktime_get_ns` when the kernel delivered a packet of the flow to the pod.
+    pub ingress_seen_ns: u64,
+    /// The host veth the kernel delivered it through: the fast path delivers only there.
+    pub ingress_ifindex: u32,
+    pub _pad: u32,
 }
 
 /// Indexes of [`map_names::STATS`]. Every packet a program sees bumps exactly one reason
-/// counter (all but the two `*_BYTES` counters, which encap/decap bump alongside their packet
-/// counter).
+/// counter (all but the `*_BYTES` counters, which the fast paths bump alongside their packet
+/// counter). `FAST_*`: the packet took a fast path; `KERNEL_*`: it went to the kernel
+/// (untouched) and why; `DROP_*`: dropped.
 pub mod stat {
-    /// Encapsulated and sent to a peer.
-    pub const ENCAP_PACKETS: u32 = 0;
-    /// Bytes of inner packets encapsulated.
-    pub const ENCAP_BYTES: u32 = 1;
-    /// Decapsulated and delivered towards a local pod.
-    pub const DECAP_PACKETS: u32 = 2;
-    pub const DECAP_BYTES: u32 = 3;
-    /// Passed to the kernel: not ours (not IPv4, not VXLAN, other port/VNI/destination...).
-    pub const PASS_NOT_OURS: u32 = 4;
-    /// Passed to the kernel: IP fragment.
-    pub const PASS_FRAGMENT: u32 = 5;
-    /// Passed to the kernel: no peer for the destination, an address the kernel owns, or the
-    /// device to deliver through is missing.
-    pub const PASS_NO_ROUTE: u32 = 6;
-    /// Passed to the kernel: larger than the underlay carries (the kernel answers PMTU).
-    pub const PASS_TOO_BIG: u32 = 7;
-    /// Passed to the kernel: reply of a Service (DNAT) flow, needs conntrack.
-    pub const PASS_SERVICE_FLOW: u32 = 8;
-    /// Passed to the kernel: datapath not configured yet.
-    pub const PASS_UNCONFIGURED: u32 = 9;
-    /// Passed to the kernel: TTL would expire.
-    pub const PASS_TTL: u32 = 10;
-    /// Passed to the kernel untouched: a helper failed before the packet changed
-    /// (adjust_room, redirect).
-    pub const PASS_HELPER_ERROR: u32 = 11;
+    /// R2: encapsulated at the pod veth and sent out of the uplink.
+    pub const FAST_TX_PACKETS: u32 = 0;
+    /// Bytes of inner IPv4 packets (GSO super-packets count whole).
+    pub const FAST_TX_BYTES: u32 = 1;
+    /// R3: decapsulated on the uplink and delivered into the pod.
+    pub const FAST_RX_BEFORE_DECAP_PACKETS: u32 = 2;
+    pub const FAST_RX_BEFORE_DECAP_BYTES: u32 = 3;
+    /// R1: decapsulated by the kernel device, then delivered into the pod.
+    pub const FAST_RX_AFTER_DECAP_PACKETS: u32 = 4;
+    pub const FAST_RX_AFTER_DECAP_BYTES: u32 = 5;
+    /// To the kernel: not ours (not IPv4, not VXLAN for us, not TCP/UDP, IP options...).
+    pub const KERNEL_NOT_OURS: u32 = 6;
+    /// To the kernel: an IP fragment.
+    pub const KERNEL_FRAGMENT: u32 = 7;
+    /// To the kernel: no remote peer for the destination / not a known local pod / the
+    /// packet did not come from the pod its veth belongs to.
+    pub const KERNEL_NO_ENDPOINT: u32 = 8;
+    /// To the kernel: the flow has not (recently) crossed the kernel path unchanged in both
+    /// directions (new, NATed, or due for re-validation).
+    pub const KERNEL_NOT_LEARNED: u32 = 9;
+    /// To the kernel: TCP SYN, FIN or RST (conntrack must see every state change).
+    pub const KERNEL_TCP_CONTROL: u32 = 10;
+    /// To the kernel: larger than the underlay carries (the kernel answers PMTU).
+    pub const KERNEL_TOO_BIG: u32 = 11;
+    /// To the kernel: GRO-merged VXLAN this kernel cannot decapsulate in BPF (no
+    /// `BPF_F_ADJ_ROOM_DECAP_L4_UDP`), or inner UDP GSO.
+    pub const KERNEL_GSO: u32 = 12;
+    /// To the kernel: the TTL would expire.
+    pub const KERNEL_TTL: u32 = 13;
+    /// To the kernel: datapath not configured yet, or this fast-path piece is off.
+    pub const KERNEL_DISABLED: u32 = 14;
+    /// To the kernel: a header was truncated.
+    pub const KERNEL_TRUNCATED: u32 = 15;
+    /// To the kernel untouched: a helper failed before the packet changed.
+    pub const KERNEL_HELPER_ERROR: u32 = 16;
+    /// To the kernel, after learning this direction of the flow (a learn program).
+    pub const KERNEL_LEARNED: u32 = 17;
+    /// To the kernel: outer ECN CE on an inner packet that is not ECN-capable (the kernel
+    /// decides, as RFC 6040 says).
+    pub const KERNEL_ECN: u32 = 18;
     /// Dropped: VXLAN for us from an underlay address that holds no lease.
-    pub const DROP_UNKNOWN_SOURCE: u32 = 12;
-    /// Dropped: VXLAN for us that is malformed (truncated, bad flags, inner not IPv4).
-    pub const DROP_MALFORMED: u32 = 13;
-    /// Passed to the kernel: truncated header on a packet that may not be ours.
-    pub const PASS_TRUNCATED: u32 = 14;
-    /// Passed to the kernel: a GRO-merged VXLAN super-packet (its vxlan device decapsulates it).
-    pub const PASS_GSO: u32 = 15;
+    pub const DROP_UNKNOWN_SOURCE: u32 = 19;
     /// Dropped: a helper failed after the packet was already rewritten (half-built headers
     /// must not reach the kernel).
-    pub const DROP_HELPER_ERROR: u32 = 16;
+    pub const DROP_HELPER_ERROR: u32 = 20;
     /// Number of counters.
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 21;
 
     /// Names for metrics and status, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
-        "encap_packets",
-        "encap_bytes",
-        "decap_packets",
-        "decap_bytes",
-        "pass_not_ours",
-        "pass_fragment",
-        "pass_no_route",
-        "pass_too_big",
-        "pass_service_flow",
-        "pass_unconfigured",
-        "pass_ttl",
-        "pass_helper_error",
+        "fast_tx_packets",
+        "fast_tx_bytes",
+        "fast_rx_before_decap_packets",
+        "fast_rx_before_decap_bytes",
+        "fast_rx_after_decap_packets",
+        "fast_rx_after_decap_bytes",
+        "kernel_not_ours",
+        "kernel_fragment",
+        "kernel_no_endpoint",
+        "kernel_not_learned",
+        "kernel_tcp_control",
+        "kernel_too_big",
+        "kernel_gso",
+        "kernel_ttl",
+        "kernel_disabled",
+        "kernel_truncated",
+        "kernel_helper_error",
+        "kernel_learned",
+        "kernel_ecn",
         "drop_unknown_source",
-        "drop_malformed",
-        "pass_truncated",
-        "pass_gso",
         "drop_helper_error",
     ];
 
     /// Whether a counter counts packets by reason (as opposed to bytes).
     pub const fn is_reason(index: u32) -> bool {
-        index != ENCAP_BYTES && index != DECAP_BYTES && index < COUNT
+        index != FAST_TX_BYTES
+            && index != FAST_RX_BEFORE_DECAP_BYTES
+            && index != FAST_RX_AFTER_DECAP_BYTES
+            && index < COUNT
+    }
+
+    /// The byte counter that goes with a fast-path packet counter.
+    pub const fn bytes_of(index: u32) -> Option<u32> {
+        match index {
+            FAST_TX_PACKETS => Some(FAST_TX_BYTES),
+            FAST_RX_BEFORE_DECAP_PACKETS => Some(FAST_RX_BEFORE_DECAP_BYTES),
+            FAST_RX_AFTER_DECAP_PACKETS => Some(FAST_RX_AFTER_DECAP_BYTES),
+            _ => None,
+        }
     }
 }
 
-const _: () = assert!(core::mem::size_of::<PeerInfo>() == 16);
+const _: () = assert!(core::mem::size_of::<PeerInfo>() == 20);
 const _: () = assert!(core::mem::size_of::<PeerSource>() == 8);
 const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 52);
-const _: () = assert!(core::mem::size_of::<FlowKey>() == 8);
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 20);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowState>() == 24);
 
 #[cfg(feature = "user")]
 mod pod_impls {
-    // SAFETY: all four are repr(C), made of integers and byte arrays only, with no implicit
+    // SAFETY: all of these are repr(C), made of integers and byte arrays only, with no implicit
     // padding (sizes asserted above), so every bit pattern is a valid value.
     unsafe impl aya::Pod for super::PeerInfo {}
     unsafe impl aya::Pod for super::PeerSource {}
     unsafe impl aya::Pod for super::DatapathConfig {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowState {}
+    unsafe impl aya::Pod for super::Endpoint {}
 }

@@ -1,28 +1,33 @@
-//! VXLAN encapsulation towards remote pod subnets, exactly as flannel's `flannel.<VNI>` device
-//! puts it on the wire, then straight out of the uplink. Two attach points: TC egress of the
-//! kernel vxlan device (default: the kernel routes and runs netfilter first) and TC ingress of
-//! the pod bridge (direct mode: skips the node's routing and netfilter for pod traffic).
+//! R2: VXLAN encapsulation at the pod's host veth (TCX ingress, before the bridge), exactly as
+//! flannel's `flannel.<VNI>` device puts it on the wire, then straight out of the uplink to
+//! the peer's next hop: no bridge, host routing, netfilter or vxlan device for learned flows.
 
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
         BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_REDIRECT, TC_ACT_SHOT,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1,
     },
-    helpers::{bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect_neigh},
+    helpers::{bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect_neigh},
     maps::lpm_trie::Key,
     programs::TcContext,
 };
-use overlay_common::{DatapathConfig, FlowKey, PeerInfo, VXLAN_OVERHEAD, peer_flags, stat};
+use overlay_common::{DatapathConfig, PeerInfo, VXLAN_OVERHEAD, config_flags, peer_flags, stat};
 
 use crate::{
-    maps::{PEERS, SERVICE_FLOWS, config},
+    flows::{endpoint, flow_key, is_learned},
+    maps::{PEERS, config},
     parse::{
-        ETH_LEN, ETH_P_IPV4, EthHdr, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN, Ipv4Hdr, VXLAN_FLAG_I,
-        decrement_ttl, gso_size, in_subnet, ipv4_checksum, ipv4_header_ok, load, pass, vni_wire,
+        ETH_LEN, ETH_P_IPV4, EthHdr, IPPROTO_UDP, IPV4_LEN, Ipv4Hdr, TCP_FIN, TCP_RST, TCP_SYN,
+        VXLAN_FLAG_I, decrement_ttl, gso_size, ifindex, ipv4_checksum, ipv4_header_ok, load,
+        load_l4, pass, vni_wire,
     },
     stats::Verdict,
 };
+
+const AF_INET: u32 = 2;
+/// Largest IPv4 total length: the outer header of a GSO super-packet must fit in it.
+const MAX_IP_LEN: u32 = 0xffff;
 
 /// C's `BPF_F_ADJ_ROOM_ENCAP_L2(len)`: the inner L2 header length in the top byte.
 const fn encap_l2(len: u64) -> u64 {
@@ -40,8 +45,6 @@ const SPORT_MIN: u64 = 32768;
 const SPORT_MAX: u64 = 60999;
 /// Outer TTL of the kernel vxlan device (`ttl` unset -> ip4_dst_hoplimit = 64).
 const OUTER_TTL: u8 = 64;
-/// Refresh a Service-flow entry at most once a second (one map write per flow per second).
-const SERVICE_FLOW_REFRESH_NS: u64 = 1_000_000_000;
 
 /// Outer IPv4 + UDP + VXLAN + inner Ethernet: the 50 bytes inserted after the outer MAC header.
 #[repr(C)]
@@ -57,95 +60,85 @@ struct EncapHdr {
 }
 const _: () = assert!(core::mem::size_of::<EncapHdr>() == VXLAN_OVERHEAD as usize);
 
+/// TCX ingress of a pod's host veth: the pod's own packets, before the bridge.
 #[inline(always)]
-pub fn bridge_encap(ctx: &TcContext) -> Verdict {
+pub fn pod_encap(ctx: &TcContext) -> Verdict {
     let Some(cfg) = config() else {
-        return pass(stat::PASS_UNCONFIGURED);
+        return pass(stat::KERNEL_DISABLED);
     };
+    if cfg.flags & config_flags::FAST_TX == 0 {
+        return pass(stat::KERNEL_DISABLED);
+    }
     let Some(eth) = load::<EthHdr>(ctx, 0) else {
-        return pass(stat::PASS_TRUNCATED);
+        return pass(stat::KERNEL_TRUNCATED);
     };
-    // Only unicast IPv4 routed to us (the pods' gateway); ARP, broadcasts etc. are the kernel's.
+    // Only unicast IPv4 sent to the gateway; ARP, broadcasts etc. are the kernel's.
     if eth.proto != ETH_P_IPV4 || eth.dst[0] & 1 != 0 {
-        return pass(stat::PASS_NOT_OURS);
+        return pass(stat::KERNEL_NOT_OURS);
     }
     let Some(ip) = load::<Ipv4Hdr>(ctx, ETH_LEN) else {
-        return pass(stat::PASS_TRUNCATED);
+        return pass(stat::KERNEL_TRUNCATED);
     };
-    if ip.version() != 4 || ip.header_len() < IPV4_LEN {
-        return pass(stat::PASS_NOT_OURS);
+    if ip.ver_ihl != 0x45 {
+        // Not IPv4, or IP options: the kernel path handles them.
+        return pass(stat::KERNEL_NOT_OURS);
     }
     if ip.is_fragment() {
-        return pass(stat::PASS_FRAGMENT);
+        return pass(stat::KERNEL_FRAGMENT);
     }
-    if in_subnet(ip.daddr, cfg.subnet_addr, cfg.subnet_mask) {
-        return pass(stat::PASS_NO_ROUTE);
+    let Some(l4) = load_l4(ctx, ETH_LEN + IPV4_LEN, ip.proto) else {
+        return pass(stat::KERNEL_NOT_OURS);
+    };
+    // The source must be the pod behind this very veth (a forwarding pod's other traffic,
+    // or a spoofed source, takes the kernel path).
+    match endpoint(ip.saddr) {
+        Some(ep) if ep.host_ifindex == ifindex(ctx) => {}
+        _ => return pass(stat::KERNEL_NO_ENDPOINT),
     }
     let peer = match PEERS.get(Key::new(32, ip.daddr)) {
         Some(peer) if peer.flags & peer_flags::VALID != 0 => *peer,
-        _ => {
-            remember_service_flow(ctx, cfg, &ip);
-            return pass(stat::PASS_NO_ROUTE);
-        }
+        _ => return pass(stat::KERNEL_NO_ENDPOINT),
     };
+    if l4.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+        return pass(stat::KERNEL_TCP_CONTROL);
+    }
+    if is_learned(&flow_key(ip.saddr, ip.daddr, l4.sport, l4.dport, ip.proto)).is_none() {
+        return pass(stat::KERNEL_NOT_LEARNED);
+    }
     if ip.ttl <= 1 {
-        return pass(stat::PASS_TTL);
+        return pass(stat::KERNEL_TTL);
     }
-    encapsulate_and_send(ctx, cfg, &ip, &peer, true)
+    let inner_len = ctx.len().saturating_sub(ETH_LEN as u32);
+    // bpf_redirect does no MTU check: every packet on the wire (each segment of a GSO
+    // super-packet) must fit in the underlay, or the kernel path answers "frag needed".
+    let gso = gso_size(ctx);
+    let largest = if gso == 0 {
+        inner_len
+    } else if ip.proto == IPPROTO_UDP {
+        // UDP GSO (UDP_SEGMENT senders) stays on the kernel path.
+        return pass(stat::KERNEL_GSO);
+    } else {
+        gso + IPV4_LEN as u32 + l4.header_len
+    };
+    if largest > cfg.max_inner_len || inner_len + VXLAN_OVERHEAD > MAX_IP_LEN {
+        return pass(stat::KERNEL_TOO_BIG);
+    }
+    // Malformed (bad checksum or length): the kernel path judges it.
+    if !ipv4_header_ok(&ip, inner_len) {
+        return pass(stat::KERNEL_NOT_OURS);
+    }
+    encapsulate_and_send(ctx, cfg, &ip, &peer, inner_len)
 }
 
-/// TC egress on the kernel's `flannel.<VNI>` device: the kernel has routed the packet (and run
-/// netfilter: conntrack confirmation, NAT, policies) and put the inner Ethernet header on it;
-/// only the device's own encapsulation and outer-packet transmit are replaced.
-#[inline(always)]
-pub fn vxlan_device_encap(ctx: &TcContext) -> Verdict {
-    let Some(cfg) = config() else {
-        return pass(stat::PASS_UNCONFIGURED);
-    };
-    let Some(eth) = load::<EthHdr>(ctx, 0) else {
-        return pass(stat::PASS_TRUNCATED);
-    };
-    if eth.proto != ETH_P_IPV4 {
-        return pass(stat::PASS_NOT_OURS);
-    }
-    let Some(ip) = load::<Ipv4Hdr>(ctx, ETH_LEN) else {
-        return pass(stat::PASS_TRUNCATED);
-    };
-    if ip.version() != 4 || ip.header_len() < IPV4_LEN {
-        return pass(stat::PASS_NOT_OURS);
-    }
-    if ip.is_fragment() {
-        return pass(stat::PASS_FRAGMENT);
-    }
-    match PEERS.get(Key::new(32, ip.daddr)) {
-        Some(peer) if peer.flags & peer_flags::VALID != 0 => {
-            let peer = *peer;
-            encapsulate_and_send(ctx, cfg, &ip, &peer, false)
-        }
-        _ => pass(stat::PASS_NO_ROUTE),
-    }
-}
-
-/// Size check, encapsulation, redirect to the uplink. `route_inner`: we are the router for
-/// the inner packet (bridge ingress) and decrement its TTL; at the vxlan device the kernel
-/// already did.
+/// Encapsulation and redirect to the uplink, addressed to the peer's next hop.
 #[inline(always)]
 fn encapsulate_and_send(
     ctx: &TcContext,
     cfg: &DatapathConfig,
     ip: &Ipv4Hdr,
     peer: &PeerInfo,
-    route_inner: bool,
+    inner_len: u32,
 ) -> Verdict {
-    let inner_len = ctx.len().saturating_sub(ETH_LEN as u32);
-    if inner_len > cfg.max_inner_len && gso_size(ctx) == 0 {
-        // The kernel path (flannel.<VNI>, same MTU) fragments or answers "frag needed".
-        return pass(stat::PASS_TOO_BIG);
-    }
-    // Malformed (bad checksum or length) or with options: the kernel path judges it.
-    if !ipv4_header_ok(ip, inner_len) {
-        return pass(stat::PASS_NOT_OURS);
-    }
     // The flow hash must be taken before the headers change (entropy for ECMP/RSS).
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
     if ctx
@@ -153,23 +146,46 @@ fn encapsulate_and_send(
         .adjust_room(VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
         .is_err()
     {
-        return pass(stat::PASS_HELPER_ERROR);
+        return pass(stat::KERNEL_HELPER_ERROR);
     }
-    if write_headers(ctx, cfg, ip, peer, inner_len, hash, route_inner).is_err() {
+    if write_headers(ctx, cfg, ip, peer, inner_len, hash).is_err() {
         return Verdict {
             action: TC_ACT_SHOT as i32,
             reason: stat::DROP_HELPER_ERROR,
             bytes: 0,
         };
     }
-    // FIB lookup + neighbour resolution by the kernel: works on routed underlays too.
-    let action = unsafe { bpf_redirect_neigh(cfg.uplink_ifindex, core::ptr::null_mut(), 0, 0) };
+    // With the next hop known only the neighbour layer runs: no route lookup per packet.
+    // Until the agent has resolved it, the kernel routes each packet.
+    let action = if peer.nexthop_ip == [0; 4] {
+        unsafe { bpf_redirect_neigh(cfg.uplink_ifindex, core::ptr::null_mut(), 0, 0) }
+    } else {
+        let mut nexthop = bpf_redir_neigh {
+            nh_family: AF_INET,
+            __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 {
+                ipv4_nh: u32::from_ne_bytes(peer.nexthop_ip),
+            },
+        };
+        unsafe {
+            bpf_redirect_neigh(
+                cfg.uplink_ifindex,
+                &mut nexthop,
+                core::mem::size_of::<bpf_redir_neigh>() as i32,
+                0,
+            )
+        }
+    };
     if action != TC_ACT_REDIRECT as i64 {
-        return pass(stat::PASS_HELPER_ERROR);
+        // Headers are already rewritten: they must not reach the kernel half-done.
+        return Verdict {
+            action: TC_ACT_SHOT as i32,
+            reason: stat::DROP_HELPER_ERROR,
+            bytes: 0,
+        };
     }
     Verdict {
         action: TC_ACT_REDIRECT as i32,
-        reason: stat::ENCAP_PACKETS,
+        reason: stat::FAST_TX_PACKETS,
         bytes: inner_len,
     }
 }
@@ -183,11 +199,8 @@ fn write_headers(
     peer: &PeerInfo,
     inner_len: u32,
     hash: u32,
-    route_inner: bool,
 ) -> Result<(), ()> {
-    if route_inner {
-        decrement_ttl(ctx, ETH_LEN + VXLAN_OVERHEAD as usize, inner)?;
-    }
+    decrement_ttl(ctx, ETH_LEN + VXLAN_OVERHEAD as usize, inner)?;
     let outer_len = inner_len + VXLAN_OVERHEAD;
     let mut hdr = EncapHdr {
         ip: Ipv4Hdr {
@@ -232,32 +245,4 @@ fn udp_source_port(hash: u32) -> u16 {
 fn ecn_encapsulate(inner_tos: u8) -> u8 {
     let ecn = inner_tos & 0x03;
     if ecn == 0x03 { 0x02 } else { ecn }
-}
-
-/// The Service reply guard: a local pod's TCP/UDP flow towards a non-pod address (such as a
-/// ClusterIP that kube-proxy DNATs to a remote pod) is remembered, so that its replies are left
-/// to the kernel path, whose conntrack undoes the NAT.
-#[inline(always)]
-fn remember_service_flow(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) {
-    if (ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP)
-        || !in_subnet(ip.saddr, cfg.subnet_addr, cfg.subnet_mask)
-    {
-        return;
-    }
-    let Some(sport) = load::<[u8; 2]>(ctx, ETH_LEN + ip.header_len()) else {
-        return;
-    };
-    let key = FlowKey {
-        pod_ip: ip.saddr,
-        pod_port_be: u16::from_ne_bytes(sport),
-        protocol: ip.proto,
-        _pad: 0,
-    };
-    let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(seen) = SERVICE_FLOWS.get_ptr(&key) {
-        if now.saturating_sub(unsafe { *seen }) < SERVICE_FLOW_REFRESH_NS {
-            return;
-        }
-    }
-    let _ = SERVICE_FLOWS.insert(&key, &now, 0);
 }

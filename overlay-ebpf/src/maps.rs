@@ -7,7 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use overlay_common::{
-    DatapathConfig, FlowKey, MAX_PEERS, MAX_SERVICE_FLOWS, PeerInfo, PeerSource, PeerSubnet, stat,
+    DatapathConfig, Endpoint, FlowKey, FlowState, MAX_ENDPOINTS, MAX_FLOWS, MAX_PEERS, PeerInfo,
+    PeerSource, PeerSubnet, stat,
 };
 
 #[map(name = "OVL_PEERS")]
@@ -22,8 +23,11 @@ pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
 #[map(name = "OVL_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
 
-#[map(name = "OVL_SVC_FLOWS")]
-pub static SERVICE_FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::pinned(MAX_SERVICE_FLOWS, 0);
+#[map(name = "OVL_ENDPOINTS")]
+pub static ENDPOINTS: HashMap<[u8; 4], Endpoint> = HashMap::pinned(MAX_ENDPOINTS, 0);
+
+#[map(name = "OVL_FLOWS")]
+pub static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::pinned(MAX_FLOWS, 0);
 
 /// The datapath configuration, or `None` while the agent has not written a complete one.
 #[inline(always)]

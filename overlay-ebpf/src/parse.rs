@@ -96,11 +96,6 @@ pub fn gso_size(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).gso_size }
 }
 
-#[inline(always)]
-pub fn in_subnet(addr: [u8; 4], net: [u8; 4], mask: [u8; 4]) -> bool {
-    u32::from_ne_bytes(addr) & u32::from_ne_bytes(mask) == u32::from_ne_bytes(net)
-}
-
 /// Decrements the IPv4 TTL of the header at `ip_off` and fixes its checksum incrementally
 /// (we forward the packet, as the kernel's routing would).
 #[inline(always)]
@@ -149,4 +144,79 @@ pub fn pass(reason: u32) -> Verdict {
         reason,
         bytes: 0,
     }
+}
+
+/// TCP flags that change a connection's state: conntrack must see each of them.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+
+/// Ports of a TCP or UDP header, and what the fast paths need besides.
+#[derive(Clone, Copy)]
+pub struct L4 {
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    /// TCP flags byte (0 for UDP).
+    pub tcp_flags: u8,
+    /// Header length in bytes (TCP data offset, 8 for UDP).
+    pub header_len: u32,
+}
+
+/// The first 14 bytes of a TCP header (ports, sequence, ack, offset and flags).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TcpHead {
+    sport: [u8; 2],
+    dport: [u8; 2],
+    seq: [u8; 4],
+    ack: [u8; 4],
+    data_offset: u8,
+    flags: u8,
+}
+
+/// Reads the TCP or UDP header at `off` (`None`: other protocol or truncated).
+#[inline(always)]
+pub fn load_l4(ctx: &TcContext, off: usize, proto: u8) -> Option<L4> {
+    match proto {
+        IPPROTO_TCP => {
+            let tcp = load::<TcpHead>(ctx, off)?;
+            Some(L4 {
+                sport: tcp.sport,
+                dport: tcp.dport,
+                tcp_flags: tcp.flags,
+                header_len: u32::from(tcp.data_offset >> 4) * 4,
+            })
+        }
+        IPPROTO_UDP => {
+            let ports = load::<[u8; 4]>(ctx, off)?;
+            Some(L4 {
+                sport: [ports[0], ports[1]],
+                dport: [ports[2], ports[3]],
+                tcp_flags: 0,
+                header_len: 8,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// ECN field values (the low two bits of the TOS byte).
+pub const ECN_MASK: u8 = 0x03;
+pub const ECN_CE: u8 = 0x03;
+
+/// Marks the IPv4 header at `ip_off` Congestion Experienced, fixing its checksum
+/// incrementally (RFC 6040 decapsulation of an outer CE mark onto an ECN-capable inner).
+#[inline(always)]
+pub fn set_ecn_ce(ctx: &TcContext, ip_off: usize, ip: &Ipv4Hdr) -> Result<(), ()> {
+    let old = u16::from_ne_bytes([ip.ver_ihl, ip.tos]);
+    let new = u16::from_ne_bytes([ip.ver_ihl, ip.tos | ECN_CE]);
+    ctx.l3_csum_replace(ip_off + 10, u64::from(old), u64::from(new), 2)
+        .map_err(|_| ())?;
+    ctx.store(ip_off + 1, &(ip.tos | ECN_CE), 0).map_err(|_| ())
+}
+
+/// `ifindex` of the device the program runs on.
+#[inline(always)]
+pub fn ifindex(ctx: &TcContext) -> u32 {
+    unsafe { (*ctx.skb.skb).ifindex }
 }

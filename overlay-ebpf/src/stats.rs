@@ -1,5 +1,5 @@
-//! Counting: every packet bumps exactly one reason counter; encapsulated and decapsulated
-//! packets also add their length to the matching byte counter.
+//! Counting: every packet bumps exactly one reason counter; fast-path packets also add
+//! their length to the matching byte counter.
 
 use overlay_common::stat;
 
@@ -24,10 +24,7 @@ fn add(index: u32, amount: u64) {
 #[inline(always)]
 pub fn count(verdict: &Verdict) {
     add(verdict.reason, 1);
-    let bytes_index = match verdict.reason {
-        stat::ENCAP_PACKETS => stat::ENCAP_BYTES,
-        stat::DECAP_PACKETS => stat::DECAP_BYTES,
-        _ => return,
-    };
-    add(bytes_index, u64::from(verdict.bytes));
+    if let Some(bytes_index) = stat::bytes_of(verdict.reason) {
+        add(bytes_index, u64::from(verdict.bytes));
+    }
 }

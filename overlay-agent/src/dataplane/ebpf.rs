@@ -1,6 +1,12 @@
-//! The eBPF datapath (`--backend=ebpf`): TC programs on the pod bridge (encap) and the uplink
-//! (decap) on top of the kernel vxlan dataplane, which stays programmed underneath so that
-//! anything the programs hand on (and the whole node, if they are detached) still works.
+//! The eBPF datapath (`--backend=ebpf`): TCX programs on the uplink, the kernel vxlan device
+//! and every pod's host veth, on top of the kernel vxlan dataplane, which stays programmed
+//! underneath so that anything the programs hand on (and the whole node, if they are
+//! detached) still works. Flows that crossed the kernel path unchanged in both directions
+//! (learned by the programs) then bypass the host stack: R1 (vxlan device ingress ->
+//! `bpf_redirect_peer` into the pod), R2 (pod veth ingress -> BPF encap -> uplink), R3
+//! (uplink: BPF decap -> `bpf_redirect_peer`), see ../shared/design/fastpath.md.
+//! Pods are learned from netlink: veths whose master is the pod bridge, their peer's address
+//! and MAC read in the pod's namespace.
 //!
 //! Maps and TCX links are pinned under a versioned directory (default
 //! [`DEFAULT_PIN_DIR`]): a restarted agent attaches its new programs first and only then
@@ -14,7 +20,7 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader, TestRun, TestRunOptions,
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType,
@@ -24,14 +30,15 @@ use aya::{
 };
 use ipnetwork::Ipv4Network;
 use overlay_common::{
-    DatapathConfig, PeerInfo, PeerSource, PeerSubnet, VXLAN_OVERHEAD, config_flags, map_names,
-    peer_flags, program_names, stat,
+    DatapathConfig, Endpoint, FlowKey, FlowState, PeerInfo, PeerSource, PeerSubnet,
+    VXLAN_OVERHEAD, config_flags, map_names, peer_flags, program_names, stat,
 };
 use tracing::{debug, info, warn};
 
 use super::{Dataplane, DataplaneError, LocalLease};
 use crate::{
     iface::Uplink,
+    netlink::{Link, Netlink},
     peer::{MacAddr6, Peer, PeerEvent},
 };
 
@@ -39,12 +46,101 @@ use crate::{
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay-ebpf"));
 
-/// Default of `--bpf-pin-dir`. The version changes whenever the maps' layout does.
-pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/overlay/v1";
+/// Default of `--bpf-pin-dir`. The version changes whenever the maps' layout does; a run
+/// of this version removes what older versions left beside it (their links detach).
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/overlay/v2";
 
 const UPLINK_LINK_PIN: &str = "link_uplink_ingress";
-const BRIDGE_LINK_PIN: &str = "link_bridge_ingress";
-const VXLAN_LINK_PIN: &str = "link_vxlan_egress";
+const VXLAN_INGRESS_LINK_PIN: &str = "link_vxlan_ingress";
+const VXLAN_EGRESS_LINK_PIN: &str = "link_vxlan_egress";
+/// Pod veth links are pinned as `link_pod_<ifname>_{ingress,egress}`.
+const POD_LINK_PREFIX: &str = "link_pod_";
+/// How many peers' underlay next hops are (re-)resolved per maintenance pass, and how
+/// often every peer's is re-checked.
+const NEXTHOPS_PER_PASS: usize = 512;
+const NEXTHOP_RECHECK: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The fast-path pieces (`--ebpf-fast-path`); learning and anti-spoofing always run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FastPath {
+    /// R1: deliver what the kernel decapsulated straight into the pod.
+    pub rx_after_decap: bool,
+    /// R2: encapsulate at the pod veth and send out of the uplink.
+    pub tx: bool,
+    /// R3: decapsulate non-GSO VXLAN on the uplink and deliver it into the pod.
+    pub rx_before_decap: bool,
+}
+
+impl FastPath {
+    pub const ALL: Self = Self {
+        rx_after_decap: true,
+        tx: true,
+        rx_before_decap: true,
+    };
+    pub const NONE: Self = Self {
+        rx_after_decap: false,
+        tx: false,
+        rx_before_decap: false,
+    };
+
+    fn config_flags(self) -> u32 {
+        let mut flags = 0;
+        if self.rx_after_decap {
+            flags |= config_flags::FAST_RX_AFTER_DECAP;
+        }
+        if self.tx {
+            flags |= config_flags::FAST_TX;
+        }
+        if self.rx_before_decap {
+            flags |= config_flags::FAST_RX_BEFORE_DECAP;
+        }
+        flags
+    }
+}
+
+impl std::fmt::Display for FastPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pieces: Vec<&str> = [
+            (self.rx_after_decap, "rx-after-decap"),
+            (self.tx, "tx"),
+            (self.rx_before_decap, "rx-before-decap"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect();
+        if pieces.is_empty() {
+            f.write_str("none")
+        } else {
+            f.write_str(&pieces.join(","))
+        }
+    }
+}
+
+impl std::str::FromStr for FastPath {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.trim() {
+            "all" => return Ok(Self::ALL),
+            "none" => return Ok(Self::NONE),
+            _ => {}
+        }
+        let mut pieces = Self::NONE;
+        for piece in text.split(',').map(str::trim) {
+            match piece {
+                "rx-after-decap" => pieces.rx_after_decap = true,
+                "tx" => pieces.tx = true,
+                "rx-before-decap" => pieces.rx_before_decap = true,
+                other => {
+                    return Err(format!(
+                        "unknown fast-path piece {other:?}: use all, none, or a comma-separated list of rx-after-decap, tx, rx-before-decap"
+                    ));
+                }
+            }
+        }
+        Ok(pieces)
+    }
+}
 
 /// Errors of the eBPF datapath, each naming what it was doing.
 #[derive(Debug, thiserror::Error)]
@@ -106,7 +202,7 @@ fn map_err(what: impl Into<String>, map: &'static str) -> impl FnOnce(MapError) 
 }
 
 /// Loads the embedded object with its maps pinned (created or reused) under `pin_dir`, and
-/// loads both programs into the kernel (this runs the verifier). Nothing is attached.
+/// loads every program into the kernel (this runs the verifier). Nothing is attached.
 pub fn load(pin_dir: &Path) -> Result<Ebpf, EbpfError> {
     std::fs::create_dir_all(pin_dir).map_err(|source| EbpfError::PinDir {
         path: pin_dir.to_owned(),
@@ -120,9 +216,12 @@ pub fn load(pin_dir: &Path) -> Result<Ebpf, EbpfError> {
             source: Box::new(source),
         })?;
     for name in [
-        program_names::BRIDGE_EGRESS,
-        program_names::VXLAN_EGRESS,
         program_names::UPLINK_INGRESS,
+        program_names::VXLAN_INGRESS,
+        program_names::VXLAN_EGRESS,
+        program_names::POD_INGRESS,
+        program_names::POD_EGRESS,
+        program_names::PROBE_DECAP_L4_UDP,
     ] {
         classifier(&mut ebpf, name)?
             .load()
@@ -148,6 +247,48 @@ pub fn classifier<'a>(
         program: name,
         source: Box::new(source),
     })
+}
+
+/// A VXLAN frame as a flannel node sends it (outer Ethernet, IPv4, UDP to 8472, VXLAN VNI 1,
+/// inner Ethernet, IPv4, TCP): what the probe shrinks, so that only the flag can make it fail.
+fn probe_frame() -> Vec<u8> {
+    let mut frame = Vec::with_capacity(104);
+    let inner_ip_len: u16 = 20 + 20;
+    let outer_ip_len: u16 = 20 + 8 + 8 + 14 + inner_ip_len;
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00]);
+    frame.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0]);
+    frame[16..18].copy_from_slice(&outer_ip_len.to_be_bytes());
+    frame.extend_from_slice(&[192, 0, 2, 2, 192, 0, 2, 1]);
+    frame.extend_from_slice(&[0x9c, 0x40, 0x21, 0x18]);
+    frame.extend_from_slice(&(outer_ip_len - 20).to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0x08, 0, 0, 0, 0, 0, 1, 0]);
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 1, 1, 0x02, 0, 0, 0, 2, 2, 0x08, 0x00]);
+    frame.extend_from_slice(&[0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0]);
+    frame.extend_from_slice(&[10, 0, 2, 5, 10, 0, 1, 5]);
+    frame.extend_from_slice(&[0x30, 0x39, 0x00, 0x50, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0]);
+    frame
+}
+
+/// Whether this kernel's `bpf_skb_adjust_room` accepts `BPF_F_ADJ_ROOM_DECAP_L4_UDP`, which
+/// lets R3 decapsulate GRO-merged VXLAN too: runs the probe program on a VXLAN frame with
+/// BPF_PROG_TEST_RUN (kernels without the flag reject it with -EINVAL before touching the
+/// packet, so the answer is the flag's alone).
+pub fn probe_decap_l4_udp(ebpf: &mut Ebpf) -> Result<bool, EbpfError> {
+    let frame = probe_frame();
+    let mut out = vec![0u8; frame.len() + 64];
+    let program = classifier(ebpf, program_names::PROBE_DECAP_L4_UDP)?;
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(&frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })
+        .map_err(|source| EbpfError::Program {
+            what: "running the DECAP_L4_UDP probe (BPF_PROG_TEST_RUN)".into(),
+            program: program_names::PROBE_DECAP_L4_UDP,
+            source: Box::new(source),
+        })?;
+    Ok(result.return_value == 1)
 }
 
 /// Sums the per-CPU counters of the STATS map.
@@ -205,26 +346,8 @@ pub struct EbpfSettings {
     pub vtep_mac: Option<MacAddr6>,
     /// The kernel vxlan device (`flannel.<VNI>`), created by the kernel dataplane.
     pub vxlan_device: String,
-    pub mode: DatapathMode,
-}
-
-/// Where the programs sit, i.e. how much of the node's own stack pod traffic still crosses.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum DatapathMode {
-    /// Encapsulation at TC egress of the kernel vxlan device (after the kernel routed the
-    /// packet and ran netfilter) and decapsulated packets delivered into the stack through
-    /// that device's receive path. Conntrack (kube-proxy Service replies, also with
-    /// br_netfilter), iptables network policies, masquerade and rp_filter behave exactly as
-    /// on a flannel node; the vxlan driver's transmit/receive and the outer packet's trip
-    /// through the stack are what eBPF replaces. The safe default.
-    #[default]
-    KernelRouted,
-    /// Encapsulation at TC ingress of the pod bridge and decapsulation straight to the pod
-    /// (`bpf_redirect_neigh`): pod traffic skips the node's routing and netfilter (no FORWARD
-    /// policies, no conntrack confirmation). Replies of flows the Service guard remembered take
-    /// the kernel path, but the guard only sees Service traffic when no NAT happens before the
-    /// bridge's TC hook, i.e. `net.bridge.bridge-nf-call-iptables=0`. Fastest; opt-in.
-    Direct,
+    /// `--ebpf-fast-path`.
+    pub fast_path: FastPath,
 }
 
 /// [`EbpfDataplane::new`] failed: the kernel dataplane, untouched, and why.
@@ -258,10 +381,30 @@ pub fn remove_pinned(pin_dir: &Path) -> Result<bool, EbpfError> {
     }
 }
 
-/// Whether br_netfilter hands bridged IPv4 to iptables in this network namespace.
-fn br_netfilter_calls_iptables() -> bool {
-    std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables")
-        .is_ok_and(|value| value.trim() == "1")
+/// Removes what older versions of the datapath pinned beside `pin_dir` (`.../v1` next to
+/// `.../v2`): their programs would otherwise stay attached in front of ours, working from
+/// maps nobody updates.
+fn remove_older_versions(pin_dir: &Path) {
+    let (Some(parent), Some(current)) = (pin_dir.parent(), version_of(pin_dir)) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if version_of(&path).is_some_and(|v| v < current) {
+            match remove_pinned(&path) {
+                Ok(_) => info!(old = %path.display(), "removed an older eBPF datapath version's pins (its programs are detached)"),
+                Err(err) => warn!(error = %err, "could not remove an older eBPF datapath version"),
+            }
+        }
+    }
+}
+
+/// `N` of a pin directory named `vN`.
+fn version_of(path: &Path) -> Option<u32> {
+    path.file_name()?.to_str()?.strip_prefix('v')?.parse().ok()
 }
 
 /// The MAC address of interface `name`, if it exists.
@@ -273,7 +416,7 @@ fn link_mac(name: &str) -> Option<MacAddr6> {
         .map(MacAddr6::from)
 }
 
-/// The bridge the programs are attached to.
+/// The pod bridge: its veths are the pods.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Bridge {
     name: String,
@@ -282,11 +425,25 @@ struct Bridge {
     gateway: Option<Ipv4Addr>,
 }
 
+/// A pod veth the programs are attached to, and what its peer said about the pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PodVeth {
+    name: String,
+    /// The host veth's own MAC: with the index, what tells a re-created veth from the old
+    /// one when the kernel reuses an index.
+    mac: Option<MacAddr6>,
+    /// The pod's eth0 MAC and its IPv4 addresses in our subnet.
+    pod_mac: MacAddr6,
+    pod_ips: Vec<Ipv4Addr>,
+}
+
 struct Maps {
     peers: LpmTrie<MapData, PeerSubnet, PeerInfo>,
     sources: HashMap<MapData, [u8; 4], PeerSource>,
     config: Array<MapData, DatapathConfig>,
     stats: PerCpuArray<MapData, u64>,
+    endpoints: HashMap<MapData, [u8; 4], Endpoint>,
+    flows: HashMap<MapData, FlowKey, FlowState>,
 }
 
 impl Maps {
@@ -303,6 +460,10 @@ impl Maps {
                 .map_err(map_err("opening", map_names::CONFIG))?,
             stats: PerCpuArray::try_from(take(ebpf, map_names::STATS)?)
                 .map_err(map_err("opening", map_names::STATS))?,
+            endpoints: HashMap::try_from(take(ebpf, map_names::ENDPOINTS)?)
+                .map_err(map_err("opening", map_names::ENDPOINTS))?,
+            flows: HashMap::try_from(take(ebpf, map_names::FLOWS)?)
+                .map_err(map_err("opening", map_names::FLOWS))?,
         })
     }
 }
@@ -313,25 +474,33 @@ pub struct EbpfDataplane<K: Dataplane> {
     settings: EbpfSettings,
     ebpf: Ebpf,
     maps: Maps,
+    netlink: Netlink,
     lease: Option<LocalLease>,
     bridge: Option<Bridge>,
-    /// ifindex of the kernel vxlan device the egress program is attached to.
+    /// ifindex of the kernel vxlan device the programs are attached to.
     vxlan_ifindex: Option<u32>,
+    /// Pod veths with programs attached, by host ifindex.
+    pods: BTreeMap<u32, PodVeth>,
     /// The desired peers (what the control plane last said), by subnet.
     peers: BTreeMap<Ipv4Network, Peer>,
+    /// Underlay next hop per peer address, and when it was resolved.
+    nexthops: StdHashMap<Ipv4Addr, (Ipv4Addr, std::time::Instant)>,
+    /// Whether R3 may decapsulate GSO VXLAN (the kernel accepts DECAP_L4_UDP).
+    decap_l4_udp: bool,
     /// Mark-and-sweep generation written into map entries.
     generation: u32,
 }
 
 impl<K: Dataplane> EbpfDataplane<K> {
-    /// Loads the programs (maps pinned under `settings.pin_dir`) and attaches the decap program
-    /// to the uplink's TCX ingress. The bridge is attached once [`Dataplane::activate`] or
-    /// [`Dataplane::maintain`] finds it. When the programs cannot be loaded or attached, the
-    /// error hands `kernel` back: the caller runs it alone and says so loudly.
+    /// Loads the programs (maps pinned under `settings.pin_dir`), probes the kernel, and
+    /// attaches the decap program to the uplink's TCX ingress. The vxlan device and the pod
+    /// veths are attached once [`Dataplane::activate`] or [`Dataplane::maintain`] finds
+    /// them. When the programs cannot be loaded or attached, the error hands `kernel` back:
+    /// the caller runs it alone and says so loudly. Needs a tokio runtime (netlink).
     pub fn new(kernel: K, settings: EbpfSettings) -> Result<Self, EbpfUnavailable<K>> {
         match Self::try_new(&settings) {
-            Ok((ebpf, maps)) => {
-                let mut dataplane = Self::assemble(kernel, settings, ebpf, maps);
+            Ok((ebpf, maps, netlink, decap_l4_udp)) => {
+                let mut dataplane = Self::assemble(kernel, settings, ebpf, maps, netlink, decap_l4_udp);
                 let uplink = dataplane.settings.uplink.name.clone();
                 match dataplane.attach(
                     program_names::UPLINK_INGRESS,
@@ -340,7 +509,15 @@ impl<K: Dataplane> EbpfDataplane<K> {
                     UPLINK_LINK_PIN,
                 ) {
                     Ok(()) => {
-                        info!(uplink = %uplink, pin_dir = %dataplane.settings.pin_dir.display(), "eBPF decap program attached to the uplink");
+                        info!(
+                            uplink = %uplink,
+                            pin_dir = %dataplane.settings.pin_dir.display(),
+                            fast_path = %dataplane.settings.fast_path,
+                            gso_decap = decap_l4_udp,
+                            "eBPF datapath loaded, uplink program attached (GSO VXLAN decapsulated in BPF: {})",
+                            if decap_l4_udp { "yes, the kernel has BPF_F_ADJ_ROOM_DECAP_L4_UDP" } else { "no, this kernel lacks BPF_F_ADJ_ROOM_DECAP_L4_UDP; the vxlan device decapsulates it" }
+                        );
+                        remove_older_versions(&dataplane.settings.pin_dir);
                         Ok(dataplane)
                     }
                     Err(error) => Err(EbpfUnavailable {
@@ -353,22 +530,38 @@ impl<K: Dataplane> EbpfDataplane<K> {
         }
     }
 
-    fn try_new(settings: &EbpfSettings) -> Result<(Ebpf, Maps), EbpfError> {
+    fn try_new(settings: &EbpfSettings) -> Result<(Ebpf, Maps, Netlink, bool), EbpfError> {
         let mut ebpf = load(&settings.pin_dir)?;
         let maps = Maps::take(&mut ebpf)?;
-        Ok((ebpf, maps))
+        let decap_l4_udp = probe_decap_l4_udp(&mut ebpf)?;
+        let netlink = Netlink::connect().map_err(|source| EbpfError::Interface {
+            name: "(netlink)".into(),
+            source: io::Error::other(source.to_string()),
+        })?;
+        Ok((ebpf, maps, netlink, decap_l4_udp))
     }
 
-    fn assemble(kernel: K, settings: EbpfSettings, ebpf: Ebpf, maps: Maps) -> Self {
+    fn assemble(
+        kernel: K,
+        settings: EbpfSettings,
+        ebpf: Ebpf,
+        maps: Maps,
+        netlink: Netlink,
+        decap_l4_udp: bool,
+    ) -> Self {
         let mut dataplane = Self {
             kernel,
             settings,
             ebpf,
             maps,
+            netlink,
             lease: None,
             bridge: None,
             vxlan_ifindex: None,
+            pods: BTreeMap::new(),
             peers: BTreeMap::new(),
+            nexthops: StdHashMap::new(),
+            decap_l4_udp,
             generation: 0,
         };
         // Start from a generation above anything a previous run wrote.
@@ -376,14 +569,22 @@ impl<K: Dataplane> EbpfDataplane<K> {
         dataplane
     }
 
-    /// The kernel dataplane underneath.
-    pub fn kernel(&self) -> &K {
-        &self.kernel
+    /// Whether the kernel accepts `BPF_F_ADJ_ROOM_DECAP_L4_UDP` (probed at load).
+    pub fn gso_decap_supported(&self) -> bool {
+        self.decap_l4_udp
     }
 
     /// Current counters (summed over CPUs), indexed by [`overlay_common::stat`].
     pub fn stats(&self) -> Result<[u64; stat::COUNT as usize], EbpfError> {
         sum_stats(&self.maps.stats)
+    }
+
+    /// The pods the fast path knows (IPv4 address -> host veth index).
+    pub fn endpoints(&self) -> BTreeMap<Ipv4Addr, u32> {
+        self.pods
+            .iter()
+            .flat_map(|(index, pod)| pod.pod_ips.iter().map(move |ip| (*ip, *index)))
+            .collect()
     }
 
     fn max_generation_in_maps(&self) -> u32 {
@@ -410,7 +611,7 @@ impl<K: Dataplane> EbpfDataplane<K> {
         program: &'static str,
         ifname: &str,
         attach_type: TcAttachType,
-        pin_name: &'static str,
+        pin_name: &str,
     ) -> Result<(), EbpfError> {
         let pin_path = self.settings.pin_dir.join(pin_name);
         let prog = classifier(&mut self.ebpf, program)?;
@@ -459,6 +660,20 @@ impl<K: Dataplane> EbpfDataplane<K> {
         Ok(())
     }
 
+    /// Unpins (= detaches, if the device still exists) a link.
+    fn unpin_link(&self, pin_name: &str) -> Result<(), EbpfError> {
+        let path = self.settings.pin_dir.join(pin_name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(EbpfError::Pin {
+                what: "unpinning a link",
+                path,
+                source,
+            }),
+        }
+    }
+
     /// The bridge: `--bridge` if given, else the interface holding an address inside our
     /// subnet other than the subnet's network address (which the flannel device holds).
     fn find_bridge(&self, subnet: Ipv4Network) -> Result<Option<Bridge>, EbpfError> {
@@ -502,72 +717,205 @@ impl<K: Dataplane> EbpfDataplane<K> {
         }))
     }
 
-    /// Unpins (= detaches) a link of the other mode left by a previous run.
-    fn detach_pinned(&self, pin_name: &'static str) -> Result<(), EbpfError> {
-        let path = self.settings.pin_dir.join(pin_name);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {
-                info!(
-                    link = pin_name,
-                    "detached a program of the other datapath mode"
-                );
-                Ok(())
-            }
-            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(EbpfError::Pin {
-                what: "unpinning a link of the other mode",
-                path,
-                source,
-            }),
-        }
-    }
-
     /// Follows the bridge and the kernel vxlan device (appeared, re-created, gone), keeps the
-    /// mode's program attached to them, and rewrites CONFIG.
-    fn sync_bridge_and_config(&mut self) -> Result<(), EbpfError> {
+    /// programs attached to the vxlan device and every pod veth, and rewrites CONFIG.
+    async fn sync_devices(&mut self) -> Result<(), EbpfError> {
         let Some(lease) = self.lease.clone() else {
             return Ok(());
         };
         let bridge = self.find_bridge(lease.subnet)?;
-        let direct = self.settings.mode == DatapathMode::Direct;
         if bridge != self.bridge {
             match &bridge {
-                Some(b) if direct && self.bridge.as_ref().map(|old| old.index) != Some(b.index) => {
-                    let name = b.name.clone();
-                    self.attach(
-                        program_names::BRIDGE_EGRESS,
-                        &name,
-                        TcAttachType::Ingress,
-                        BRIDGE_LINK_PIN,
-                    )?;
-                    info!(bridge = %b.name, ifindex = b.index, "eBPF encap program attached to the bridge");
-                }
-                Some(b) => debug!(bridge = %b.name, "bridge found"),
-                None if direct => info!("bridge gone; eBPF encap waits for it to reappear"),
-                None => {}
+                Some(b) => info!(bridge = %b.name, ifindex = b.index, "pod bridge found: its veths are the pods"),
+                None => info!("no pod bridge (yet): every pod's traffic takes the kernel path"),
             }
             self.bridge = bridge;
         }
         let vxlan_ifindex = nix::net::if_::if_nametoindex(self.settings.vxlan_device.as_str()).ok();
         if vxlan_ifindex != self.vxlan_ifindex {
-            if let (Some(index), false) = (vxlan_ifindex, direct) {
+            if let Some(index) = vxlan_ifindex {
                 let name = self.settings.vxlan_device.clone();
-                self.attach(
-                    program_names::VXLAN_EGRESS,
-                    &name,
-                    TcAttachType::Egress,
-                    VXLAN_LINK_PIN,
-                )?;
-                info!(device = %name, ifindex = index, "eBPF encap program attached to the vxlan device");
+                self.attach(program_names::VXLAN_INGRESS, &name, TcAttachType::Ingress, VXLAN_INGRESS_LINK_PIN)?;
+                self.attach(program_names::VXLAN_EGRESS, &name, TcAttachType::Egress, VXLAN_EGRESS_LINK_PIN)?;
+                info!(device = %name, ifindex = index, "eBPF programs attached to the vxlan device");
             }
             self.vxlan_ifindex = vxlan_ifindex;
         }
-        if direct {
-            self.detach_pinned(VXLAN_LINK_PIN)?;
-        } else {
-            self.detach_pinned(BRIDGE_LINK_PIN)?;
-        }
+        self.sync_pods(&lease).await?;
         self.write_config(&lease)
+    }
+
+    /// What netlink says about the pods now: veths whose master is the bridge, with their
+    /// peer's MAC and addresses in our subnet. A veth whose peer cannot be read is left out
+    /// (its pod's traffic takes the kernel path).
+    async fn discover_pods(&self, lease: &LocalLease) -> Result<BTreeMap<u32, PodVeth>, EbpfError> {
+        let mut pods = BTreeMap::new();
+        let Some(bridge) = &self.bridge else {
+            return Ok(pods);
+        };
+        let netlink_err = |what: &str| {
+            let what = what.to_owned();
+            move |source: crate::netlink::NetlinkError| EbpfError::Interface {
+                name: what,
+                source: io::Error::other(source.to_string()),
+            }
+        };
+        let links: Vec<Link> = self
+            .netlink
+            .links()
+            .await
+            .map_err(netlink_err("(listing links)"))?;
+        for link in links {
+            if link.master != Some(bridge.index) || link.kind.as_deref() != Some("veth") {
+                continue;
+            }
+            let (Some(peer_index), Some(nsid)) = (link.peer_index, link.peer_netnsid) else {
+                continue;
+            };
+            // Same veth as before (index and MAC unchanged): keep what its peer said.
+            if let Some(known) = self.pods.get(&link.index).filter(|p| p.mac == link.mac && p.name == link.name) {
+                pods.insert(link.index, known.clone());
+                continue;
+            }
+            let peer = match self.netlink.link_in_netns(nsid, peer_index).await {
+                Ok(Some(peer)) => peer,
+                Ok(None) => continue,
+                Err(err) => {
+                    debug!(veth = %link.name, error = %err, "cannot read the pod side of a veth");
+                    continue;
+                }
+            };
+            let Some(pod_mac) = peer.mac else { continue };
+            let pod_ips: Vec<Ipv4Addr> = match Netlink::addresses_in_netns(nsid, peer_index).await {
+                Ok(addresses) => addresses
+                    .iter()
+                    .map(|a| a.ip())
+                    .filter(|ip| lease.subnet.contains(*ip) && *ip != lease.subnet.network())
+                    .collect(),
+                Err(err) => {
+                    debug!(veth = %link.name, error = %err, "cannot read the pod's addresses");
+                    continue;
+                }
+            };
+            if pod_ips.is_empty() {
+                // No address yet (IPAM still running): looked at again next pass.
+                continue;
+            }
+            pods.insert(
+                link.index,
+                PodVeth {
+                    name: link.name.clone(),
+                    mac: link.mac,
+                    pod_mac,
+                    pod_ips,
+                },
+            );
+        }
+        Ok(pods)
+    }
+
+    /// Brings the pod veths' programs and the ENDPOINTS map in line with netlink. Endpoints
+    /// that went away (or changed) are removed first, with their learned flows, so an IP a
+    /// new pod receives is never delivered to by the old entry.
+    async fn sync_pods(&mut self, lease: &LocalLease) -> Result<(), EbpfError> {
+        let found = self.discover_pods(lease).await?;
+        if found == self.pods {
+            return Ok(());
+        }
+        let gateway_mac = self
+            .bridge
+            .as_ref()
+            .and_then(|b| link_mac(&b.name));
+        // 1. Gone or changed veths: forget their endpoints and flows, unpin their links.
+        let stale: Vec<(u32, PodVeth)> = self
+            .pods
+            .iter()
+            .filter(|(index, pod)| found.get(index) != Some(pod))
+            .map(|(index, pod)| (*index, pod.clone()))
+            .collect();
+        for (index, pod) in &stale {
+            for ip in &pod.pod_ips {
+                self.remove_endpoint(*ip)?;
+            }
+            if !found.get(index).is_some_and(|new| new.name == pod.name) {
+                self.unpin_link(&format!("{POD_LINK_PREFIX}{}_ingress", pod.name))?;
+                self.unpin_link(&format!("{POD_LINK_PREFIX}{}_egress", pod.name))?;
+            }
+            self.pods.remove(index);
+            info!(veth = %pod.name, ips = ?pod.pod_ips, "pod gone from the fast path");
+        }
+        // 2. New veths: attach first (learning starts), then publish the endpoint.
+        for (index, pod) in found {
+            if self.pods.contains_key(&index) {
+                continue;
+            }
+            self.attach(program_names::POD_INGRESS, &pod.name, TcAttachType::Ingress, &format!("{POD_LINK_PREFIX}{}_ingress", pod.name))?;
+            self.attach(program_names::POD_EGRESS, &pod.name, TcAttachType::Egress, &format!("{POD_LINK_PREFIX}{}_egress", pod.name))?;
+            let Some(gateway_mac) = gateway_mac else {
+                continue;
+            };
+            for ip in &pod.pod_ips {
+                // Another veth claiming the same IP: the newest wins, its flows start over.
+                self.remove_endpoint(*ip)?;
+                let value = Endpoint {
+                    host_ifindex: index,
+                    pod_mac: pod.pod_mac.into_array(),
+                    gateway_mac: gateway_mac.into_array(),
+                    generation: self.generation,
+                };
+                self.maps
+                    .endpoints
+                    .insert(ip.octets(), value, 0)
+                    .map_err(map_err(format!("adding endpoint {ip}"), map_names::ENDPOINTS))?;
+            }
+            info!(veth = %pod.name, ifindex = index, ips = ?pod.pod_ips, pod_mac = %pod.pod_mac, "pod on the fast path");
+            self.pods.insert(index, pod);
+        }
+        self.sweep_endpoints()
+    }
+
+    /// Deletes an endpoint and every flow learned for it.
+    fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), EbpfError> {
+        match self.maps.endpoints.remove(&ip.octets()) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(source) => {
+                return Err(EbpfError::Map {
+                    what: format!("removing endpoint {ip}"),
+                    map: map_names::ENDPOINTS,
+                    source: Box::new(source),
+                });
+            }
+        }
+        let flows: Vec<FlowKey> = self
+            .maps
+            .flows
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| key.pod_ip == ip.octets())
+            .collect();
+        for key in flows {
+            let _ = self.maps.flows.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Endpoints in the map that no known pod has (a previous run's, a pod deleted while the
+    /// agent was down).
+    fn sweep_endpoints(&mut self) -> Result<(), EbpfError> {
+        let known = self.endpoints();
+        let stale: Vec<[u8; 4]> = self
+            .maps
+            .endpoints
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(ip, ep)| known.get(&Ipv4Addr::from(*ip)) != Some(&ep.host_ifindex))
+            .map(|(ip, _)| ip)
+            .collect();
+        for ip in stale {
+            debug!(ip = %Ipv4Addr::from(ip), "sweeping stale endpoint");
+            self.remove_endpoint(Ipv4Addr::from(ip))?;
+        }
+        Ok(())
     }
 
     fn write_config(&mut self, lease: &LocalLease) -> Result<(), EbpfError> {
@@ -580,6 +928,10 @@ impl<K: Dataplane> EbpfDataplane<K> {
         }
         let uplink = &self.settings.uplink;
         let default_gateway = Ipv4Addr::from(u32::from(lease.subnet.network()) + 1);
+        let mut flags = self.settings.fast_path.config_flags();
+        if self.decap_l4_udp {
+            flags |= config_flags::HAVE_DECAP_L4_UDP;
+        }
         let config = DatapathConfig {
             local_ip: lease.public_ip.octets(),
             subnet_addr: lease.subnet.network().octets(),
@@ -593,15 +945,11 @@ impl<K: Dataplane> EbpfDataplane<K> {
             vni: self.settings.vni,
             uplink_ifindex: uplink.index,
             bridge_ifindex: self.bridge.as_ref().map_or(0, |b| b.index),
-            // 0 until the kernel dataplane has created it: decap then leaves VXLAN to the kernel.
             vxlan_ifindex: self.vxlan_ifindex.unwrap_or(0),
             max_inner_len: uplink.mtu.saturating_sub(VXLAN_OVERHEAD),
             vtep_mac: vtep_mac.map_or([0; 6], MacAddr6::into_array),
             udp_port_be: self.settings.port.to_be(),
-            flags: match self.settings.mode {
-                DatapathMode::KernelRouted => 0,
-                DatapathMode::Direct => config_flags::DECAP_DIRECT,
-            },
+            flags,
             // Without our VtepMAC we cannot build frames peers accept: stay out of the way.
             enabled: u32::from(vtep_mac.is_some()),
         };
@@ -621,6 +969,8 @@ impl<K: Dataplane> EbpfDataplane<K> {
     }
 
     /// Writes one peer (its source first, so its VXLAN is accepted before we send to it).
+    /// The next hop is what was resolved for its address so far (zero: not yet, the fast
+    /// path then lets the kernel route each packet).
     fn write_peer(&mut self, peer: &Peer) -> Result<(), EbpfError> {
         let Some(mac) = peer.vtep_mac else {
             return Ok(());
@@ -631,6 +981,10 @@ impl<K: Dataplane> EbpfDataplane<K> {
             vtep_mac: mac.into_array(),
             flags: peer_flags::VALID,
             generation: self.generation,
+            nexthop_ip: self
+                .nexthops
+                .get(&peer.public_ip)
+                .map_or([0; 4], |(hop, _)| hop.octets()),
         };
         self.maps
             .peers
@@ -640,6 +994,51 @@ impl<K: Dataplane> EbpfDataplane<K> {
                 map_names::PEERS,
             ))?;
         debug!(subnet = %peer.subnet, public_ip = %peer.public_ip, "peer written");
+        Ok(())
+    }
+
+    /// Resolves (a bounded number of) peers' underlay next hops that are unknown or due for
+    /// a re-check, and rewrites the peers whose next hop changed.
+    async fn resolve_nexthops(&mut self) -> Result<(), EbpfError> {
+        let now = std::time::Instant::now();
+        let mut due: Vec<Ipv4Addr> = self
+            .peers
+            .values()
+            .filter(|p| p.vtep_mac.is_some())
+            .map(|p| p.public_ip)
+            .filter(|ip| {
+                self.nexthops
+                    .get(ip)
+                    .is_none_or(|(_, when)| now.duration_since(*when) > NEXTHOP_RECHECK)
+            })
+            .collect();
+        due.sort_unstable();
+        due.dedup();
+        due.truncate(NEXTHOPS_PER_PASS);
+        let mut changed = Vec::new();
+        for ip in due {
+            let hop = match self.netlink.route_get(ip).await {
+                Ok(lookup) => lookup.gateway.unwrap_or(ip),
+                Err(err) => {
+                    debug!(peer = %ip, error = %err, "no underlay route to a peer yet");
+                    continue;
+                }
+            };
+            let previous = self.nexthops.insert(ip, (hop, now));
+            if previous.map(|(old, _)| old) != Some(hop) {
+                changed.push(ip);
+            }
+        }
+        self.nexthops.retain(|ip, _| self.peers.values().any(|p| p.public_ip == *ip));
+        let peers: Vec<Peer> = self
+            .peers
+            .values()
+            .filter(|p| changed.contains(&p.public_ip))
+            .cloned()
+            .collect();
+        for peer in peers {
+            self.write_peer(&peer)?;
+        }
         Ok(())
     }
 
@@ -781,13 +1180,8 @@ impl<K: Dataplane> Dataplane for EbpfDataplane<K> {
     async fn activate(&mut self, lease: &LocalLease) -> Result<(), DataplaneError> {
         self.kernel.activate(lease).await?;
         self.lease = Some(lease.clone());
-        self.sync_bridge_and_config()?;
-        if self.settings.mode == DatapathMode::Direct && br_netfilter_calls_iptables() {
-            warn!(
-                "direct eBPF mode with net.bridge.bridge-nf-call-iptables=1: DNAT (kube-proxy Services) happens before the bridge program, whose fast path then skips conntrack, and Service replies break; use the default (kernel-routed) mode or set the sysctl to 0"
-            );
-        }
-        if self.bridge.is_none() && self.settings.mode == DatapathMode::Direct {
+        self.sync_devices().await?;
+        if self.bridge.is_none() {
             warn!(subnet = %lease.subnet, "no bridge holds an address in our subnet yet; pod traffic takes the kernel path until one appears (or pass --bridge)");
         }
         Ok(())
@@ -805,7 +1199,8 @@ impl<K: Dataplane> Dataplane for EbpfDataplane<K> {
 
     async fn maintain(&mut self) -> Result<(), DataplaneError> {
         self.kernel.maintain().await?;
-        self.sync_bridge_and_config()?;
+        self.sync_devices().await?;
+        self.resolve_nexthops().await?;
         Ok(())
     }
 }
