@@ -86,6 +86,13 @@ pub fn pod_encap(ctx: &TcContext) -> Verdict {
     if ip.is_fragment() {
         return pass(stat::KERNEL_FRAGMENT);
     }
+    let inner_len = ctx.len().saturating_sub(ETH_LEN as u32);
+    let gso = gso_size(ctx);
+    if gso == 0 && inner_len > cfg.max_inner_len {
+        // Larger than the underlay carries, whatever the protocol: the kernel path answers
+        // "frag needed" (or fragments), as on a flannel node.
+        return pass(stat::KERNEL_TOO_BIG);
+    }
     let Some(l4) = load_l4(ctx, ETH_LEN + IPV4_LEN, ip.proto) else {
         return pass(stat::KERNEL_NOT_OURS);
     };
@@ -108,10 +115,8 @@ pub fn pod_encap(ctx: &TcContext) -> Verdict {
     if ip.ttl <= 1 {
         return pass(stat::KERNEL_TTL);
     }
-    let inner_len = ctx.len().saturating_sub(ETH_LEN as u32);
     // bpf_redirect does no MTU check: every packet on the wire (each segment of a GSO
     // super-packet) must fit in the underlay, or the kernel path answers "frag needed".
-    let gso = gso_size(ctx);
     let largest = if gso == 0 {
         inner_len
     } else if ip.proto == IPPROTO_UDP {

@@ -192,6 +192,15 @@ impl From<EbpfError> for DataplaneError {
     }
 }
 
+/// A delete of a key that is not there is success (mark-and-sweep re-applies deletes).
+fn absent_ok(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(err)) if err.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
 fn map_err(what: impl Into<String>, map: &'static str) -> impl FnOnce(MapError) -> EbpfError {
     let what = what.into();
     move |source| EbpfError::Map {
@@ -876,8 +885,8 @@ impl<K: Dataplane> EbpfDataplane<K> {
 
     /// Deletes an endpoint and every flow learned for it.
     fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), EbpfError> {
-        match self.maps.endpoints.remove(&ip.octets()) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
+        match absent_ok(self.maps.endpoints.remove(&ip.octets())) {
+            Ok(()) => {}
             Err(source) => {
                 return Err(EbpfError::Map {
                     what: format!("removing endpoint {ip}"),
@@ -894,7 +903,8 @@ impl<K: Dataplane> EbpfDataplane<K> {
             .filter(|key| key.pod_ip == ip.octets())
             .collect();
         for key in flows {
-            let _ = self.maps.flows.remove(&key);
+            absent_ok(self.maps.flows.remove(&key))
+                .map_err(map_err("forgetting a learned flow", map_names::FLOWS))?;
         }
         Ok(())
     }
@@ -1054,8 +1064,8 @@ impl<K: Dataplane> EbpfDataplane<K> {
     fn write_source(&mut self, ip: Ipv4Addr) -> Result<(), EbpfError> {
         let count = self.source_count(ip);
         if count == 0 {
-            match self.maps.sources.remove(&ip.octets()) {
-                Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            match absent_ok(self.maps.sources.remove(&ip.octets())) {
+                Ok(()) => Ok(()),
                 Err(source) => Err(EbpfError::Map {
                     what: format!("removing peer source {ip}"),
                     map: map_names::PEER_SOURCES,
@@ -1078,8 +1088,8 @@ impl<K: Dataplane> EbpfDataplane<K> {
     }
 
     fn remove_peer_entry(&mut self, subnet: Ipv4Network) -> Result<(), EbpfError> {
-        match self.maps.peers.remove(&Self::peer_key(subnet)) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        match absent_ok(self.maps.peers.remove(&Self::peer_key(subnet))) {
+            Ok(()) => Ok(()),
             Err(source) => Err(EbpfError::Map {
                 what: format!("removing peer {subnet}"),
                 map: map_names::PEERS,
@@ -1131,8 +1141,8 @@ impl<K: Dataplane> EbpfDataplane<K> {
         for key in stale_peers {
             let subnet = Ipv4Network::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8);
             debug!(?subnet, "sweeping stale peer");
-            match self.maps.peers.remove(&key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
+            match absent_ok(self.maps.peers.remove(&key)) {
+                Ok(()) => {}
                 Err(source) => {
                     return Err(EbpfError::Map {
                         what: "sweeping a stale peer".into(),
@@ -1157,8 +1167,8 @@ impl<K: Dataplane> EbpfDataplane<K> {
             .collect();
         for key in stale_sources {
             debug!(source = %Ipv4Addr::from(key), "sweeping stale peer source");
-            match self.maps.sources.remove(&key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
+            match absent_ok(self.maps.sources.remove(&key)) {
+                Ok(()) => {}
                 Err(source) => {
                     return Err(EbpfError::Map {
                         what: "sweeping a stale peer source".into(),
