@@ -803,3 +803,113 @@ fn mtu_limits_hold_on_the_fast_path() {
     let after = t.stats();
     assert!(delta(&before, &after, stat::FAST_TX_BYTES) * 10 >= sent * 8, "no-offload TCP on the fast path: {:?}", moved(&before, &after));
 }
+
+/// Replaces pod A with a new pod namespace holding the same IP but a new MAC, its host veth
+/// created with `index` (to reuse the old veth's ifindex) and named `veth`.
+fn recreate_pod_a(t: &mut Topology, old_veth: &str, veth: &str, index: Option<u32>) {
+    let old = std::mem::replace(&mut t.a.pod, Ns::new("ovlpod"));
+    drop(old); // deleting the namespace deletes the old veth pair
+    wait_until(Duration::from_secs(5), "the old veth to go", || {
+        !t.a.ns.exec(&["ip", "link", "show", old_veth]).status.success()
+    });
+    let pod = &t.a.pod;
+    let mut add = vec!["link", "add", veth];
+    let index_text = index.map(|i| i.to_string());
+    if let Some(index) = &index_text {
+        add.extend_from_slice(&["index", index]);
+    }
+    add.extend_from_slice(&["type", "veth", "peer", "name", "eth0", "netns", &pod.0]);
+    t.a.ns.ip(&add);
+    t.a.ns.ip(&["link", "set", veth, "master", "cni0", "up"]);
+    pod.ip(&["addr", "add", &format!("{}/24", t.a.pod_ip), "dev", "eth0"]);
+    pod.ip(&["link", "set", "eth0", "mtu", "1450", "up"]);
+    pod.ip(&["route", "add", "default", "via", "10.244.1.1"]);
+}
+
+/// TCP from pod B to pod A's address (an iperf3 server in the current pod A).
+fn b_to_a_tcp(t: &Topology, port: u16) {
+    let port_text = port.to_string();
+    let _server = overlay_tests::netns::Background::spawn(&t.a.pod.0, &["iperf3", "-s", "-1", "-p", &port_text]);
+    wait_until(Duration::from_secs(10), "iperf3 server in pod A", || {
+        let out = t.a.pod.exec(&["ss", "-ltn", &format!("sport = :{port}")]);
+        String::from_utf8_lossy(&out.stdout).contains(&port_text)
+    });
+    let out = t.b.pod.exec(&["iperf3", "-c", &t.a.pod_ip.to_string(), "-p", &port_text, "-t", "1", "--connect-timeout", "3000"]);
+    assert!(out.status.success(), "pod B -> new pod A: {out:?}");
+}
+
+#[test]
+fn recreated_pods_with_reused_ip_and_ifindex_are_reached_at_once_and_never_cross_delivered() {
+    let mut t = Topology::new();
+    b_to_a_tcp(&t, 5401);
+    let mut old_veth = "vethpod".to_string();
+    for round in 0..3u16 {
+        let old_index = t.a.ns.ifindex(&old_veth);
+        let old_mac = t.a.pod.mac("eth0");
+        // Same IP, same ifindex, new MAC: the agent has not looked yet (no maintain).
+        let name = format!("vethnew{round}");
+        recreate_pod_a(&mut t, &old_veth, &name, Some(old_index));
+        assert_eq!(t.a.ns.ifindex(&name), old_index, "the kernel reused the ifindex");
+        old_veth = name;
+        assert_ne!(t.a.pod.mac("eth0"), old_mac);
+        // Reachable at once: the stale endpoint names another MAC, so nothing is learned
+        // through it and the new pod's flows take the kernel path.
+        let before = t.stats();
+        b_to_a_tcp(&t, 5410 + round);
+        let after = t.stats();
+        assert_eq!(fast_rx_bytes(&before, &after), 0, "round {round}: delivered by a stale endpoint: {:?}", moved(&before, &after));
+        // After the agent's pass the new pod is on the fast path.
+        t.maintain();
+        assert_eq!(t.dp().endpoints().get(&t.a.pod_ip), Some(&old_index));
+        let before = t.stats();
+        let received = iperf(&t, 5420 + round, true, 1);
+        let after = t.stats();
+        assert!(fast_rx_bytes(&before, &after) * 10 >= received * 8, "round {round}: {:?}", moved(&before, &after));
+    }
+    // A pod that goes away: its endpoint and learned flows go with the agent's next pass.
+    let gone = std::mem::replace(&mut t.a.pod, Ns::new("ovlpod"));
+    drop(gone);
+    wait_until(Duration::from_secs(5), "the veth to go", || t.a.ns.exec(&["ip", "link", "show", "master", "cni0", "type", "veth"]).stdout.is_empty());
+    t.maintain();
+    assert!(t.dp().endpoints().is_empty());
+    let pod_ip = t.a.pod_ip.octets();
+    assert!(t.flows().iter().all(|(k, _)| k.pod_ip != pod_ip), "flows of a deleted pod remain");
+}
+
+#[test]
+fn fast_flows_close_cleanly_under_an_invalid_state_drop_rule() {
+    // kube-proxy drops conntrack-INVALID packets in FORWARD. The packets a fast flow sends
+    // through the kernel (FIN, re-validation) must still be in conntrack's window.
+    let mut t = Topology::new();
+    for ns in [&t.a.ns, &t.b.ns] {
+        let out = ns.exec(&["iptables", "-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    t.maintain();
+    let liberal = t.a.ns.exec(&["sysctl", "-n", "net.netfilter.nf_conntrack_tcp_be_liberal"]);
+    assert_eq!(String::from_utf8_lossy(&liberal.stdout).trim(), "1", "{liberal:?}");
+    let before = t.stats();
+    let sent = iperf(&t, 5501, false, 2);
+    let received = iperf(&t, 5502, true, 2);
+    let after = t.stats();
+    assert!(sent > 0 && received > 0);
+    assert!(delta(&before, &after, stat::FAST_TX_BYTES) * 10 >= sent * 8, "{:?}", moved(&before, &after));
+    // Both iperf3 runs ended (their data connections closed through the kernel path, or the
+    // client would have hung): no connection is left established in pod A.
+    let out = t.a.pod.exec(&["ss", "-tn", "state", "established"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains(&t.b.pod_ip.to_string()), "connections stuck open: {text}");
+    // The agent made conntrack follow the fast flows (the first maintenance pass after the
+    // rule loaded conntrack): none of their kernel-path packets was INVALID on node A.
+    for ns in [&t.a.ns, &t.b.ns] {
+        let rules = ns.exec(&["iptables", "-vnxL", "FORWARD"]);
+        eprintln!("{}", String::from_utf8_lossy(&rules.stdout));
+    }
+    let rules = t.a.ns.exec(&["iptables", "-vnxL", "FORWARD"]);
+    let dropped: u64 = String::from_utf8_lossy(&rules.stdout)
+        .lines()
+        .find(|l| l.contains("INVALID"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .expect("the INVALID rule's counter");
+    assert_eq!(dropped, 0, "fast-path flows' kernel packets were dropped as conntrack-INVALID on node A");
+}

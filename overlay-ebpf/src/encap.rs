@@ -96,10 +96,11 @@ pub fn pod_encap(ctx: &TcContext) -> Verdict {
     let Some(l4) = load_l4(ctx, ETH_LEN + IPV4_LEN, ip.proto) else {
         return pass(stat::KERNEL_NOT_OURS);
     };
-    // The source must be the pod behind this very veth (a forwarding pod's other traffic,
-    // or a spoofed source, takes the kernel path).
+    // The source must be the pod behind this very veth, with its MAC (a forwarding pod's
+    // other traffic, a spoofed source, or a re-created pod the agent has not seen yet takes
+    // the kernel path).
     match endpoint(ip.saddr) {
-        Some(ep) if ep.host_ifindex == ifindex(ctx) => {}
+        Some(ep) if ep.host_ifindex == ifindex(ctx) && ep.pod_mac == eth.src => {}
         _ => return pass(stat::KERNEL_NO_ENDPOINT),
     }
     let peer = match PEERS.get(Key::new(32, ip.daddr)) {

@@ -55,7 +55,7 @@ pub fn is_learned(key: &FlowKey) -> Option<&'static FlowState> {
 
 /// The IPv4 header and TCP/UDP ports of a routed frame; `Err` is the pass verdict.
 #[inline(always)]
-fn parse_tcp_udp(ctx: &TcContext) -> Result<(Ipv4Hdr, L4), Verdict> {
+fn parse_tcp_udp(ctx: &TcContext) -> Result<(EthHdr, Ipv4Hdr, L4), Verdict> {
     let eth = load::<EthHdr>(ctx, 0).ok_or(pass(stat::KERNEL_TRUNCATED))?;
     if eth.proto != ETH_P_IPV4 {
         return Err(pass(stat::KERNEL_NOT_OURS));
@@ -71,7 +71,7 @@ fn parse_tcp_udp(ctx: &TcContext) -> Result<(Ipv4Hdr, L4), Verdict> {
         return Err(pass(stat::KERNEL_NOT_OURS));
     }
     let l4 = load_l4(ctx, ETH_LEN + ip.header_len(), ip.proto).ok_or(pass(stat::KERNEL_TRUNCATED))?;
-    Ok((ip, l4))
+    Ok((eth, ip, l4))
 }
 
 /// TCX egress of the vxlan device: the kernel routed a local pod's packet to a remote pod
@@ -81,7 +81,7 @@ pub fn learn_egress(ctx: &TcContext) -> Verdict {
     if config().is_none() {
         return pass(stat::KERNEL_DISABLED);
     }
-    let (ip, l4) = match parse_tcp_udp(ctx) {
+    let (_, ip, l4) = match parse_tcp_udp(ctx) {
         Ok(parsed) => parsed,
         Err(verdict) => return verdict,
     };
@@ -111,13 +111,16 @@ pub fn learn_ingress(ctx: &TcContext) -> Verdict {
     if config().is_none() {
         return pass(stat::KERNEL_DISABLED);
     }
-    let (ip, l4) = match parse_tcp_udp(ctx) {
+    let (eth, ip, l4) = match parse_tcp_udp(ctx) {
         Ok(parsed) => parsed,
         Err(verdict) => return verdict,
     };
     let here = ifindex(ctx);
+    // The kernel addressed the frame to the pod's real MAC: an endpoint entry that names
+    // another MAC is stale (the pod was re-created, maybe on a reused ifindex) and must not
+    // be learned through until the agent has replaced it.
     match endpoint(ip.daddr) {
-        Some(ep) if ep.host_ifindex == here => {}
+        Some(ep) if ep.host_ifindex == here && ep.pod_mac == eth.dst => {}
         _ => return pass(stat::KERNEL_NO_ENDPOINT),
     }
     if !is_remote_pod(ip.saddr) {

@@ -89,11 +89,12 @@ fn counters(cluster: &Cluster, index: usize) -> Counters {
         .unwrap_or_else(|err| panic!("node {}'s eBPF counters: {err}", index + 1));
     let get = |i: u32| values[i as usize];
     Counters {
-        encap_packets: get(stat::ENCAP_PACKETS),
-        encap_bytes: get(stat::ENCAP_BYTES),
-        decap_packets: get(stat::DECAP_PACKETS),
-        decap_bytes: get(stat::DECAP_BYTES),
-        pass_gso: get(stat::PASS_GSO),
+        fast_tx_packets: get(stat::FAST_TX_PACKETS),
+        fast_tx_bytes: get(stat::FAST_TX_BYTES),
+        fast_rx_packets: get(stat::FAST_RX_BEFORE_DECAP_PACKETS)
+            + get(stat::FAST_RX_AFTER_DECAP_PACKETS),
+        fast_rx_bytes: get(stat::FAST_RX_BEFORE_DECAP_BYTES) + get(stat::FAST_RX_AFTER_DECAP_BYTES),
+        seen: (0..stat::COUNT).filter(|&i| stat::is_reason(i)).map(get).sum(),
         drop_unknown_source: get(stat::DROP_UNKNOWN_SOURCE),
         text: format!("{:?}", counters_by_name(&values)),
     }
@@ -101,11 +102,14 @@ fn counters(cluster: &Cluster, index: usize) -> Counters {
 
 #[derive(Debug)]
 struct Counters {
-    encap_packets: u64,
-    encap_bytes: u64,
-    decap_packets: u64,
-    decap_bytes: u64,
-    pass_gso: u64,
+    /// R2: packets/bytes encapsulated at pod veths.
+    fast_tx_packets: u64,
+    fast_tx_bytes: u64,
+    /// R1 + R3: packets/bytes delivered into pods by redirect_peer.
+    fast_rx_packets: u64,
+    fast_rx_bytes: u64,
+    /// Every packet any of the programs saw (fast or handed to the kernel).
+    seen: u64,
     drop_unknown_source: u64,
     text: String,
 }
@@ -281,7 +285,7 @@ fn mixed_ebpf_and_vxlan_nodes_carry_ping_and_tcp_between_every_pair_and_count_it
     let c = &m.cluster;
     assert_eq!(m.mtu, 1450);
     for (i, agent) in m.agents.iter().enumerate().take(2) {
-        agent.wait_for_log("eBPF decap program attached", LONG);
+        agent.wait_for_log("uplink program attached", LONG);
         let text = status(c, i);
         assert!(
             text.contains("datapath in use: ebpf"),
@@ -292,7 +296,7 @@ fn mixed_ebpf_and_vxlan_nodes_carry_ping_and_tcp_between_every_pair_and_count_it
     // The vxlan node runs no eBPF datapath at all.
     let text = status(c, 2);
     assert!(
-        text.contains("datapath in use: vxlan") && !text.contains("encap_packets"),
+        text.contains("datapath in use: vxlan") && !text.contains("fast_tx_packets"),
         "node 3: {text}"
     );
     assert!(!c.nodes[2].pin_dir.exists(), "node 3 pinned BPF objects");
@@ -309,19 +313,20 @@ fn mixed_ebpf_and_vxlan_nodes_carry_ping_and_tcp_between_every_pair_and_count_it
         let before: Vec<Counters> = (0..2).map(|i| counters(c, i)).collect();
         let got = bulk_tcp(pod(c, from), pod(c, to).ip, &sinks[to], &what);
         // The counters are read from another process: wait until they caught up.
+        // Only the handshake and the few packets that re-validate the learned flow cross
+        // the kernel path: at least 90% of the bytes must take the fast paths.
         let ok = try_wait_until(LONG, || {
             let after: Vec<Counters> = (0..2).map(|i| counters(c, i)).collect();
-            // Every byte leaving an eBPF node is encapsulated by its program.
-            let sender_ok = from >= 2 || after[from].encap_bytes - before[from].encap_bytes >= got;
-            // The receiving eBPF node decapsulates the flow; GRO-merged super-packets are
-            // left to the kernel device (pass_gso, see docs/ebpf-datapath.md).
-            let receiver_ok = to >= 2
-                || (after[to].decap_packets > before[to].decap_packets
-                    && (after[to].decap_bytes - before[to].decap_bytes >= got
-                        || after[to].pass_gso > before[to].pass_gso));
-            // Between eBPF nodes the ACKs are encapsulated by the receiver's program too.
+            // A sending eBPF node encapsulates the stream at the pod veth.
+            let sender_ok =
+                from >= 2 || (after[from].fast_tx_bytes - before[from].fast_tx_bytes) * 10 >= got * 9;
+            // A receiving eBPF node delivers it into the pod (before or after the kernel's
+            // decap), whoever sent it.
+            let receiver_ok =
+                to >= 2 || (after[to].fast_rx_bytes - before[to].fast_rx_bytes) * 10 >= got * 9;
+            // Between eBPF nodes the ACKs take the receiver's fast TX too.
             let acks_ok =
-                !(from < 2 && to < 2) || after[to].encap_packets > before[to].encap_packets;
+                !(from < 2 && to < 2) || after[to].fast_tx_packets > before[to].fast_tx_packets;
             sender_ok && receiver_ok && acks_ok
         });
         let after: Vec<Counters> = (0..2).map(|i| counters(c, i)).collect();
@@ -331,11 +336,10 @@ fn mixed_ebpf_and_vxlan_nodes_carry_ping_and_tcp_between_every_pair_and_count_it
         );
         for i in 0..2 {
             eprintln!(
-                "{what}: node {} encap +{} B, decap +{} B, pass_gso +{}",
+                "{what}: node {} fast tx +{} B, fast rx +{} B",
                 i + 1,
-                after[i].encap_bytes - before[i].encap_bytes,
-                after[i].decap_bytes - before[i].decap_bytes,
-                after[i].pass_gso - before[i].pass_gso
+                after[i].fast_tx_bytes - before[i].fast_tx_bytes,
+                after[i].fast_rx_bytes - before[i].fast_rx_bytes,
             );
         }
     }
@@ -435,23 +439,23 @@ fn mtu_sized_packets_and_tcp_without_offloads_cross_ebpf_and_vxlan_nodes() {
         received[to] += got;
     }
     drop(sinks);
-    // Without GSO/GRO every segment is MTU-sized and goes through the programs, both ways
-    // (no pass_gso): each eBPF node encapsulated all it sent and decapsulated all it received.
+    // Without GSO/GRO every segment is MTU-sized and fits the underlay: each eBPF node's fast
+    // paths carried (nearly) all it sent and received.
     let ok = try_wait_until(LONG, || {
         let after: Vec<Counters> = (0..2).map(|i| counters(c, i)).collect();
         (0..2).all(|i| {
-            after[i].encap_bytes - before[i].encap_bytes >= sent[i]
-                && after[i].decap_bytes - before[i].decap_bytes >= received[i]
+            (after[i].fast_tx_bytes - before[i].fast_tx_bytes) * 10 >= sent[i] * 9
+                && (after[i].fast_rx_bytes - before[i].fast_rx_bytes) * 10 >= received[i] * 9
         })
     });
     let after: Vec<Counters> = (0..2).map(|i| counters(c, i)).collect();
     for i in 0..2 {
         eprintln!(
-            "node {}: pod tx +{} B, encap +{} B / {} pkts",
+            "node {}: pod tx +{} B, fast tx +{} B / {} pkts",
             i + 1,
             pod_stat(c, i, "tx_bytes") - pod_tx_before[i],
-            after[i].encap_bytes - before[i].encap_bytes,
-            after[i].encap_packets - before[i].encap_packets
+            after[i].fast_tx_bytes - before[i].fast_tx_bytes,
+            after[i].fast_tx_packets - before[i].fast_tx_packets
         );
     }
     assert!(
@@ -519,7 +523,7 @@ fn ping_summary(text: &str) -> (u64, u64) {
 fn sigkill_and_restart_of_an_ebpf_agent_loses_no_packet_at_100_pps() {
     let mut m = mixed_cluster();
     let c = &m.cluster;
-    m.agents[0].wait_for_log("eBPF decap program attached", LONG);
+    m.agents[0].wait_for_log("uplink program attached", LONG);
     ping_ok(pod(c, 0), pod(c, 1).ip, "pod1 -> pod2");
     ping_ok(pod(c, 2), pod(c, 0).ip, "pod3 -> pod1");
     let subnet = m.subnets[0].clone();
@@ -538,20 +542,20 @@ fn sigkill_and_restart_of_an_ebpf_agent_loses_no_packet_at_100_pps() {
         ]);
         Collect::spawn(command)
     };
-    let before = counters(c, 0).encap_packets;
+    let before = counters(c, 0).seen;
     let ping12 = ping(0, 1);
     let ping31 = ping(2, 0);
     let stream = Collect::spawn(iperf_client(&pod(c, 0).ns, pod(c, 1).ip, &["-t", "8"]));
     // Kill only once traffic demonstrably flows through node 1's programs.
-    wait_until(LONG, "pings flowing through node 1's encap", || {
-        counters(c, 0).encap_packets >= before + 100
+    wait_until(LONG, "pings flowing through node 1's programs", || {
+        counters(c, 0).seen >= before + 100
     });
     m.agents[0].kill();
     let restarted = start_agent(c, 0, "ebpf");
     restarted.wait_for_log("wrote the subnet file", LONG);
-    let mid = counters(c, 0).encap_packets;
-    wait_until(LONG, "encap continues after the restart", || {
-        counters(c, 0).encap_packets > mid + 50
+    let mid = counters(c, 0).seen;
+    wait_until(LONG, "the programs keep seeing the traffic after the restart", || {
+        counters(c, 0).seen > mid + 50
     });
 
     let (ok, text) = ping12.finish(LONG);
@@ -599,7 +603,7 @@ fn a_deleted_lease_of_a_dead_node_stops_ebpf_encap_and_its_vxlan_is_dropped() {
     cluster.nodes[0].add_pod(&s1, mtu);
     cluster.nodes[1].add_pod(&s2, mtu);
     let c = &cluster;
-    agent1.wait_for_log("eBPF decap program attached", LONG);
+    agent1.wait_for_log("uplink program attached", LONG);
     ping_ok(pod(c, 0), pod(c, 1).ip, "pod1 -> pod2");
     ping_ok(pod(c, 1), pod(c, 0).ip, "pod2 -> pod1");
     assert!(status(c, 0).contains("1 peer(s)"));
@@ -621,7 +625,7 @@ fn a_deleted_lease_of_a_dead_node_stops_ebpf_encap_and_its_vxlan_is_dropped() {
     );
     let after = counters(c, 0);
     assert_eq!(
-        after.encap_packets, before.encap_packets,
+        after.fast_tx_packets, before.fast_tx_packets,
         "node 1 still encapsulates to node 2: {}",
         after.text
     );
@@ -763,8 +767,8 @@ fn flanneld_by_hand_interop(backend: &str) {
     if let Some(before) = before {
         let ok = try_wait_until(LONG, || {
             let after = counters(c, 1);
-            after.encap_bytes - before.encap_bytes >= got
-                && after.decap_packets > before.decap_packets
+            (after.fast_tx_bytes - before.fast_tx_bytes) * 10 >= got * 9
+                && after.fast_rx_packets > before.fast_rx_packets
         });
         let after = counters(c, 1);
         assert!(

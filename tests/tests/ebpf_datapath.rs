@@ -13,7 +13,7 @@ use overlay_agent::{
     config::{BackendConfig, BackendType},
     dataplane::{
         Dataplane, LeaseAttrs, LocalLease,
-        ebpf::{DatapathMode, EbpfDataplane, EbpfSettings},
+        ebpf::{EbpfDataplane, EbpfSettings, FastPath},
         vxlan::VxlanDataplane,
     },
     iface::{IfaceOptions, Uplink, select_uplink},
@@ -122,10 +122,9 @@ fn start_kernel_node_b(cluster: &Cluster, mac_a: MacAddr6) -> MacAddr6 {
     })
 }
 
-/// Runs `check` with node A on `EbpfDataplane<VxlanDataplane>` in `mode` and node B on
+/// Runs `check` with node A on `EbpfDataplane<VxlanDataplane>` and node B on
 /// `VxlanDataplane`, both programmed.
 fn with_nodes(
-    mode: DatapathMode,
     check: impl FnOnce(&Cluster, &mut EbpfDataplane<VxlanDataplane>, &tokio::runtime::Runtime) + Send,
 ) {
     let cluster = cluster();
@@ -152,8 +151,9 @@ fn with_nodes(
             port: 8472,
             vtep_mac: Some(mac_a),
             vxlan_device: kernel_a.device_name().to_owned(),
-            mode,
+            fast_path: FastPath::ALL,
         };
+        let _runtime = rt.enter();
         let mut dp = EbpfDataplane::new(kernel_a, settings)
             .unwrap_or_else(|unavailable| panic!("{unavailable}"));
         rt.block_on(dp.activate(&lease(SUBNET_A, a)))
@@ -169,81 +169,65 @@ fn with_nodes(
     });
 }
 
-fn pings_both_ways_through_the_programs(mode: DatapathMode) {
-    with_nodes(mode, |cluster, dp, _rt| {
+#[test]
+fn ebpf_node_and_flannel_kernel_node_talk_both_ways() {
+    with_nodes(|cluster, dp, rt| {
         let (pod_a, pod_b) = (&cluster.nodes[0].pods[0], &cluster.nodes[1].pods[0]);
+        rt.block_on(dp.maintain()).expect("maintain");
         let before = dp.stats().expect("stats");
         wait_until(Duration::from_secs(20), "pod A reaches pod B", || {
             pod_a.ping_once(pod_b.ip)
         });
-        let out = pod_a.ns.try_run(&[
-            "ping",
-            "-c",
-            "5",
-            "-i",
-            "0.2",
-            "-W",
-            "2",
-            &pod_b.ip.to_string(),
-        ]);
-        assert!(out.status.success(), "{mode:?}: pod A -> pod B: {out:?}");
-        let out = pod_b.ns.try_run(&[
-            "ping",
-            "-c",
-            "5",
-            "-i",
-            "0.2",
-            "-W",
-            "2",
-            &pod_a.ip.to_string(),
-        ]);
-        assert!(out.status.success(), "{mode:?}: pod B -> pod A: {out:?}");
+        for (from, to) in [(pod_a, pod_b), (pod_b, pod_a)] {
+            let out = from.ns.try_run(&[
+                "ping", "-c", "5", "-i", "0.2", "-W", "2", &to.ip.to_string(),
+            ]);
+            assert!(out.status.success(), "{} -> {}: {out:?}", from.ip, to.ip);
+        }
+        // TCP both ways: after the handshake crossed the kernel path, the flow is learned
+        // and its data takes the fast path (wire-compatible with the kernel vxlan node).
+        for (port, reverse) in [(5201u16, false), (5202, true)] {
+            let _server = pod_b
+                .ns
+                .spawn_background(&["iperf3", "-s", "-1", "-p", &port.to_string()]);
+            wait_until(Duration::from_secs(10), "iperf3 server listening", || {
+                let out = pod_b.ns.try_run(&["ss", "-ltn", &format!("sport = :{port}")]);
+                String::from_utf8_lossy(&out.stdout).contains(&port.to_string())
+            });
+            let (target, port_text) = (pod_b.ip.to_string(), port.to_string());
+            let mut args = vec!["iperf3", "-c", &target, "-p", &port_text, "-t", "1"];
+            if reverse {
+                args.push("-R");
+            }
+            let out = pod_a.ns.try_run(&args);
+            assert!(out.status.success(), "iperf3 reverse {reverse}: {out:?}");
+        }
         let after = dp.stats().expect("stats");
-        // 5 requests from A and 5 replies to B's requests; 5 replies from B and 5 requests
-        // from B, at least.
         assert!(
-            delta(&before, &after, stat::ENCAP_PACKETS) >= 10
-                && delta(&before, &after, stat::DECAP_PACKETS) >= 10,
-            "{mode:?}: A's programs carried the traffic: {:?}",
+            delta(&before, &after, stat::FAST_TX_PACKETS) > 0
+                && delta(&before, &after, stat::FAST_RX_BEFORE_DECAP_PACKETS)
+                    + delta(&before, &after, stat::FAST_RX_AFTER_DECAP_PACKETS)
+                    > 0,
+            "A's fast paths carried the TCP data: {:?}",
             moved(&before, &after)
         );
-        for bad in [
-            stat::PASS_HELPER_ERROR,
-            stat::DROP_HELPER_ERROR,
-            stat::DROP_MALFORMED,
-            stat::DROP_UNKNOWN_SOURCE,
-        ] {
-            assert_eq!(
-                delta(&before, &after, bad),
-                0,
-                "{:?}",
-                moved(&before, &after)
-            );
+        for bad in [stat::KERNEL_HELPER_ERROR, stat::DROP_HELPER_ERROR, stat::DROP_UNKNOWN_SOURCE] {
+            assert_eq!(delta(&before, &after, bad), 0, "{:?}", moved(&before, &after));
         }
     });
 }
 
 #[test]
-fn ebpf_node_and_flannel_kernel_node_ping_both_ways() {
-    pings_both_ways_through_the_programs(DatapathMode::KernelRouted);
-}
-
-#[test]
-fn ebpf_node_in_direct_mode_and_flannel_kernel_node_ping_both_ways() {
-    pings_both_ways_through_the_programs(DatapathMode::Direct);
-}
-
-#[test]
 fn service_dnat_replies_meet_conntrack() {
-    with_nodes(DatapathMode::KernelRouted, |cluster, dp, _rt| {
+    with_nodes(|cluster, dp, rt| {
         let (a, pod_a, pod_b) = (
             &cluster.nodes[0],
             &cluster.nodes[0].pods[0],
             &cluster.nodes[1].pods[0],
         );
-        // br_netfilter on, as kube-proxy requires: the DNAT happens at the bridge, before
-        // any TC hook on cni0.
-        a.ns.sysctl("net.bridge.bridge-nf-call-iptables", "1");
+        rt.block_on(dp.maintain()).expect("maintain");
+        // br_netfilter on (if the module exists), as kube-proxy requires.
+        let _ = a.ns.try_run(&["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"]);
         let _server = pod_b
             .ns
             .spawn_background(&["iperf3", "-s", "-1", "-p", "5201"]);
@@ -287,9 +271,11 @@ fn service_dnat_replies_meet_conntrack() {
             moved(&before, &after)
         );
         assert!(
-            delta(&before, &after, stat::ENCAP_PACKETS) > 0
-                && delta(&before, &after, stat::DECAP_PACKETS) > 0,
-            "the Service flow crossed the eBPF programs both ways: {:?}",
+            delta(&before, &after, stat::FAST_TX_PACKETS) == 0
+                && delta(&before, &after, stat::FAST_RX_BEFORE_DECAP_PACKETS) == 0
+                && delta(&before, &after, stat::FAST_RX_AFTER_DECAP_PACKETS) == 0
+                && delta(&before, &after, stat::KERNEL_NOT_LEARNED) > 0,
+            "the NATed Service flow stayed on the kernel path: {:?}",
             moved(&before, &after)
         );
     });

@@ -564,7 +564,16 @@ fn kill_and_restart(backend: &str) {
         let uplink = tcx_programs(ns, "eth0", TcAttachType::Ingress);
         assert_eq!(uplink, vec!["overlay_uplink_"], "TCX ingress of eth0");
         let vxlan = tcx_programs(ns, "flannel.1", TcAttachType::Egress);
-        assert_eq!(vxlan, vec!["overlay_vxlan_e"], "TCX egress of flannel.1");
+        assert_eq!(vxlan, vec!["overlay_vxlan_l"], "TCX egress of flannel.1");
+        let vxlan = tcx_programs(ns, "flannel.1", TcAttachType::Ingress);
+        assert_eq!(vxlan, vec!["overlay_vxlan_d"], "TCX ingress of flannel.1");
+        // Every pod veth carries one program per direction.
+        let veths = ns.stdout(&["ip", "-o", "link", "show", "master", "cni0"]);
+        for veth in veths.lines().filter_map(|l| l.split(':').nth(1)) {
+            let veth = veth.trim().split('@').next().unwrap_or("");
+            assert_eq!(tcx_programs(ns, veth, TcAttachType::Ingress), vec!["overlay_pod_enc"], "{veth}");
+            assert_eq!(tcx_programs(ns, veth, TcAttachType::Egress), vec!["overlay_pod_lea"], "{veth}");
+        }
         let pin = &setup.cluster.nodes[0].pin_dir;
         wait_until(LONG, "one PEERS entry per peer", || {
             pinned_map_entries(&pin.join(overlay_common::map_names::PEERS)) == 1

@@ -416,6 +416,32 @@ fn version_of(path: &Path) -> Option<u32> {
     path.file_name()?.to_str()?.strip_prefix('v')?.parse().ok()
 }
 
+/// conntrack's setting that accepts TCP packets outside the window it tracked.
+const CONNTRACK_TCP_LIBERAL: &str = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal";
+
+/// A learned flow's data bypasses conntrack, so the packets it still sends through the
+/// kernel (FIN, RST, re-validation) carry sequence numbers conntrack never saw: strict window
+/// tracking marks them INVALID, and kube-proxy's `--ctstate INVALID -j DROP` then drops
+/// them (a connection could not close). With liberal tracking conntrack follows the flow
+/// (only out-of-window RSTs are still invalid). Set whenever conntrack is loaded in this
+/// namespace; returns whether it changed something.
+fn ensure_conntrack_liberal() -> bool {
+    match std::fs::read_to_string(CONNTRACK_TCP_LIBERAL) {
+        Ok(value) if value.trim() == "0" => match std::fs::write(CONNTRACK_TCP_LIBERAL, "1") {
+            Ok(()) => {
+                info!("set net.netfilter.nf_conntrack_tcp_be_liberal=1: fast-path flows bypass conntrack's window tracking, and their FIN/RST must not be dropped as INVALID");
+                true
+            }
+            Err(err) => {
+                warn!(error = %err, "cannot set net.netfilter.nf_conntrack_tcp_be_liberal=1; with a rule that drops conntrack-INVALID packets (kube-proxy), fast-path TCP connections may not close cleanly");
+                false
+            }
+        },
+        // Not loaded (nothing tracks, nothing to do) or already liberal.
+        _ => false,
+    }
+}
+
 /// The MAC address of interface `name`, if it exists.
 fn link_mac(name: &str) -> Option<MacAddr6> {
     nix::ifaddrs::getifaddrs()
@@ -749,6 +775,9 @@ impl<K: Dataplane> EbpfDataplane<K> {
                 info!(device = %name, ifindex = index, "eBPF programs attached to the vxlan device");
             }
             self.vxlan_ifindex = vxlan_ifindex;
+        }
+        if self.settings.fast_path != FastPath::NONE {
+            ensure_conntrack_liberal();
         }
         self.sync_pods(&lease).await?;
         self.write_config(&lease)
