@@ -100,6 +100,9 @@ impl FastPath {
 
 impl std::fmt::Display for FastPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if *self == Self::ALL {
+            return f.write_str("all");
+        }
         let pieces: Vec<&str> = [
             (self.rx_after_decap, "rx-after-decap"),
             (self.tx, "tx"),
