@@ -613,6 +613,12 @@ fn check_counters(
                 }
             }
         }
+        // A partial fast path may load no counters at all: only a mode that must show
+        // its counters fails without them.
+        (Ok(None), _) | (_, Ok(None)) if mode.must_count.is_empty() => notes.push(format!(
+            "round {round} {}: no OVL_STATS map, no eBPF counters to show",
+            mode.name
+        )),
         (Ok(None), _) | (_, Ok(None)) => mode_errors.push(
             "no OVL_STATS map found (pinned under --bpf-pin-dir or held by the agent): cannot show that traffic took the eBPF path".into(),
         ),
