@@ -33,7 +33,7 @@ enum Command {
     Demo(demo::Args),
     /// Set up, then benchmark the datapath modes side by side (or, with --control-plane, the
     /// control plane at 1,000 and 10,000 peers) and write a report.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
     /// Run agents for a while under lease churn and traffic; fail on fd/RSS/datapath leaks.
     Soak(soak::Args),
 }
@@ -45,8 +45,10 @@ fn main() -> ExitCode {
         Command::Test(args) => run_tests::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Soak(args) => soak::run(&args),
-        Command::Bench(args) if args.is_internal_tool() => bench::run(args),
-        Command::Bench(args) => setup::run(&setup::Args::default()).and_then(|()| bench::run(args)),
+        Command::Bench(args) if args.is_internal_tool() => bench::run(*args),
+        Command::Bench(args) => {
+            setup::run(&setup::Args::default()).and_then(|()| bench::run(*args))
+        }
     };
     // The error chain only: a backtrace of xtask itself (RUST_BACKTRACE is set for the tests)
     // would bury the message.

@@ -82,10 +82,14 @@ fn check_files(out: &Path, modes: &[&str], ratios: &[&str], metric_count: usize)
     assert!(md.contains("No test failed."), "{md}");
     let svg = std::fs::read_to_string(out.join("chart.svg")).expect("chart.svg exists");
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    let header = md
+        .lines()
+        .find(|l| l.starts_with("| metric | unit | better |"))
+        .expect("main table header");
     for mode in modes {
         assert!(
-            md.contains(&format!("{mode} median")),
-            "report.md lacks {mode}"
+            header.contains(&format!(" {mode} |")),
+            "report.md's table lacks {mode}: {header}"
         );
         assert!(
             svg.contains(&format!(">{mode}</text>")),
@@ -100,18 +104,105 @@ fn check_files(out: &Path, modes: &[&str], ratios: &[&str], metric_count: usize)
     r
 }
 
+/// The default datapath modes in run order; the fast-path sub-modes need the agent's
+/// `--ebpf-fast-path` flag and are skipped (with a note) by an agent without it.
+const DATAPATH_MODES: [&str; 7] = [
+    "node",
+    "host-gw",
+    "vxlan",
+    "ebpf-kernel",
+    "ebpf-r1",
+    "ebpf-r1r2",
+    "ebpf",
+];
+const FAST_PATH_SUB_MODES: [&str; 3] = ["ebpf-kernel", "ebpf-r1", "ebpf-r1r2"];
+
 #[test]
 fn quick_datapath_bench_writes_results_for_every_mode() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let out = tempfile::tempdir().expect("temp dir");
     run_bench(&[], out.path());
+    let json = std::fs::read_to_string(out.path().join("results.json")).expect("results.json");
+    let r: Value = serde_json::from_str(&json).expect("JSON");
+    let notes: Vec<&str> = r["notes"]
+        .as_array()
+        .expect("notes")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    // "skipped modes ebpf-kernel, ebpf-r1, ebpf-r1r2: agent ... has no --ebpf-fast-path flag"
+    let skipped: Vec<&str> = notes
+        .iter()
+        .find_map(|n| n.strip_prefix("skipped modes "))
+        .and_then(|n| n.split_once(':'))
+        .map(|(list, _)| list.split(", ").collect())
+        .unwrap_or_default();
+    assert!(
+        skipped.iter().all(|m| FAST_PATH_SUB_MODES.contains(m)),
+        "only the fast-path sub-modes may be skipped: {skipped:?}"
+    );
+    let expected: Vec<&str> = DATAPATH_MODES
+        .into_iter()
+        .filter(|m| !skipped.contains(m))
+        .collect();
     let r = check_files(
         out.path(),
-        &["host-gw", "vxlan", "ebpf"],
-        &["ebpf/host-gw", "ebpf/vxlan"],
+        &expected,
+        &["ebpf/node", "ebpf/host-gw", "ebpf/vxlan"],
         11,
     );
     assert_eq!(r["kind"], "datapath");
+    assert_eq!(r["settings"]["pinning"]["client_cpus"], "0");
+    assert_eq!(
+        r["targets"].as_array().expect("targets").len(),
+        7,
+        "every issue-12 target judged"
+    );
+    assert!(
+        r["targets"]
+            .as_array()
+            .expect("targets")
+            .iter()
+            .all(|t| t["met"].is_boolean()),
+        "every target has a verdict: {}",
+        r["targets"]
+    );
+    let profiles = r["profiles"].as_array().expect("profiles");
+    assert_eq!(profiles.len(), expected.len(), "one CPU profile per mode");
+    for (p, mode) in profiles.iter().zip(&expected) {
+        assert_eq!(p["mode"], *mode);
+        assert!(
+            p["samples_experiment"].as_u64().expect("samples") > 0,
+            "{p}"
+        );
+        assert!(!p["top_kernel"].as_array().expect("top").is_empty(), "{p}");
+        let txt = std::fs::read_to_string(out.path().join(format!("perf-{mode}.txt")))
+            .expect("perf-<mode>.txt");
+        assert!(
+            txt.contains("[k]"),
+            "perf report lists kernel symbols: {txt}"
+        );
+    }
+    // The physical reference has no bridge and no vxlan device on the stack; vxlan has it.
+    let share = |mode: &str, group: &str| {
+        profiles
+            .iter()
+            .find(|p| p["mode"] == mode)
+            .expect("profile")["groups"][group]
+            .as_f64()
+            .expect("group share")
+    };
+    assert_eq!(share("node", "bridge (br_*)"), 0.0);
+    assert!(share("vxlan", "vxlan device (vxlan_*)") > 0.0);
+    let md = std::fs::read_to_string(out.path().join("report.md")).expect("report.md");
+    for section in [
+        "## Targets",
+        "### What disappeared",
+        "### Spread",
+        "Pinning (taskset",
+    ] {
+        assert!(md.contains(section), "report.md lacks {section}");
+    }
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! The datapath benchmark's topology and one mode's life on it: start the real agent with
-//! `--backend=<mode>` on both nodes, wait for subnet.env, create the pod bridge and a pod from
-//! FLANNEL_SUBNET on each node, wait for pod-to-pod ping; afterwards stop the agents and
-//! remove everything they left (flanneld-style agents keep the datapath on exit, on purpose).
+//! the mode's `--backend` and extra arguments on both nodes, wait for subnet.env, create the
+//! pod bridge and a pod from FLANNEL_SUBNET on each node, wait for pod-to-pod ping; afterwards
+//! stop the agents and remove everything they left (flanneld-style agents keep the datapath
+//! on exit, on purpose). The `node` mode starts nothing: its endpoints are the nodes.
 //!
 //! The fixtures panic on failure (they are test fixtures); here a panic during one mode's
 //! bring-up becomes an error for that mode, so a long run keeps its other results.
@@ -17,6 +18,7 @@ use overlay_tests::try_wait_until;
 
 use super::agent::BenchAgent;
 use super::measure::PodPair;
+use super::modes::Mode;
 use super::{Progress, probe};
 
 pub const ETCD_PREFIX: &str = "/coreos.com/network";
@@ -88,13 +90,18 @@ impl Lab {
         Ok(total)
     }
 
-    pub fn bring_up(&mut self, mode: &str, progress: &Progress) -> Result<ModeUp> {
+    pub fn bring_up(&mut self, mode: &Mode, progress: &Progress) -> Result<ModeUp> {
+        let Some(backend) = mode.backend else {
+            return self.bring_up_nodes(progress);
+        };
         let endpoint = self.cluster.etcd_endpoint();
         let mut agents = Vec::new();
         for node in &self.cluster.nodes {
-            let args = node.agent_args(&endpoint, mode);
+            let mut args = node.agent_args(&endpoint, backend);
+            args.extend(mode.agent_args.iter().map(|a| a.to_string()));
             agents.push(BenchAgent::spawn(&node.ns, &args, AGENT_ENV)?);
         }
+        let mode = mode.name;
         let mut envs = Vec::new();
         for (node, agent) in self.cluster.nodes.iter().zip(&mut agents) {
             let env = wait_subnet_env(node, agent).map_err(|e| {
@@ -153,6 +160,38 @@ impl Lab {
             pair.server_ip
         ));
         Ok(ModeUp { agents, pair })
+    }
+
+    /// No overlay: the client in node 1, the server at node 2's underlay address.
+    fn bring_up_nodes(&self, progress: &Progress) -> Result<ModeUp> {
+        let (a, b) = (&self.cluster.nodes[0], &self.cluster.nodes[1]);
+        let pair = PodPair {
+            client_ns: a.ns.name().to_string(),
+            server_ns: b.ns.name().to_string(),
+            server_ip: b.ip,
+            scope_ns: vec![a.ns.name().to_string(), b.ns.name().to_string()],
+        };
+        let ping = |from: &Node, to: Ipv4Addr| {
+            from.ns
+                .try_run(&["ping", "-c1", "-W1", "-q", &to.to_string()])
+                .status
+                .success()
+        };
+        if !try_wait_until(PING_READY, || ping(a, b.ip) && ping(b, a.ip)) {
+            bail!(
+                "node: nodes {} and {} cannot ping each other over the underlay",
+                a.ip,
+                b.ip
+            );
+        }
+        progress.line(&format!(
+            "    nodes {} <-> {} answer ping (no overlay, no agent)",
+            a.ip, b.ip
+        ));
+        Ok(ModeUp {
+            agents: Vec::new(),
+            pair,
+        })
     }
 
     /// Stops the agents (SIGTERM, then SIGKILL) and removes what they and the pods left, so

@@ -1,6 +1,10 @@
 //! One mode's datapath tests between two pods on different nodes: iperf3 (1 and 4 streams,
 //! and a paced run for CPU cost), and the xtask tools for request/response, connect rate and
 //! UDP packet rate. Every test is bounded in time and talks only inside our namespaces.
+//!
+//! Every client and server process is pinned with `taskset` to the same CPUs in every mode:
+//! on a small VM a wake-up across CPUs costs several times one on the same CPU, so latency
+//! figures compare only with the same placement.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -64,11 +68,56 @@ pub struct Settings {
     pub seconds: f64,
     /// Rate of the paced run that measures CPU cost (Gbit/s).
     pub paced_gbit: f64,
+    pub pin: Pinning,
+}
+
+/// CPU lists (taskset -c syntax) for the load tools' client and server processes.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Pinning {
+    pub client_cpus: String,
+    pub server_cpus: String,
+}
+
+impl Pinning {
+    /// Client on CPU 0 and server on CPU 1 (as on two hosts), or both on CPU 0 when the
+    /// machine has one.
+    pub fn default_for(cpus: usize) -> Self {
+        Self {
+            client_cpus: "0".into(),
+            server_cpus: if cpus >= 2 { "1" } else { "0" }.into(),
+        }
+    }
+
+    /// Fails early, with the reason, when taskset refuses a CPU list (e.g. a CPU that does
+    /// not exist here).
+    pub fn check(&self) -> Result<()> {
+        for (what, cpus) in [("client", &self.client_cpus), ("server", &self.server_cpus)] {
+            let out = Command::new("taskset")
+                .args(["-c", cpus, "true"])
+                .output()
+                .context("run taskset (util-linux)")?;
+            if !out.status.success() {
+                bail!(
+                    "--{what}-cpus {cpus:?} is not usable here: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 pub fn in_ns(ns: &str, program: &str) -> Command {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", ns, program]);
+    c
+}
+
+/// `program` in `ns`, pinned to `cpus`. `ip netns exec` and taskset both exec, so the
+/// child's pid is the program's.
+pub fn in_ns_pinned(ns: &str, cpus: &str, program: &str) -> Command {
+    let mut c = in_ns(ns, "taskset");
+    c.args(["-c", cpus, program]);
     c
 }
 
@@ -97,9 +146,9 @@ pub fn remove_tool_exe() {
     }
 }
 
-fn self_tool(ns: &str) -> Result<Command> {
+fn self_tool(ns: &str, cpus: &str) -> Result<Command> {
     let exe = tool_exe()?;
-    let mut c = in_ns(ns, &exe.to_string_lossy());
+    let mut c = in_ns_pinned(ns, cpus, &exe.to_string_lossy());
     c.args(["bench", "tool"]);
     Ok(c)
 }
@@ -135,14 +184,14 @@ pub fn measure_mode(
     note(
         "iperf3",
         (|| {
-            let _server = start_iperf_server(&pair.server_ns)?;
-            let r1 = iperf(pair, s.seconds, 1, None)?;
+            let _server = start_iperf_server(&pair.server_ns, &s.pin.server_cpus)?;
+            let r1 = iperf(pair, &s.pin, s.seconds, 1, None)?;
             out.insert("tcp_1_stream", r1.gbit_per_s);
             progress.line(&format!(
                 "    tcp 1 stream   {:>10.2} Gbit/s",
                 r1.gbit_per_s
             ));
-            let r4 = iperf(pair, s.seconds, 4, None)?;
+            let r4 = iperf(pair, &s.pin, s.seconds, 4, None)?;
             out.insert("tcp_4_streams", r4.gbit_per_s);
             progress.line(&format!(
                 "    tcp 4 streams  {:>10.2} Gbit/s",
@@ -161,7 +210,7 @@ pub fn measure_mode(
             let idle_wall = wall.elapsed().as_secs_f64();
             let wall = Instant::now();
             let (run_stat, run_rt) = (CpuTimes::now()?, MachineRuntime::now(&scope)?);
-            let rp = iperf(pair, s.seconds, 1, Some(s.paced_gbit))?;
+            let rp = iperf(pair, &s.pin, s.seconds, 1, Some(s.paced_gbit))?;
             let run_rt = MachineRuntime::now(&scope)?.since(&run_rt);
             let run_stat = CpuTimes::now()?.since(&run_stat).busy;
             let scale = wall.elapsed().as_secs_f64() / idle_wall;
@@ -196,10 +245,10 @@ pub fn measure_mode(
     note(
         "tcp rr/crr",
         (|| {
-            let mut cmd = self_tool(&pair.server_ns)?;
+            let mut cmd = self_tool(&pair.server_ns, &s.pin.server_cpus)?;
             cmd.args(["tcp-echo", "--port", &TCP_TOOL_PORT.to_string()]);
             let _server = ServerProcess::start(cmd, "tcp-echo server")?;
-            let mut rr = self_tool(&pair.client_ns)?;
+            let mut rr = self_tool(&pair.client_ns, &s.pin.client_cpus)?;
             rr.args([
                 "rr",
                 "--server",
@@ -216,7 +265,7 @@ pub fn measure_mode(
                 "    tcp rr         {rate:>10.0} trans/s  p50 {:.1} us  p99 {:.1} us",
                 r.p50_us, r.p99_us
             ));
-            let mut crr = self_tool(&pair.client_ns)?;
+            let mut crr = self_tool(&pair.client_ns, &s.pin.client_cpus)?;
             crr.args([
                 "crr",
                 "--server",
@@ -238,11 +287,11 @@ pub fn measure_mode(
     note(
         "udp",
         (|| {
-            let mut cmd = self_tool(&pair.server_ns)?;
+            let mut cmd = self_tool(&pair.server_ns, &s.pin.server_cpus)?;
             cmd.args(["udp-sink", "--port", &UDP_TOOL_PORT.to_string()]);
             cmd.args(["--max-seconds", &((s.seconds as u64) + 30).to_string()]);
             let sink = ServerProcess::start(cmd, "udp-sink")?;
-            let mut flood = self_tool(&pair.client_ns)?;
+            let mut flood = self_tool(&pair.client_ns, &s.pin.client_cpus)?;
             let target = SocketAddr::from((pair.server_ip, UDP_TOOL_PORT));
             flood.args([
                 "udp-flood",
@@ -253,11 +302,10 @@ pub fn measure_mode(
             ]);
             let f: UdpFloodResult = tools::run_client(flood, "udp-flood client")?;
             let r: UdpSinkResult = sink.finish(Duration::from_secs(10))?;
-            if r.sent == 0 {
-                bail!(
-                    "udp-sink never got the end marker ({} datagrams received)",
-                    r.received
-                );
+            // The flood's own count is the sent figure; the end marker only ends the sink
+            // early (it stops after a second of silence otherwise).
+            if r.received == 0 {
+                bail!("udp-sink received none of {} datagrams", f.sent);
             }
             // Rate over the sender's interval: packets the receiver got per second of sending.
             let pps = r.received as f64 / f.seconds;
@@ -286,7 +334,7 @@ fn sh(cmd: &mut Command) -> Result<()> {
 }
 
 /// An iperf3 server in a namespace, killed by pid on drop.
-struct IperfServer(std::process::Child);
+pub struct IperfServer(std::process::Child);
 
 impl Drop for IperfServer {
     fn drop(&mut self) {
@@ -295,8 +343,8 @@ impl Drop for IperfServer {
     }
 }
 
-fn start_iperf_server(ns: &str) -> Result<IperfServer> {
-    let child = in_ns(ns, "iperf3")
+pub fn start_iperf_server(ns: &str, cpus: &str) -> Result<IperfServer> {
+    let child = in_ns_pinned(ns, cpus, "iperf3")
         .args(["-s", "-p", &IPERF_PORT.to_string()])
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -332,11 +380,32 @@ pub struct IperfResult {
 
 fn iperf(
     pair: &PodPair,
+    pin: &Pinning,
     seconds: f64,
     streams: u32,
     rate_gbit: Option<f64>,
 ) -> Result<IperfResult> {
-    let mut cmd = in_ns(&pair.client_ns, "iperf3");
+    let mut cmd = iperf_client(pair, pin, seconds, streams, rate_gbit);
+    let out = cmd.output().context("spawn iperf3 client")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse_iperf_json(&text).with_context(|| {
+        format!(
+            "iperf3 -P {streams} ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    })
+}
+
+/// The pinned iperf3 client command (JSON output on stdout).
+pub fn iperf_client(
+    pair: &PodPair,
+    pin: &Pinning,
+    seconds: f64,
+    streams: u32,
+    rate_gbit: Option<f64>,
+) -> Command {
+    let mut cmd = in_ns_pinned(&pair.client_ns, &pin.client_cpus, "iperf3");
     cmd.args([
         "-J",
         "-c",
@@ -350,15 +419,7 @@ fn iperf(
         // Per-stream pacing; with 1 stream this is the total rate.
         cmd.args(["-b", &format!("{}M", (r * 1000.0).round() as u64)]);
     }
-    let out = cmd.output().context("spawn iperf3 client")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    parse_iperf_json(&text).with_context(|| {
-        format!(
-            "iperf3 -P {streams} ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )
-    })
+    cmd
 }
 
 pub fn parse_iperf_json(text: &str) -> Result<IperfResult> {

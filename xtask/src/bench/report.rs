@@ -12,7 +12,9 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::MetricDef;
+use super::profile::{GROUPS, Profile};
 use super::stats::Summary;
+use super::targets::{MIN_ROUNDS, TargetResult};
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Results {
@@ -32,6 +34,23 @@ pub struct Results {
     /// Observations worth keeping with the numbers (e.g. the eBPF datapath's counters).
     #[serde(default)]
     pub notes: Vec<String>,
+    /// Mode -> what it runs.
+    #[serde(default)]
+    pub mode_descriptions: BTreeMap<String, String>,
+    /// Ratios of the main table ("a/b"); empty: every ratio computed.
+    #[serde(default)]
+    pub headline_ratios: Vec<String>,
+    /// Ratios of the fast-path steps table ("step/previous").
+    #[serde(default)]
+    pub step_ratios: Vec<String>,
+    /// Rounds each mode ran (the targets are stated for medians of >= 5).
+    #[serde(default)]
+    pub rounds: u32,
+    #[serde(default)]
+    pub targets: Vec<TargetResult>,
+    /// One CPU profile per mode (empty with --no-profile).
+    #[serde(default)]
+    pub profiles: Vec<Profile>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -123,6 +142,7 @@ pub fn fmt_num(v: f64) -> String {
     }
 }
 
+/// The main table's ratios: the headline ones that were computed, else all of them.
 fn ratio_names(r: &Results) -> Vec<String> {
     let mut names: Vec<String> = Vec::new();
     for m in &r.metrics {
@@ -132,14 +152,22 @@ fn ratio_names(r: &Results) -> Vec<String> {
             }
         }
     }
-    names
+    if r.headline_ratios.is_empty() {
+        return names;
+    }
+    r.headline_ratios
+        .iter()
+        .filter(|k| names.contains(k))
+        .cloned()
+        .collect()
 }
 
-/// Rows of cells: header first. Cells: metric, unit, better, one per mode, one per ratio.
+/// Rows of cells: header first. Cells: metric, unit, better, one median per mode, one per
+/// ratio (the spread has its own table: seven "median [min-max]" columns do not read).
 fn table_cells(r: &Results) -> Vec<Vec<String>> {
     let ratios = ratio_names(r);
     let mut header = vec!["metric".to_string(), "unit".into(), "better".into()];
-    header.extend(r.modes.iter().map(|m| format!("{m} median [min-max]")));
+    header.extend(r.modes.iter().cloned());
     header.extend(ratios.iter().cloned());
     let mut rows = vec![header];
     for m in &r.metrics {
@@ -155,12 +183,7 @@ fn table_cells(r: &Results) -> Vec<Vec<String>> {
         ];
         for mode in &r.modes {
             row.push(match m.per_mode.get(mode) {
-                Some(s) => format!(
-                    "{} [{}-{}]",
-                    fmt_num(s.median),
-                    fmt_num(s.min),
-                    fmt_num(s.max)
-                ),
+                Some(s) => fmt_num(s.median),
                 None => "failed".into(),
             });
         }
@@ -170,6 +193,232 @@ fn table_cells(r: &Results) -> Vec<Vec<String>> {
         rows.push(row);
     }
     rows
+}
+
+/// metric, then "min-max" per mode.
+fn spread_cells(r: &Results) -> Vec<Vec<String>> {
+    let mut header = vec!["metric".to_string()];
+    header.extend(r.modes.iter().cloned());
+    let mut rows = vec![header];
+    for m in &r.metrics {
+        let mut row = vec![m.label.clone()];
+        for mode in &r.modes {
+            row.push(match m.per_mode.get(mode) {
+                Some(s) => format!("{}-{}", fmt_num(s.min), fmt_num(s.max)),
+                None => "failed".into(),
+            });
+        }
+        rows.push(row);
+    }
+    rows
+}
+
+/// metric, better, then one ratio per fast-path step that ran.
+fn step_cells(r: &Results) -> Option<Vec<Vec<String>>> {
+    let steps: Vec<&String> = r
+        .step_ratios
+        .iter()
+        .filter(|k| r.metrics.iter().any(|m| m.ratios.contains_key(*k)))
+        .collect();
+    if steps.is_empty() {
+        return None;
+    }
+    let mut header = vec!["metric".to_string(), "better".into()];
+    header.extend(steps.iter().map(|s| s.to_string()));
+    let mut rows = vec![header];
+    for m in &r.metrics {
+        let mut row = vec![
+            m.label.clone(),
+            if m.higher_is_better {
+                "higher"
+            } else {
+                "lower"
+            }
+            .into(),
+        ];
+        for k in &steps {
+            row.push(m.ratios.get(*k).map_or("-".into(), |v| format!("{v:.2}")));
+        }
+        rows.push(row);
+    }
+    Some(rows)
+}
+
+fn md_table(md: &mut String, rows: &[Vec<String>]) {
+    for (i, row) in rows.iter().enumerate() {
+        let _ = writeln!(md, "| {} |", row.join(" | "));
+        if i == 0 {
+            let _ = writeln!(md, "|{}", " --- |".repeat(row.len()));
+        }
+    }
+}
+
+fn pct(v: f64) -> String {
+    format!("{:.1}", v * 100.0)
+}
+
+/// Groups whose share differs most between two modes' profiles, as a sentence.
+fn profile_difference(a: &Profile, b: &Profile) -> String {
+    let mut diffs: Vec<(&str, f64)> = GROUPS
+        .iter()
+        .map(|(g, _)| {
+            let share = |p: &Profile| p.groups.get(*g).copied().unwrap_or(0.0);
+            (*g, share(a) - share(b))
+        })
+        .filter(|(_, d)| d.abs() >= 0.01)
+        .collect();
+    diffs.sort_by(|x, y| y.1.abs().total_cmp(&x.1.abs()));
+    let list = |more: bool| -> String {
+        let v: Vec<String> = diffs
+            .iter()
+            .filter(|(_, d)| (*d > 0.0) == more)
+            .take(4)
+            .map(|(g, d)| format!("{g} {:+.1} pp", d * 100.0))
+            .collect();
+        if v.is_empty() {
+            "nothing".into()
+        } else {
+            v.join(", ")
+        }
+    };
+    format!(
+        "{} against {}: more on the stack: {}; less: {}",
+        a.mode,
+        b.mode,
+        list(true),
+        list(false)
+    )
+}
+
+fn markdown_targets(md: &mut String, r: &Results) {
+    if r.targets.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "\n## Targets\n\nRatios of medians within this run (issue 12).{}\n",
+        if r.rounds < MIN_ROUNDS {
+            format!(
+                " **Only {} round(s): the targets are stated for medians of >= {MIN_ROUNDS} \
+                 interleaved rounds, so these verdicts are indicative.**",
+                r.rounds
+            )
+        } else {
+            String::new()
+        }
+    );
+    let mut rows = vec![vec![
+        "target".to_string(),
+        "ratio".into(),
+        "bound".into(),
+        "this run".into(),
+        "verdict".into(),
+    ]];
+    for t in &r.targets {
+        rows.push(vec![
+            t.label.clone(),
+            t.ratio_of.clone(),
+            t.target.clone(),
+            t.ratio.map_or("-".into(), |v| format!("{v:.3}")),
+            t.verdict(),
+        ]);
+    }
+    md_table(md, &rows);
+    let missed: Vec<&TargetResult> = r.targets.iter().filter(|t| t.met == Some(false)).collect();
+    let _ = writeln!(
+        md,
+        "\n{} of {} targets met.",
+        r.targets.iter().filter(|t| t.met == Some(true)).count(),
+        r.targets.len()
+    );
+    if missed.is_empty() || r.profiles.is_empty() {
+        return;
+    }
+    // What the (bulk TCP) profiles say about the modes the missed targets compare.
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    for t in &missed {
+        if let Some((a, b)) = t.ratio_of.split_once('/')
+            && !pairs.contains(&(a, b))
+        {
+            pairs.push((a, b));
+        }
+    }
+    let find = |m: &str| r.profiles.iter().find(|p| p.mode == m);
+    let lines: Vec<String> = pairs
+        .iter()
+        .filter_map(|(a, b)| Some(profile_difference(find(a)?, find(b)?)))
+        .collect();
+    if !lines.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nWhere the missed targets' modes differ in the bulk TCP profiles (share of the \
+             experiment's samples with the layer on the call chain; pp = percentage points):\n"
+        );
+        for l in lines {
+            let _ = writeln!(md, "- {l}");
+        }
+    }
+}
+
+fn markdown_profiles(md: &mut String, r: &Results) {
+    if r.profiles.is_empty() {
+        return;
+    }
+    let files: Vec<String> = r
+        .profiles
+        .iter()
+        .map(|p| format!("`{}`", p.report_file))
+        .collect();
+    let _ = writeln!(
+        md,
+        "\n## CPU profiles (one bulk TCP run per mode under `perf record -a -g`)\n\n\
+         Separate from the measured runs. Shares are of the experiment's samples (`iperf3` \
+         client and server, `ksoftirqd/*`), not of the whole shared machine. Full reports: \
+         {}; call graphs: `perf report -i perf-<mode>.data --children`. Without a PMU (this \
+         VM) perf samples `cpu-clock`, which charges time spent with interrupts off to the \
+         function that turns them back on (`_raw_spin_unlock_irqrestore`, \
+         `handle_softirqs`).\n",
+        files.join(", ")
+    );
+    let _ = writeln!(
+        md,
+        "### What disappeared\n\nPercent of the experiment's samples with the layer anywhere \
+         on the call chain (nested layers overlap, so columns do not add up).\n"
+    );
+    let mut header = vec!["layer".to_string()];
+    header.extend(r.profiles.iter().map(|p| p.mode.clone()));
+    let mut rows = vec![header];
+    for (g, _) in GROUPS {
+        let mut row = vec![g.to_string()];
+        row.extend(
+            r.profiles
+                .iter()
+                .map(|p| p.groups.get(*g).map_or("-".into(), |v| pct(*v))),
+        );
+        rows.push(row);
+    }
+    let mut kernel = vec!["(kernel share of these samples)".to_string()];
+    kernel.extend(r.profiles.iter().map(|p| pct(p.kernel_share)));
+    rows.push(kernel);
+    let mut tput = vec!["(Gbit/s under perf)".to_string()];
+    tput.extend(r.profiles.iter().map(|p| fmt_num(p.gbit_per_s)));
+    rows.push(tput);
+    let mut n = vec!["(samples)".to_string()];
+    n.extend(r.profiles.iter().map(|p| p.samples_experiment.to_string()));
+    rows.push(n);
+    md_table(md, &rows);
+    let _ = writeln!(
+        md,
+        "\n### Top kernel functions (self time, % of the experiment's samples)\n"
+    );
+    for p in &r.profiles {
+        let top: Vec<String> = p
+            .top_kernel
+            .iter()
+            .map(|(s, v)| format!("`{s}` {}", pct(*v)))
+            .collect();
+        let _ = writeln!(md, "- **{}**: {}", p.mode, top.join(", "));
+    }
 }
 
 pub fn terminal_table(r: &Results) -> String {
@@ -226,20 +475,45 @@ pub fn markdown(r: &Results) -> String {
         r.host.cpus,
         r.host.load_avg_at_start
     );
+    let _ = writeln!(md, "Settings: `{}`\n", r.settings);
+    if let Some(pin) = r.settings.get("pinning") {
+        let _ = writeln!(
+            md,
+            "Pinning (taskset, the same in every mode): client on CPUs {}, server on CPUs {}.\n",
+            pin["client_cpus"].as_str().unwrap_or("?"),
+            pin["server_cpus"].as_str().unwrap_or("?")
+        );
+    }
+    if !r.mode_descriptions.is_empty() {
+        let _ = writeln!(md, "Modes:\n");
+        for m in &r.modes {
+            if let Some(d) = r.mode_descriptions.get(m) {
+                let _ = writeln!(md, "- `{m}`: {d}");
+            }
+        }
+        let _ = writeln!(md);
+    }
     let _ = writeln!(
         md,
-        "Settings: `{}`\n\nModes ran interleaved ({}) in every round; each cell is the \
-         median over rounds with the min-max spread; ratios compare medians. The machine is \
-         shared and noisy: compare modes within this run only.\n",
-        r.settings,
-        r.modes.join(", ")
+        "Modes ran interleaved ({}) in every round; each cell is the median over {} round(s) \
+         (spread in the next table); ratios compare medians. The machine is shared and noisy: \
+         compare modes within this run only.\n",
+        r.modes.join(", "),
+        r.rounds
     );
-    for (i, row) in rows.iter().enumerate() {
-        let _ = writeln!(md, "| {} |", row.join(" | "));
-        if i == 0 {
-            let _ = writeln!(md, "|{}", " --- |".repeat(row.len()));
-        }
+    md_table(&mut md, &rows);
+    let _ = writeln!(md, "\n### Spread (min-max over rounds)\n");
+    md_table(&mut md, &spread_cells(r));
+    if let Some(steps) = step_cells(r) {
+        let _ = writeln!(
+            md,
+            "\n### Gain of each fast-path step\n\nEach step's median over the one before it \
+             (for lower-is-better metrics a ratio below 1 is the gain).\n"
+        );
+        md_table(&mut md, &steps);
     }
+    markdown_targets(&mut md, r);
+    markdown_profiles(&mut md, r);
     if r.errors.is_empty() {
         let _ = writeln!(md, "\nNo test failed.");
     } else {
@@ -258,7 +532,10 @@ pub fn markdown(r: &Results) -> String {
     md
 }
 
-const COLORS: [&str; 4] = ["#4e79a7", "#f28e2b", "#59a14f", "#b07aa1"];
+const COLORS: [&str; 9] = [
+    "#4e79a7", "#f28e2b", "#59a14f", "#b07aa1", "#79706e", "#edc948", "#76b7b2", "#ff9da7",
+    "#9c755f",
+];
 
 /// One colour per mode in every chart (datapath and control-plane runs list modes differently).
 fn color(mode: &str, index: usize) -> &'static str {
@@ -266,7 +543,11 @@ fn color(mode: &str, index: usize) -> &'static str {
         "host-gw" => COLORS[0],
         "vxlan" => COLORS[1],
         "ebpf" => COLORS[2],
-        _ => COLORS[3 + index % (COLORS.len() - 3)],
+        "node" => COLORS[4],
+        "ebpf-kernel" => COLORS[5],
+        "ebpf-r1" => COLORS[6],
+        "ebpf-r1r2" => COLORS[7],
+        _ => COLORS[3 + index % 2 * 5],
     }
 }
 
@@ -279,9 +560,9 @@ fn esc(s: &str) -> String {
 /// One panel per metric, one bar per mode (median), a whisker for min-max; each panel is
 /// scaled to its own largest value because units differ.
 pub fn svg(r: &Results) -> String {
-    let (left, bar_w, bar_h, gap) = (330.0, 520.0, 14.0, 4.0);
+    let (left, bar_w, bar_h, gap): (f64, f64, f64, f64) = (330.0, 520.0, 14.0, 4.0);
     let panel_h = r.modes.len() as f64 * (bar_h + gap) + 22.0;
-    let width = left + bar_w + 140.0;
+    let width = (left + bar_w + 140.0).max(20.0 + r.modes.len() as f64 * 120.0);
     let height = 60.0 + panel_h * r.metrics.len() as f64;
     let mut s = String::new();
     let _ = writeln!(
@@ -296,7 +577,7 @@ pub fn svg(r: &Results) -> String {
         esc(&r.started_utc)
     );
     for (i, mode) in r.modes.iter().enumerate() {
-        let x = left + i as f64 * 130.0;
+        let x = 10.0 + i as f64 * 120.0;
         let _ = writeln!(
             s,
             r#"<rect x="{x}" y="30" width="12" height="12" fill="{}"/><text x="{}" y="41">{}</text>"#,
@@ -419,7 +700,13 @@ mod tests {
             ),
             modes,
             errors: vec!["lat ebpf: boom".into()],
-            notes: vec!["round 1 ebpf counters: encap_packets=3".into()],
+            notes: vec!["round 1 ebpf counters: fast_tx_packets=3".into()],
+            mode_descriptions: BTreeMap::new(),
+            headline_ratios: vec!["ebpf/host-gw".into(), "ebpf/vxlan".into()],
+            step_ratios: Vec::new(),
+            rounds: 3,
+            targets: Vec::new(),
+            profiles: Vec::new(),
         }
     }
 
@@ -436,13 +723,20 @@ mod tests {
     fn renders_table_markdown_svg() {
         let r = sample();
         let t = terminal_table(&r);
-        assert!(t.contains("10.00 [9.00-11.00]"), "{t}");
+        assert!(t.contains("10.00"), "{t}");
         assert!(t.contains("failed"));
         let md = markdown(&r);
-        assert!(md.contains("| Throughput | Gbit/s | higher |"), "{md}");
+        assert!(
+            md.contains("| Throughput | Gbit/s | higher | 10.00 | 8.00 | 9.00 | 0.90 | 1.12 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| Throughput | 9.00-11.00 | 7.00-9.00 | 8.00-10.00 |"),
+            "{md}"
+        );
         assert!(md.contains("lat ebpf: boom"));
         assert!(
-            md.contains("## Notes\n\n- round 1 ebpf counters: encap_packets=3"),
+            md.contains("## Notes\n\n- round 1 ebpf counters: fast_tx_packets=3"),
             "{md}"
         );
         let svg = svg(&r);

@@ -43,7 +43,9 @@ pub enum Tool {
         #[arg(long)]
         seconds: f64,
     },
-    /// UDP sink: counts datagrams until the flood's end marker (or the time limit).
+    /// UDP sink: counts datagrams until the flood's end marker, or until a second without
+    /// any after the first (the markers can all be lost when the pinned sink is starved on a
+    /// busy machine), or the time limit.
     UdpSink {
         #[arg(long)]
         port: u16,
@@ -80,7 +82,8 @@ pub struct CrrResult {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct UdpSinkResult {
     pub received: u64,
-    /// What the flood said it sent (0 when its end marker never arrived).
+    /// What the flood said it sent (0 when its end marker never arrived: the harness has the
+    /// flood's own count).
     pub sent: u64,
     /// First to last datagram received.
     pub seconds: f64,
@@ -243,6 +246,9 @@ fn udp_sink(port: u16, max: Duration) -> Result<UdpSinkResult> {
     count_datagrams(&sock, max)
 }
 
+/// Silence after which the flood is taken to be over.
+const UDP_IDLE_END: Duration = Duration::from_secs(1);
+
 fn count_datagrams(sock: &UdpSocket, max: Duration) -> Result<UdpSinkResult> {
     let deadline = Instant::now() + max;
     let mut buf = [0u8; 2048];
@@ -260,7 +266,11 @@ fn count_datagrams(sock: &UdpSocket, max: Duration) -> Result<UdpSinkResult> {
                 first.get_or_insert(now);
                 last = Some(now);
             }
-            Err(_) => continue,
+            Err(_) => {
+                if last.is_some_and(|l| l.elapsed() >= UDP_IDLE_END) {
+                    break;
+                }
+            }
         }
     }
     let seconds = match (first, last) {
