@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::{
+    bpffs,
     config::{BackendType, NetworkConfig},
     dataplane::{
         self, DataplaneCommand, DataplaneError, LeaseAttrs, LocalLease,
@@ -624,7 +625,14 @@ async fn start_backend(
                     EbpfMode::Direct => DatapathMode::Direct,
                 },
             };
-            match EbpfDataplane::new(kernel, settings) {
+            // Without a bpf filesystem nothing can be pinned: mount one (as Cilium's agent
+            // does) and fall back only when that fails.
+            let started = match bpffs::ensure_pin_root(&flags.bpf_pin_dir) {
+                Ok(_) => EbpfDataplane::new(kernel, settings)
+                    .map_err(|unavailable| (unavailable.to_string(), unavailable.kernel)),
+                Err(err) => Err((format!("the eBPF datapath is unavailable: {err}"), kernel)),
+            };
+            match started {
                 Ok(dataplane) => {
                     status.send_modify(|s| s.node.active_datapath = "ebpf".into());
                     let stats = tokio::spawn(copy_datapath_counters(
@@ -642,15 +650,14 @@ async fn start_backend(
                     stats.abort();
                     result
                 }
-                Err(unavailable) => {
-                    let reason = unavailable.to_string();
+                Err((reason, kernel)) => {
                     warn!(reason = %reason, "the eBPF datapath cannot run here; this node forwards through the kernel vxlan device alone (a plain flannel vxlan node)");
                     status.send_modify(|s| {
                         s.node.active_datapath = "vxlan".into();
                         s.node.fallback_reason = Some(reason);
                     });
                     let setup = NodeSetup {
-                        dataplane: unavailable.kernel,
+                        dataplane: kernel,
                         attrs,
                         public_ip,
                         pod_mtu,

@@ -5,6 +5,7 @@
 //! the dataplane and applies them through [`dataplane::Dataplane`].
 
 pub mod agent;
+pub mod bpffs;
 pub mod cli;
 pub mod config;
 pub mod config_watch;
