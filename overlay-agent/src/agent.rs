@@ -652,6 +652,7 @@ async fn start_backend(
                 }
                 Err((reason, kernel)) => {
                     warn!(reason = %reason, "the eBPF datapath cannot run here; this node forwards through the kernel vxlan device alone (a plain flannel vxlan node)");
+                    remove_ebpf_left_by_earlier_run(&flags.bpf_pin_dir);
                     status.send_modify(|s| {
                         s.node.active_datapath = "vxlan".into();
                         s.node.fallback_reason = Some(reason);
@@ -698,6 +699,23 @@ fn remove_stale_ebpf(pin_dir: &std::path::Path) {
         }
         Ok(false) => {}
         Err(err) => warn!(error = %err, "cannot remove the eBPF datapath of an earlier run"),
+    }
+}
+
+/// After a failed eBPF start, an earlier run's pinned programs would stay attached and keep
+/// working from maps nobody updates (dropping VXLAN from nodes that join later as "unknown
+/// source"): unpinning them detaches them and leaves a plain flannel vxlan node.
+fn remove_ebpf_left_by_earlier_run(pin_dir: &std::path::Path) {
+    match remove_pinned(pin_dir) {
+        Ok(true) => warn!(
+            pin_dir = %pin_dir.display(),
+            "falling back: detached and unpinned the eBPF programs and maps an earlier run left under the pin directory, so they no longer act on traffic with stale peers"
+        ),
+        Ok(false) => {}
+        Err(err) => error!(
+            error = %err,
+            "falling back, but the eBPF programs of an earlier run may still be attached and drop VXLAN from new peers; remove the pin directory by hand"
+        ),
     }
 }
 

@@ -1,7 +1,9 @@
 //! How a `--backend=ebpf` agent starts on a real host (issue 11): started with `ip netns exec`
-//! (a private /sys without bpffs) it mounts bpffs itself and runs the eBPF datapath.
+//! (a private /sys without bpffs) it mounts bpffs itself and runs the eBPF datapath; when the
+//! eBPF datapath cannot start, the fallback removes what an earlier run left attached, so a
+//! node that joins afterwards is reached.
 
-use std::time::Duration;
+use std::{process::Command, time::Duration};
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use overlay_tests::{
@@ -148,4 +150,64 @@ fn ebpf_agent_started_with_ip_netns_exec_mounts_bpffs_and_runs_the_ebpf_datapath
         || attached(&cluster.nodes[0].ns) == (vec![], vec![]),
     );
     assert_pods_reach_each_other(&cluster, 0, 1, &[&agent1]);
+}
+
+#[test]
+fn a_failed_ebpf_start_detaches_the_earlier_runs_programs_and_a_node_joining_later_is_reached() {
+    let mut cluster = Cluster::new(3);
+    cluster.put_config(PREFIX, CONFIG);
+    let mut agent0 = start(&cluster, 0, "ebpf");
+    let agent1 = start(&cluster, 1, "ebpf");
+    add_pod(&mut cluster, 0, &agent0);
+    add_pod(&mut cluster, 1, &agent1);
+    assert_pods_reach_each_other(&cluster, 0, 1, &[&agent0, &agent1]);
+    assert_eq!(
+        attached(&cluster.nodes[0].ns),
+        ebpf_attached(),
+        "{}",
+        agent0.log()
+    );
+
+    // A clean stop leaves the datapath pinned and attached, as designed.
+    agent0.signal(libc::SIGTERM);
+    assert_eq!(agent0.wait_exit(LONG), Some(0), "{}", agent0.log());
+    let pin_dir = cluster.nodes[0].pin_dir.clone();
+    // The next start fails to load: a map of another layout sits where OVL_CONFIG was pinned
+    // (as an incompatible version would leave it). The attached programs keep their maps.
+    let config_pin = pin_dir.join(overlay_common::map_names::CONFIG);
+    std::fs::remove_file(&config_pin)
+        .unwrap_or_else(|err| panic!("removing {}: {err}", config_pin.display()));
+    let out = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&config_pin)
+        .args(["type", "array", "key", "4", "value", "4", "entries", "1"])
+        .args(["name", overlay_common::map_names::CONFIG])
+        .output()
+        .expect("bpftool");
+    assert!(out.status.success(), "bpftool map create: {out:?}");
+    assert_eq!(attached(&cluster.nodes[0].ns), ebpf_attached());
+
+    let agent0 = start(&cluster, 0, "ebpf");
+    agent0.wait_for_log("cannot run here", LONG);
+    wait_until(LONG, "node 0's /status to say it fell back", || {
+        let s = status(&cluster.nodes[0].ns);
+        s["node"]["active_datapath"] == "vxlan" && s["node"]["fallback_reason"].is_string()
+    });
+
+    // A node joining after the fallback: its VXLAN must not meet the earlier run's programs,
+    // whose maps know only node 1.
+    let agent2 = start(&cluster, 2, "vxlan");
+    add_pod(&mut cluster, 2, &agent2);
+    assert_pods_reach_each_other(&cluster, 0, 2, &[&agent0, &agent2]);
+    assert_pods_reach_each_other(&cluster, 0, 1, &[&agent0, &agent1]);
+    assert_pods_reach_each_other(&cluster, 1, 2, &[&agent1, &agent2]);
+
+    assert_eq!(
+        attached(&cluster.nodes[0].ns),
+        (vec![], vec![]),
+        "a fallen-back node is a plain flannel node; log:\n{}",
+        agent0.log()
+    );
+    assert!(!pin_dir.exists(), "{} still exists", pin_dir.display());
+    agent0.wait_for_log("detached and unpinned the eBPF programs", LONG);
 }
