@@ -28,7 +28,7 @@ use crate::{
     },
     etcd::{self, EtcdError, EtcdOptions},
     flags::{EbpfMode, Flags},
-    health, iface,
+    forward, health, iface,
     lease::{HeldLease, LEASE_TTL, LeaseError, Lessor, format_mac},
     masq, notify,
     peer::PeerEvent,
@@ -356,6 +356,7 @@ async fn control_loop(
         warn!(error = %err, "installing the ip-masq rules failed; retrying every {:?}", flags.iptables_resync());
     }
     let mut masq_task = start_masq(held.subnet);
+    let forward_task = start_forward_rules(flags, config.network).await;
     subnet_env(&held).write(&flags.subnet_file)?;
     info!(path = %flags.subnet_file.display(), "wrote the subnet file");
     notify::ready();
@@ -423,7 +424,38 @@ async fn control_loop(
     if let Some(task) = masq_task {
         task.abort();
     }
+    if let Some(task) = forward_task {
+        task.abort();
+    }
     result
+}
+
+/// `--iptables-forward-rules` (flanneld's default: on): installs the FORWARD accept rules
+/// before subnet.env tells Docker to start, then keeps them with `--iptables-resync`.
+async fn start_forward_rules(
+    flags: &Flags,
+    network: ipnetwork::Ipv4Network,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if !flags.iptables_forward_rules {
+        info!(
+            "--iptables-forward-rules=false: not installing FORWARD accept rules; a FORWARD policy of DROP (Docker sets one) then drops pod traffic between nodes"
+        );
+        return None;
+    }
+    let iptables = forward::Iptables::default();
+    let installed = match forward::install(&iptables, network).await {
+        Ok(()) => true,
+        Err(err) => {
+            warn!(error = %err, "installing the FORWARD accept rules failed; retrying every {:?}", flags.iptables_resync());
+            false
+        }
+    };
+    Some(tokio::spawn(forward::keep_rules(
+        iptables,
+        network,
+        flags.iptables_resync(),
+        installed,
+    )))
 }
 
 /// Keeps the status's peer list in step with what the dataplane is told.

@@ -13,6 +13,7 @@ pub mod dataplane;
 pub mod docker_opts;
 pub mod etcd;
 pub mod flags;
+pub mod forward;
 pub mod health;
 pub mod iface;
 pub mod lease;
