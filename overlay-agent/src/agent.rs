@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::{
+    bpffs,
     config::{BackendType, NetworkConfig},
     dataplane::{
         self, DataplaneCommand, DataplaneError, LeaseAttrs, LocalLease,
@@ -27,7 +28,7 @@ use crate::{
     },
     etcd::{self, EtcdError, EtcdOptions},
     flags::Flags,
-    health, iface,
+    forward, health, iface,
     lease::{HeldLease, LEASE_TTL, LeaseError, Lessor, format_mac},
     masq, notify,
     peer::PeerEvent,
@@ -355,6 +356,7 @@ async fn control_loop(
         warn!(error = %err, "installing the ip-masq rules failed; retrying every {:?}", flags.iptables_resync());
     }
     let mut masq_task = start_masq(held.subnet);
+    let forward_task = start_forward_rules(flags, config.network).await;
     subnet_env(&held).write(&flags.subnet_file)?;
     info!(path = %flags.subnet_file.display(), "wrote the subnet file");
     notify::ready();
@@ -422,7 +424,38 @@ async fn control_loop(
     if let Some(task) = masq_task {
         task.abort();
     }
+    if let Some(task) = forward_task {
+        task.abort();
+    }
     result
+}
+
+/// `--iptables-forward-rules` (flanneld's default: on): installs the FORWARD accept rules
+/// before subnet.env tells Docker to start, then keeps them with `--iptables-resync`.
+async fn start_forward_rules(
+    flags: &Flags,
+    network: ipnetwork::Ipv4Network,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if !flags.iptables_forward_rules {
+        info!(
+            "--iptables-forward-rules=false: not installing FORWARD accept rules; a FORWARD policy of DROP (Docker sets one) then drops pod traffic between nodes"
+        );
+        return None;
+    }
+    let iptables = forward::Iptables::default();
+    let installed = match forward::install(&iptables, network).await {
+        Ok(()) => true,
+        Err(err) => {
+            warn!(error = %err, "installing the FORWARD accept rules failed; retrying every {:?}", flags.iptables_resync());
+            false
+        }
+    };
+    Some(tokio::spawn(forward::keep_rules(
+        iptables,
+        network,
+        flags.iptables_resync(),
+        installed,
+    )))
 }
 
 /// Keeps the status's peer list in step with what the dataplane is told.
@@ -621,7 +654,14 @@ async fn start_backend(
                 vxlan_device: kernel.device_name().to_string(),
                 fast_path: flags.ebpf_fast_path,
             };
-            match EbpfDataplane::new(kernel, settings) {
+            // Without a bpf filesystem nothing can be pinned: mount one (as Cilium's agent
+            // does) and fall back only when that fails.
+            let started = match bpffs::ensure_pin_root(&flags.bpf_pin_dir) {
+                Ok(_) => EbpfDataplane::new(kernel, settings)
+                    .map_err(|unavailable| (unavailable.to_string(), unavailable.kernel)),
+                Err(err) => Err((format!("the eBPF datapath is unavailable: {err}"), kernel)),
+            };
+            match started {
                 Ok(dataplane) => {
                     let gso_decap = dataplane.gso_decap_supported();
                     status.send_modify(|s| {
@@ -644,15 +684,15 @@ async fn start_backend(
                     stats.abort();
                     result
                 }
-                Err(unavailable) => {
-                    let reason = unavailable.to_string();
+                Err((reason, kernel)) => {
                     warn!(reason = %reason, "the eBPF datapath cannot run here; this node forwards through the kernel vxlan device alone (a plain flannel vxlan node)");
+                    remove_ebpf_left_by_earlier_run(&flags.bpf_pin_dir);
                     status.send_modify(|s| {
                         s.node.active_datapath = "vxlan".into();
                         s.node.fallback_reason = Some(reason);
                     });
                     let setup = NodeSetup {
-                        dataplane: unavailable.kernel,
+                        dataplane: kernel,
                         attrs,
                         public_ip,
                         pod_mtu,
@@ -693,6 +733,23 @@ fn remove_stale_ebpf(pin_dir: &std::path::Path) {
         }
         Ok(false) => {}
         Err(err) => warn!(error = %err, "cannot remove the eBPF datapath of an earlier run"),
+    }
+}
+
+/// After a failed eBPF start, an earlier run's pinned programs would stay attached and keep
+/// working from maps nobody updates (dropping VXLAN from nodes that join later as "unknown
+/// source"): unpinning them detaches them and leaves a plain flannel vxlan node.
+fn remove_ebpf_left_by_earlier_run(pin_dir: &std::path::Path) {
+    match remove_pinned(pin_dir) {
+        Ok(true) => warn!(
+            pin_dir = %pin_dir.display(),
+            "falling back: detached and unpinned the eBPF programs and maps an earlier run left under the pin directory, so they no longer act on traffic with stale peers"
+        ),
+        Ok(false) => {}
+        Err(err) => error!(
+            error = %err,
+            "falling back, but the eBPF programs of an earlier run may still be attached and drop VXLAN from new peers; remove the pin directory by hand"
+        ),
     }
 }
 

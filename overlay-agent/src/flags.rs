@@ -175,6 +175,19 @@ pub struct Flags {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub iptables_resync: u64,
+    /// Install flanneld's FORWARD accept rules for the pod network in iptables' filter table
+    /// (needed when Docker sets the FORWARD policy to DROP); kept by the same resync.
+    #[arg(
+        long,
+        global = true,
+        env = "FLANNELD_IPTABLES_FORWARD_RULES",
+        num_args = 0..=1,
+        require_equals = true,
+        default_value_t = true,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub iptables_forward_rules: bool,
     /// Address for the /healthz and /readyz endpoint.
     #[arg(
         long,

@@ -5,6 +5,7 @@
 //! the dataplane and applies them through [`dataplane::Dataplane`].
 
 pub mod agent;
+pub mod bpffs;
 pub mod cli;
 pub mod config;
 pub mod config_watch;
@@ -12,6 +13,7 @@ pub mod dataplane;
 pub mod docker_opts;
 pub mod etcd;
 pub mod flags;
+pub mod forward;
 pub mod health;
 pub mod iface;
 pub mod lease;

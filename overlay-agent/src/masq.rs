@@ -1,10 +1,14 @@
-//! `--ip-masq`: flannel's masquerade and forward rules, in flannel's own nftables table
+//! `--ip-masq`: flannel's masquerade rules, in flannel's own nftables table
 //! (`ip flannel-ipv4`) so that a node migrating from flanneld's nftables mode takes its table
 //! over instead of stacking a second copy.
 //!
 //! Rules go through nft's JSON interface (`nft -j -f -`) as one batch, which nft applies as
 //! one transaction: the table is never seen half-written. The table is rewritten whole, so a
 //! subnet change removes the old rules.
+//!
+//! The FORWARD accept rules are not here: an accept in this table cannot override a DROP
+//! policy of iptables' FORWARD chain (every base chain runs). They live in iptables' filter
+//! table, see [`crate::forward`]; a `forward` chain earlier versions put here is removed.
 
 use std::{process::Stdio, time::Duration};
 
@@ -16,11 +20,10 @@ use tracing::{info, warn};
 /// flannel's table and chain names.
 pub const TABLE: &str = "flannel-ipv4";
 const POSTROUTING_CHAIN: &str = "postrtg";
-const FORWARD_CHAIN: &str = "forward";
 /// kube-proxy marks packets it wants masqueraded with this bit; flannel leaves them alone.
 const KUBE_MASQ_MARK: u32 = 0x4000;
 /// How many rules [`ruleset`] writes; a table with another count is re-applied.
-const RULE_COUNT: usize = 8;
+const RULE_COUNT: usize = 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MasqError {
@@ -44,11 +47,13 @@ pub fn ruleset(network: Ipv4Network, subnet: Ipv4Network) -> Value {
     let masquerade = json!({"masquerade": {"flags": ["fully-random"]}});
     let ret = json!({"return": null});
     json!({"nftables": [
+        // Add (so that the delete cannot fail), delete, re-create: also drops chains that
+        // earlier versions kept here.
         {"add": {"table": table}},
-        {"flush": {"table": table}},
-        // srcnat = 100, filter = 0: the priorities flannel's nftables mode uses.
+        {"delete": {"table": table}},
+        {"add": {"table": table}},
+        // srcnat = 100: the priority flannel's nftables mode uses.
         {"add": chain(POSTROUTING_CHAIN, "nat", "postrouting", 100)},
-        {"add": chain(FORWARD_CHAIN, "filter", "forward", 0)},
         postrouting(vec![
             json!({"match": {"op": "==", "left": {"&": [{"meta": {"key": "mark"}}, KUBE_MASQ_MARK]}, "right": KUBE_MASQ_MARK}}),
             ret.clone(),
@@ -66,9 +71,6 @@ pub fn ruleset(network: Ipv4Network, subnet: Ipv4Network) -> Value {
         ]),
         // Outside to other nodes' pods through us.
         postrouting(vec![ip_match("saddr", "!=", network), ip_match("daddr", "==", network), masquerade]),
-        // FORWARD policy DROP (docker sets it) must not break pod traffic.
-        rule(FORWARD_CHAIN, vec![ip_match("saddr", "==", network), json!({"accept": null})]),
-        rule(FORWARD_CHAIN, vec![ip_match("daddr", "==", network), json!({"accept": null})]),
     ]})
 }
 

@@ -45,9 +45,25 @@ impl AgentProcess {
     }
 
     pub fn spawn_with_env(netns: &NetNs, args: &[String], env: &[(&str, &str)]) -> AgentProcess {
+        // nsenter, not `ip netns exec`: pins on the host's bpffs outlive the process.
+        let command = netns.nsenter_command(agent_binary().to_str().expect("utf-8 path"));
+        Self::spawn_command(netns, command, args, env)
+    }
+
+    /// Starts the agent the way many flanneld units do, with `ip netns exec`: a private mount
+    /// namespace whose fresh /sys has no bpffs.
+    pub fn spawn_ip_netns_exec(netns: &NetNs, args: &[String]) -> AgentProcess {
+        let command = netns.command(agent_binary().to_str().expect("utf-8 path"));
+        Self::spawn_command(netns, command, args, &[])
+    }
+
+    fn spawn_command(
+        netns: &NetNs,
+        mut command: std::process::Command,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> AgentProcess {
         let log = NamedTempFile::with_prefix("overlay-agent-log-").expect("agent log file");
-        // nsenter, not `ip netns exec`: the agent must see the host's bpffs to pin its maps.
-        let mut command = netns.nsenter_command(agent_binary().to_str().expect("utf-8 path"));
         command
             .args(args)
             .env("RUST_LOG", "info,overlay_agent=debug")

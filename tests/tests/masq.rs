@@ -67,7 +67,9 @@ fn ip_masq_masquerades_outside_traffic_only_and_restores_deleted_rules() {
         .expect("apply rules");
     let listing = node.ns.stdout(&["nft", "list", "table", "ip", masq::TABLE]);
     assert!(listing.contains("masquerade fully-random"), "{listing}");
-    assert!(listing.contains("ip saddr 10.5.0.0/16 accept"), "{listing}");
+    // FORWARD accepts belong to iptables' filter table (overlay_agent::forward): here they
+    // could not override a FORWARD policy of DROP.
+    assert!(!listing.contains("hook forward"), "{listing}");
 
     let connect = |target: &'static str| {
         move || {
