@@ -685,7 +685,9 @@ impl<S: KvStore> Lessor<S> {
 }
 
 /// The next events on our key; `None` when the watch broke or fell behind (check again).
-async fn next_watch_message<W: KvWatch>(stream: &mut Option<W>) -> Option<Vec<crate::store::KvEvent>> {
+async fn next_watch_message<W: KvWatch>(
+    stream: &mut Option<W>,
+) -> Option<Vec<crate::store::KvEvent>> {
     match stream {
         Some(s) => match s.next().await {
             Ok(WatchBatch::Events(events)) => Some(events),

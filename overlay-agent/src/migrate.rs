@@ -121,7 +121,10 @@ pub async fn run(
     let prefix = opts.subnets_prefix();
     let (leases, _) = source.list(&prefix).await?;
     let (existing, _) = target.list(&prefix).await?;
-    let existing: BTreeMap<String, Kv> = existing.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
+    let existing: BTreeMap<String, Kv> = existing
+        .into_iter()
+        .map(|kv| (kv.key.clone(), kv))
+        .collect();
     let mut expired = 0usize;
     for lease in leases {
         let ttl = match source.time_to_live(&lease).await? {
@@ -167,7 +170,11 @@ pub async fn run(
             };
             if !created {
                 // Written by someone else since we looked: theirs stays.
-                let _ = writeln!(out, "skip   {} (appeared in {to} meanwhile; left as it is)", copy.key);
+                let _ = writeln!(
+                    out,
+                    "skip   {} (appeared in {to} meanwhile; left as it is)",
+                    copy.key
+                );
                 continue;
             }
             written += 1;

@@ -78,16 +78,24 @@ pub trait KvStore: Clone + Send + Sync + 'static {
     fn api(&self) -> EtcdApi;
 
     /// A fresh connection with the same options (after an endpoint died).
-    fn reconnect(&self, opts: &EtcdOptions) -> impl Future<Output = Result<Self, EtcdError>> + Send;
+    fn reconnect(&self, opts: &EtcdOptions)
+    -> impl Future<Output = Result<Self, EtcdError>> + Send;
 
     /// One key, and the store's revision at the read.
-    fn get(&mut self, key: &str) -> impl Future<Output = Result<(Option<Kv>, i64), EtcdError>> + Send;
+    fn get(
+        &mut self,
+        key: &str,
+    ) -> impl Future<Output = Result<(Option<Kv>, i64), EtcdError>> + Send;
 
     /// Every key under `prefix` (which ends with '/'), and the store's revision at the read.
-    fn list(&mut self, prefix: &str) -> impl Future<Output = Result<(Vec<Kv>, i64), EtcdError>> + Send;
+    fn list(
+        &mut self,
+        prefix: &str,
+    ) -> impl Future<Output = Result<(Vec<Kv>, i64), EtcdError>> + Send;
 
     /// Writes `key` without expiry (the network config).
-    fn put(&mut self, key: &str, value: &str) -> impl Future<Output = Result<(), EtcdError>> + Send;
+    fn put(&mut self, key: &str, value: &str)
+    -> impl Future<Output = Result<(), EtcdError>> + Send;
 
     /// Creates `key` expiring after `ttl` only if it does not exist. `Ok(None)`: it exists;
     /// `Ok(Some(lease))`: created, `lease` as in [`Kv::lease`].
@@ -145,12 +153,17 @@ pub trait KvStore: Clone + Send + Sync + 'static {
 
 /// The store chosen at start-up.
 #[derive(Clone)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per agent, cloned a handful of times at start-up"
+)]
 pub enum Store {
     V3(etcd_client::Client),
     V2(V2Client),
 }
 
 /// A watch on a [`Store`].
+#[expect(clippy::large_enum_variant, reason = "one per running watch")]
 pub enum StoreWatch {
     V3(<etcd_client::Client as KvStore>::Watch),
     V2(<V2Client as KvStore>::Watch),

@@ -202,10 +202,22 @@ mod tests {
             ..Default::default()
         };
         let un = Probe::Unavailable("v2 not served".into());
-        assert_eq!(decide(&opts, &Probe::Present, &Probe::Absent), Decision::Use(EtcdApi::V3));
-        assert_eq!(decide(&opts, &Probe::Present, &un), Decision::Use(EtcdApi::V3));
-        assert_eq!(decide(&opts, &Probe::Absent, &Probe::Present), Decision::Use(EtcdApi::V2));
-        assert_eq!(decide(&opts, &Probe::Present, &Probe::Present), Decision::SplitUseV3);
+        assert_eq!(
+            decide(&opts, &Probe::Present, &Probe::Absent),
+            Decision::Use(EtcdApi::V3)
+        );
+        assert_eq!(
+            decide(&opts, &Probe::Present, &un),
+            Decision::Use(EtcdApi::V3)
+        );
+        assert_eq!(
+            decide(&opts, &Probe::Absent, &Probe::Present),
+            Decision::Use(EtcdApi::V2)
+        );
+        assert_eq!(
+            decide(&opts, &Probe::Present, &Probe::Present),
+            Decision::SplitUseV3
+        );
         let Decision::Wait(why) = decide(&opts, &Probe::Absent, &un) else {
             panic!("nothing to use")
         };

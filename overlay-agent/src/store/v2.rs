@@ -117,7 +117,10 @@ impl Endpoint {
             _ => return Err(bad("the scheme must be http or https")),
         };
         let host = uri.host().ok_or_else(|| bad("no host"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
         let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
         Ok(Endpoint {
             url: url.trim_end_matches('/').to_string(),
@@ -145,8 +148,15 @@ pub struct V2Client {
 
 impl std::fmt::Debug for V2Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let urls: Vec<&str> = self.inner.endpoints.iter().map(|e| e.url.as_str()).collect();
-        f.debug_struct("V2Client").field("endpoints", &urls).finish()
+        let urls: Vec<&str> = self
+            .inner
+            .endpoints
+            .iter()
+            .map(|e| e.url.as_str())
+            .collect();
+        f.debug_struct("V2Client")
+            .field("endpoints", &urls)
+            .finish()
     }
 }
 
@@ -163,7 +173,11 @@ fn read_file(
     })
 }
 
-fn bad_pem(path: &std::path::Path, flag: &'static str, detail: impl std::fmt::Display) -> EtcdError {
+fn bad_pem(
+    path: &std::path::Path,
+    flag: &'static str,
+    detail: impl std::fmt::Display,
+) -> EtcdError {
     EtcdError::TlsFile {
         what: "PEM",
         flag,
@@ -239,23 +253,22 @@ fn request_error(operation: impl Into<String>, detail: impl std::fmt::Display) -
 }
 
 /// Sends one request on a fresh connection and reads the whole answer.
-async fn exchange<S>(io: S, request: Request<Full<Bytes>>) -> Result<(StatusCode, u64, Bytes), String>
+async fn exchange<S>(
+    io: S,
+    request: Request<Full<Bytes>>,
+) -> Result<(StatusCode, u64, Bytes), String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
-        .map_err(|e| format!("HTTP handshake: {e}"))?;
-    let driver = tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            debug!(error = %err, "etcd v2 connection closed with an error");
-        }
-    });
+        .map_err(|e| format!("HTTP handshake: {}", chain(&e)))?;
+    let driver = tokio::spawn(connection);
     let result = async {
         let response = sender
             .send_request(request)
             .await
-            .map_err(|e| format!("sending the request: {e}"))?;
+            .map_err(|e| format!("sending the request: {}", chain(&e)))?;
         let status = response.status();
         let etcd_index = response
             .headers()
@@ -267,13 +280,51 @@ where
             .into_body()
             .collect()
             .await
-            .map_err(|e| format!("reading the answer: {e}"))?
+            .map_err(|e| format!("reading the answer: {}", chain(&e)))?
             .to_bytes();
         Ok((status, etcd_index, body))
     }
     .await;
-    driver.abort();
-    result
+    if result.is_ok() {
+        driver.abort();
+        return result;
+    }
+    // The request only says "canceled" when the connection died; the connection's own
+    // error says why (e.g. the TLS alert of a server refusing our certificate).
+    match tokio::time::timeout(Duration::from_secs(1), driver).await {
+        Ok(Ok(Err(conn))) => {
+            debug!(error = %chain(&conn), "etcd v2 connection failed");
+            result.map_err(|e| format!("{e}: {}", chain(&conn)))
+        }
+        _ => result,
+    }
+}
+
+/// An error with its sources ("a: b: c"), skipping repeats.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// What to check for a request that got no answer, from the failure text.
+fn failure_hint(detail: &str, tls: bool) -> &'static str {
+    let d = detail.to_ascii_lowercase();
+    if tls && (d.contains("certificate") || d.contains("alert") || d.contains("tls")) {
+        "; the TLS handshake failed: etcd must trust our client certificate (signed by a CA in its \
+         --trusted-ca-file; check --etcd-certfile/--etcd-keyfile) and --etcd-cafile must be the CA \
+         that signed etcd's certificate, whose names must include the endpoint's host"
+    } else {
+        "; is etcd running and reachable there? check --etcd-endpoints"
+    }
 }
 
 impl V2Client {
@@ -295,7 +346,9 @@ impl V2Client {
             });
         }
         let tls = if endpoints.iter().any(|e| e.tls) {
-            Some(tokio_rustls::TlsConnector::from(Arc::new(tls_config(opts)?)))
+            Some(tokio_rustls::TlsConnector::from(Arc::new(tls_config(
+                opts,
+            )?)))
         } else {
             None
         };
@@ -327,7 +380,10 @@ impl V2Client {
 
     /// Whether the v2 keyspace holds `key` (used by `--etcd-api=auto`).
     pub async fn config_exists(&self, key: &str) -> Result<bool, EtcdError> {
-        match self.call(Method::GET, key, &[], &[], REQUEST_TIMEOUT).await? {
+        match self
+            .call(Method::GET, key, &[], &[], REQUEST_TIMEOUT)
+            .await?
+        {
             Reply::Ok { .. } => Ok(true),
             Reply::Error(e) if e.error_code == code::KEY_NOT_FOUND => Ok(false),
             Reply::Error(e) => Err(self.refused(format!("reading {key}"), &e)),
@@ -379,13 +435,10 @@ impl V2Client {
                 let connector = self.inner.tls.as_ref().ok_or("TLS is not set up")?;
                 let name = ServerName::try_from(endpoint.host.clone())
                     .map_err(|e| format!("{}: not a TLS server name: {e}", endpoint.host))?;
-                let stream = connector.connect(name, tcp).await.map_err(|e| {
-                    format!(
-                        "TLS handshake: {e}; etcd must trust our client certificate \
-                         (check --etcd-certfile/--etcd-keyfile) and --etcd-cafile must be the CA \
-                         that signed etcd's certificate"
-                    )
-                })?;
+                let stream = connector
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("TLS handshake: {}", chain(&e)))?;
                 exchange(stream, request).await
             } else {
                 exchange(tcp, request).await
@@ -428,6 +481,8 @@ impl V2Client {
                 }
             }
         }
+        let detail = failures.join("; ");
+        let tls = self.inner.tls.is_some();
         Err(EtcdError::Connect {
             endpoints: self
                 .inner
@@ -436,8 +491,8 @@ impl V2Client {
                 .map(|e| e.url.as_str())
                 .collect::<Vec<_>>()
                 .join(","),
-            detail: failures.join("; "),
-            hint: "; is etcd running and reachable there? check --etcd-endpoints".into(),
+            hint: failure_hint(&detail, tls).into(),
+            detail,
         })
     }
 
@@ -458,7 +513,10 @@ fn decode(
 ) -> Result<Reply, EtcdError> {
     if status.is_success() {
         let answer: Answer = serde_json::from_slice(body).map_err(|e| {
-            request_error(operation, format!("unexpected answer from {}: {e}", endpoint.url))
+            request_error(
+                operation,
+                format!("unexpected answer from {}: {e}", endpoint.url),
+            )
         })?;
         return Ok(Reply::Ok { answer, etcd_index });
     }
@@ -523,7 +581,10 @@ impl KvStore for V2Client {
     }
 
     async fn get(&mut self, key: &str) -> Result<(Option<Kv>, i64), EtcdError> {
-        match self.call(Method::GET, key, &[], &[], REQUEST_TIMEOUT).await? {
+        match self
+            .call(Method::GET, key, &[], &[], REQUEST_TIMEOUT)
+            .await?
+        {
             Reply::Ok { answer, etcd_index } if !answer.node.dir => {
                 Ok((Some(kv_of(answer.node)), etcd_index as i64))
             }
@@ -535,21 +596,29 @@ impl KvStore for V2Client {
 
     async fn list(&mut self, prefix: &str) -> Result<(Vec<Kv>, i64), EtcdError> {
         let query = [("recursive", "true".to_string())];
-        match self.call(Method::GET, prefix, &query, &[], REQUEST_TIMEOUT).await? {
+        match self
+            .call(Method::GET, prefix, &query, &[], REQUEST_TIMEOUT)
+            .await?
+        {
             Reply::Ok { answer, etcd_index } => {
                 let mut kvs = Vec::new();
                 flatten(answer.node, &mut kvs);
                 kvs.sort_by(|a, b| a.key.cmp(&b.key));
                 Ok((kvs, etcd_index as i64))
             }
-            Reply::Error(e) if e.error_code == code::KEY_NOT_FOUND => Ok((Vec::new(), e.index as i64)),
+            Reply::Error(e) if e.error_code == code::KEY_NOT_FOUND => {
+                Ok((Vec::new(), e.index as i64))
+            }
             Reply::Error(e) => Err(self.refused(format!("listing {prefix}"), &e)),
         }
     }
 
     async fn put(&mut self, key: &str, value: &str) -> Result<(), EtcdError> {
         let form = [("value", value.to_string())];
-        match self.call(Method::PUT, key, &[], &form, REQUEST_TIMEOUT).await? {
+        match self
+            .call(Method::PUT, key, &[], &form, REQUEST_TIMEOUT)
+            .await?
+        {
             Reply::Ok { .. } => Ok(()),
             Reply::Error(e) => Err(self.refused(format!("writing {key}"), &e)),
         }
@@ -563,7 +632,13 @@ impl KvStore for V2Client {
     ) -> Result<Option<i64>, EtcdError> {
         let query = [("prevExist", "false".to_string())];
         match self
-            .call(Method::PUT, key, &query, &ttl_form(value, ttl), REQUEST_TIMEOUT)
+            .call(
+                Method::PUT,
+                key,
+                &query,
+                &ttl_form(value, ttl),
+                REQUEST_TIMEOUT,
+            )
             .await?
         {
             Reply::Ok { .. } => Ok(Some(0)),
@@ -580,7 +655,13 @@ impl KvStore for V2Client {
     ) -> Result<Option<i64>, EtcdError> {
         let query = [("prevIndex", old.mod_revision.to_string())];
         match self
-            .call(Method::PUT, &old.key, &query, &ttl_form(value, ttl), REQUEST_TIMEOUT)
+            .call(
+                Method::PUT,
+                &old.key,
+                &query,
+                &ttl_form(value, ttl),
+                REQUEST_TIMEOUT,
+            )
             .await?
         {
             Reply::Ok { .. } => Ok(Some(0)),
@@ -610,7 +691,10 @@ impl KvStore for V2Client {
     }
 
     async fn delete(&mut self, key: &str) -> Result<bool, EtcdError> {
-        match self.call(Method::DELETE, key, &[], &[], REQUEST_TIMEOUT).await? {
+        match self
+            .call(Method::DELETE, key, &[], &[], REQUEST_TIMEOUT)
+            .await?
+        {
             Reply::Ok { .. } => Ok(true),
             Reply::Error(e) if e.error_code == code::KEY_NOT_FOUND => Ok(false),
             Reply::Error(e) => Err(self.refused(format!("deleting {key}"), &e)),
@@ -626,7 +710,13 @@ impl KvStore for V2Client {
     ) -> Result<Option<Duration>, EtcdError> {
         let query = [("prevValue", value.to_string())];
         match self
-            .call(Method::PUT, key, &query, &ttl_form(value, ttl), REQUEST_TIMEOUT)
+            .call(
+                Method::PUT,
+                key,
+                &query,
+                &ttl_form(value, ttl),
+                REQUEST_TIMEOUT,
+            )
             .await?
         {
             Reply::Ok { answer, .. } => Ok(Some(
@@ -652,7 +742,13 @@ impl KvStore for V2Client {
         ttl: Duration,
     ) -> Result<(), EtcdError> {
         match self
-            .call(Method::PUT, key, &[], &ttl_form(value, ttl), REQUEST_TIMEOUT)
+            .call(
+                Method::PUT,
+                key,
+                &[],
+                &ttl_form(value, ttl),
+                REQUEST_TIMEOUT,
+            )
             .await?
         {
             Reply::Ok { .. } => Ok(()),
@@ -737,7 +833,10 @@ mod tests {
     #[test]
     fn urls_encode_keys_and_values() {
         assert_eq!(
-            V2Client::url_path("/coreos.com/network/subnets/", &[("recursive", "true".into())]),
+            V2Client::url_path(
+                "/coreos.com/network/subnets/",
+                &[("recursive", "true".into())]
+            ),
             "/v2/keys/coreos.com/network/subnets?recursive=true"
         );
         assert_eq!(
@@ -765,9 +864,15 @@ mod tests {
             panic!("an error answer")
         };
         assert_eq!(e.error_code, code::EVENT_INDEX_CLEARED);
-        let err = decode("get", &ep, StatusCode::NOT_FOUND, 0, b"404 page not found\n")
-            .err()
-            .expect("not the v2 API");
+        let err = decode(
+            "get",
+            &ep,
+            StatusCode::NOT_FOUND,
+            0,
+            b"404 page not found\n",
+        )
+        .err()
+        .expect("not the v2 API");
         assert!(err.to_string().contains("--enable-v2=true"), "{err}");
     }
 }
