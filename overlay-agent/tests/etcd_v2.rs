@@ -508,10 +508,12 @@ async fn v2_over_mutual_tls_works_and_a_foreign_certificate_fails_clearly() {
 }
 
 /// Runs the agent binary with the seeds' flags on an interface that does not exist: it
-/// chooses the etcd API, reads the config, then stops at the interface. Returns its log.
+/// chooses the etcd API, reads the config, then stops at the interface. Returns its log
+/// (panics, with the log, when it does not stop within 20 s).
 fn agent_log_until_exit(endpoint: &str, prefix: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(agent_bin())
+    let log_path = dir.path().join("agent.log");
+    let mut child = std::process::Command::new(agent_bin())
         .args([
             &format!("-etcd-endpoints={endpoint}"),
             &format!("-etcd-prefix={prefix}"),
@@ -520,10 +522,26 @@ fn agent_log_until_exit(endpoint: &str, prefix: &str) -> String {
         ])
         .env_remove("RUST_LOG")
         .env_remove("FLANNELD_ETCD_API")
-        .output()
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
         .unwrap();
-    assert!(!out.status.success());
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    let deadline = std::time::Instant::now() + LONG;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let status =
+        status.unwrap_or_else(|| panic!("the agent did not stop at the interface:\n{log}"));
+    assert!(!status.success(), "{log}");
+    log
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -535,21 +553,23 @@ async fn auto_chooses_v3_v2_or_v3_with_a_split_warning() {
     etcd.v3(&["put", "/both/config", config]);
     etcd.v2(&["mk", "/both/config", config]);
 
-    let log = agent_log_until_exit(&etcd.endpoint, "/only3");
+    let run =
+        |prefix: &str| tokio::task::block_in_place(|| agent_log_until_exit(&etcd.endpoint, prefix));
+    let log = run("/only3");
     assert!(
         log.contains("etcd API v3 chosen") && !log.contains("split"),
         "{log}"
     );
     assert!(log.contains("network config loaded"), "{log}");
 
-    let log = agent_log_until_exit(&etcd.endpoint, "/only2");
+    let log = run("/only2");
     assert!(
         log.contains("etcd API v2 chosen") && !log.contains("split"),
         "{log}"
     );
     assert!(log.contains("network config loaded"), "{log}");
 
-    let log = agent_log_until_exit(&etcd.endpoint, "/both");
+    let log = run("/both");
     assert!(
         log.contains("etcd API v3 chosen") && log.contains("the cluster is split"),
         "{log}"
