@@ -658,6 +658,11 @@ async fn subcommands_work_on_v2_and_migration_copies_exactly_once_and_refuses_co
             + rest.trim_end_matches('s').parse::<i64>().unwrap();
         assert!(secs <= ttl && secs > ttl - 60, "{line}: the v2 key's TTL");
     }
+    // `status` (no agent running) reads etcd and says which keyspace.
+    let dir = tempfile::tempdir().unwrap();
+    let subnet_file = format!("-subnet-file={}", dir.path().join("subnet.env").display());
+    let (ok, out, err) = cli(&[&subnet_file, "status"]);
+    assert!(ok && out.contains("etcd      api v2"), "{out}{err}");
     etcd.v2(&[
         "set",
         "--ttl",
@@ -751,5 +756,46 @@ async fn subcommands_work_on_v2_and_migration_copies_exactly_once_and_refuses_co
             .kvs()
             .is_empty(),
         "a refused migration writes nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v2_basic_auth_works_and_a_wrong_password_fails_clearly() {
+    let etcd = Etcd::start_v2();
+    etcd.v2(&["mk", "/auth/config", r#"{"Network":"10.4.0.0/16"}"#]);
+    // v2 auth: a root user, then auth on (etcdctl v2 reads the password from the argument).
+    etcd.v2(&["user", "add", "root:s3cret"]);
+    etcd.v2(&["auth", "enable"]);
+    let good = EtcdOptions {
+        username: Some("root".into()),
+        password: Some("s3cret".into()),
+        ..opts(&etcd.endpoint, "/auth")
+    };
+    let mut c = V2Client::connect(&good)
+        .await
+        .expect("user/password accepted");
+    assert!(
+        c.create(
+            "/auth/subnets/10.4.1.0-24",
+            &new_lease("10.0.0.1", "c6:d2:32:6f:8f:01"),
+            Duration::from_secs(60)
+        )
+        .await
+        .unwrap()
+        .is_some()
+    );
+    let (kvs, _) = c.list("/auth/subnets/").await.unwrap();
+    assert_eq!(kvs.len(), 1);
+    let bad = EtcdOptions {
+        password: Some("wrong".into()),
+        ..good.clone()
+    };
+    let msg = V2Client::connect(&bad)
+        .await
+        .expect_err("wrong password")
+        .to_string();
+    assert!(
+        msg.contains("--etcd-username") && msg.contains("--etcd-password"),
+        "{msg}"
     );
 }

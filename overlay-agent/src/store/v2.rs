@@ -42,6 +42,7 @@ mod code {
     pub const KEY_NOT_FOUND: u32 = 100;
     pub const TEST_FAILED: u32 = 101;
     pub const NODE_EXIST: u32 = 105;
+    pub const UNAUTHORIZED: u32 = 110;
     pub const EVENT_INDEX_CLEARED: u32 = 401;
 }
 
@@ -497,9 +498,22 @@ impl V2Client {
     }
 
     fn refused(&self, operation: String, e: &ErrorAnswer) -> EtcdError {
+        let hint = match e.error_code {
+            code::UNAUTHORIZED if self.inner.authorization.is_some() => {
+                "; check --etcd-username and --etcd-password (etcd v2 auth), and that the user's \
+                 role may read and write --etcd-prefix"
+            }
+            code::UNAUTHORIZED => {
+                "; etcd has v2 authentication enabled: pass --etcd-username and --etcd-password"
+            }
+            _ => "",
+        };
         request_error(
             operation,
-            format!("etcd error {}: {} ({})", e.error_code, e.message, e.cause),
+            format!(
+                "etcd error {}: {} ({}){hint}",
+                e.error_code, e.message, e.cause
+            ),
         )
     }
 }
