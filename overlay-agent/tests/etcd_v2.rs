@@ -799,3 +799,52 @@ async fn v2_basic_auth_works_and_a_wrong_password_fails_clearly() {
         "{msg}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v2_uses_the_endpoints_that_answer() {
+    let etcd = Etcd::start_v2();
+    etcd.v2(&["mk", "/eps/config", r#"{"Network":"10.3.0.0/16"}"#]);
+    // A port nobody listens on (bound, then released).
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let both = EtcdOptions {
+        endpoints: vec![dead.clone(), etcd.endpoint.clone()],
+        ..opts(&etcd.endpoint, "/eps")
+    };
+    let store = store::connect_store(&both, EtcdApiChoice::Auto)
+        .await
+        .unwrap()
+        .expect("auto finds v2 through the live endpoint");
+    assert_eq!(store.api(), EtcdApi::V2);
+    let mut c = V2Client::connect(&both)
+        .await
+        .expect("the live endpoint serves");
+    for n in 1..=3u8 {
+        let key = format!("/eps/subnets/10.3.{n}.0-24");
+        assert!(
+            c.create(
+                &key,
+                &new_lease("10.0.0.1", "c6:d2:32:6f:8f:01"),
+                Duration::from_secs(60)
+            )
+            .await
+            .unwrap()
+            .is_some()
+        );
+    }
+    assert_eq!(c.list("/eps/subnets/").await.unwrap().0.len(), 3);
+    let only_dead = EtcdOptions {
+        endpoints: vec![dead.clone()],
+        ..both.clone()
+    };
+    let msg = V2Client::connect(&only_dead)
+        .await
+        .expect_err("nothing answers")
+        .to_string();
+    assert!(
+        msg.contains(&dead) && msg.contains("--etcd-endpoints"),
+        "{msg}"
+    );
+}
