@@ -33,6 +33,7 @@ use crate::{
     masq, notify,
     peer::PeerEvent,
     status::{AgentStatus, PeerStatus},
+    store::{EtcdApi, KvStore, Store},
     subnet_file::{SubnetEnv, SubnetFileError},
     watch::PeerWatcher,
 };
@@ -140,16 +141,23 @@ async fn wait_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) -> 
 
 /// Reads `<prefix>/config` until it holds a valid config. Each distinct problem (absent,
 /// invalid and why, etcd unreachable) is logged once, with how to fix it.
-pub async fn wait_for_config(
-    client: &mut Client,
+pub async fn wait_for_config<S: KvStore>(
+    client: &mut S,
     opts: &EtcdOptions,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<NetworkConfig> {
     let key = opts.config_key();
     let mut problems = ProblemLog::default();
     loop {
-        match client.get(key.as_str(), None).await {
-            Ok(resp) => match resp.kvs().first() {
+        match client.get(&key).await {
+            Ok((kv, _)) => match kv {
+                None if client.api() == EtcdApi::V2 => problems.report(format!(
+                    "no network config at {key} in etcd's v2 keyspace: write one with \
+                     `overlay-agent --etcd-api=v2 --etcd-prefix={} config set '{}'` \
+                     or `ETCDCTL_API=2 etcdctl set {key} '<json>'`; re-checking every {CONFIG_RECHECK:?}",
+                    opts.prefix,
+                    crate::config::EXAMPLE_CONFIG
+                )),
                 None => problems.report(format!(
                     "no network config at {key} in etcd (v3 API; etcdctl v2's `mk`/`set` write elsewhere): \
                      write one with `overlay-agent --etcd-prefix={} config set '{}'` \
@@ -158,7 +166,7 @@ pub async fn wait_for_config(
                     crate::config::EXAMPLE_CONFIG
                 )),
                 Some(kv) => {
-                    let text = String::from_utf8_lossy(kv.value());
+                    let text = String::from_utf8_lossy(&kv.value);
                     match NetworkConfig::parse_verbose(&text) {
                         Ok(parsed) => {
                             problems.resolved("the network config is valid now");
@@ -180,8 +188,7 @@ pub async fn wait_for_config(
                 }
             },
             Err(err) => problems.report(format!(
-                "cannot read {key} from etcd: {}; re-checking every {CONFIG_RECHECK:?}",
-                etcd::describe(&err)
+                "cannot read {key} from etcd: {err}; re-checking every {CONFIG_RECHECK:?}"
             )),
         }
         if wait_or_shutdown(CONFIG_RECHECK, shutdown).await {
@@ -203,9 +210,9 @@ pub struct NodeSetup<D> {
 /// Everything after the dataplane exists: lease, activation, subnet.env, READY=1, peers,
 /// lease keeping. Generic over the dataplane (tests drive it with a recording one); the
 /// dataplane runs on this task (its futures need not be `Send`).
-pub async fn run_node<D: dataplane::Dataplane>(
+pub async fn run_node<D: dataplane::Dataplane, S: KvStore>(
     flags: &Flags,
-    client: Client,
+    client: S,
     config: NetworkConfig,
     setup: NodeSetup<D>,
     lease_ttl: Duration,
@@ -241,10 +248,10 @@ pub async fn run_node<D: dataplane::Dataplane>(
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn control_loop(
+async fn control_loop<S: KvStore>(
     flags: &Flags,
     opts: &EtcdOptions,
-    client: Client,
+    client: S,
     config: NetworkConfig,
     attrs: LeaseAttrs,
     public_ip: Ipv4Addr,
@@ -262,6 +269,7 @@ async fn control_loop(
             LeaseAttrs::HostGw => None,
         };
         s.etcd.connected = true;
+        s.etcd.api = client.api().to_string();
     });
     // The previous run's subnet, to keep pod addresses stable across restarts.
     let previous = match SubnetEnv::read(&flags.subnet_file) {
@@ -555,9 +563,12 @@ pub async fn run(flags: Flags) -> Result<(), AgentError> {
     };
 
     let opts = flags.etcd_options();
-    let Some(mut client) = connect_etcd_retrying(&opts, &mut shutdown).await? else {
+    let Some(mut client) =
+        crate::store::select::connect_store_retrying(&opts, flags.etcd_api, &mut shutdown).await?
+    else {
         return Ok(());
     };
+    status_tx.send_modify(|s| s.etcd.api = client.api().to_string());
     let Some(mut config) = wait_for_config(&mut client, &opts, &mut shutdown).await else {
         return Ok(());
     };
@@ -592,7 +603,7 @@ pub async fn run(flags: Flags) -> Result<(), AgentError> {
 ///   node, wire-compatible) and says why in the log and the status.
 async fn start_backend(
     flags: &Flags,
-    client: Client,
+    client: Store,
     config: NetworkConfig,
     uplink: &iface::Uplink,
     pod_mtu: u32,

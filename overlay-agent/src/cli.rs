@@ -2,13 +2,13 @@
 
 use std::fmt::Write as _;
 
-use etcd_client::Client;
-
 use crate::{
     config::{ConfigError, NetworkConfig},
     etcd::{self, EtcdError},
-    flags::{ConfigCommand, Flags, LeaseCommand},
+    flags::{ConfigCommand, Flags, LeaseCommand, MigrateArgs},
     lease::{self, LeaseError, format_mac},
+    migrate::MigrateError,
+    store::{self, KeyTtl, KvStore, Store},
     subnet_file::{SubnetEnv, SubnetFileError},
 };
 
@@ -36,10 +36,17 @@ pub enum CliError {
     NoConfig { key: String },
     #[error("no lease for {what} under {prefix}/subnets/ (see `overlay-agent leases`)")]
     NoSuchLease { what: String, prefix: String },
+    #[error("{0}")]
+    NoConfigAnywhere(String),
+    #[error(transparent)]
+    Migrate(#[from] MigrateError),
 }
 
-async fn connect(flags: &Flags) -> Result<Client, CliError> {
-    Ok(etcd::connect(&flags.etcd_options()).await?)
+/// The keyspace `--etcd-api` names (or, for `auto`, the one holding the config).
+async fn connect(flags: &Flags) -> Result<Store, CliError> {
+    store::connect_store(&flags.etcd_options(), flags.etcd_api)
+        .await?
+        .map_err(CliError::NoConfigAnywhere)
 }
 
 /// `config set` / `config show`. Returns what to print on stdout.
@@ -60,13 +67,18 @@ pub async fn config(flags: &Flags, cmd: &ConfigCommand) -> Result<String, CliErr
             };
             // Validate before touching etcd: a bad config must never reach the nodes.
             let parsed = NetworkConfig::parse_verbose(&text)?;
-            let mut client = connect(flags).await?;
+            // With `auto` and no config anywhere yet, a new cluster gets v3.
+            let mut client = match store::connect_store(&opts, flags.etcd_api).await? {
+                Ok(store) => store,
+                Err(_) => Store::V3(etcd::connect(&opts).await?),
+            };
             // Written as given (flanneld nodes may read keys we do not know); printed normalized.
-            client
-                .put(key.as_str(), text.trim(), None)
-                .await
-                .map_err(|e| EtcdError::request(format!("writing {key}"), e))?;
-            let mut out = format!("wrote {key}\n{}\n", parsed.config.to_json());
+            client.put(&key, text.trim()).await?;
+            let mut out = format!(
+                "wrote {key} (etcd {} keyspace)\n{}\n",
+                client.api(),
+                parsed.config.to_json()
+            );
             if parsed.backend_defaulted {
                 out.push_str("note: no Backend given; overlay-agent uses vxlan (flanneld would use udp): add \"Backend\": {\"Type\": \"vxlan\"} to be explicit\n");
             }
@@ -74,15 +86,9 @@ pub async fn config(flags: &Flags, cmd: &ConfigCommand) -> Result<String, CliErr
         }
         ConfigCommand::Show => {
             let mut client = connect(flags).await?;
-            let resp = client
-                .get(key.as_str(), None)
-                .await
-                .map_err(|e| EtcdError::request(format!("reading {key}"), e))?;
-            let kv = resp
-                .kvs()
-                .first()
-                .ok_or(CliError::NoConfig { key: key.clone() })?;
-            let raw = String::from_utf8_lossy(kv.value()).into_owned();
+            let (kv, _) = client.get(&key).await?;
+            let kv = kv.ok_or(CliError::NoConfig { key: key.clone() })?;
+            let raw = String::from_utf8_lossy(&kv.value).into_owned();
             let mut out = format!("{key}: {raw}\n");
             match NetworkConfig::parse_verbose(&raw) {
                 Ok(parsed) => {
@@ -107,13 +113,10 @@ pub async fn leases(flags: &Flags) -> Result<String, CliError> {
         "SUBNET", "PUBLIC-IP", "BACKEND", "VTEP-MAC", "EXPIRES-IN"
     );
     for l in &leases {
-        let ttl = if l.etcd_lease != 0 {
-            match client.lease_time_to_live(l.etcd_lease, None).await {
-                Ok(r) if r.ttl() >= 0 => format_ttl(r.ttl()),
-                _ => "expired".to_string(),
-            }
-        } else {
-            "never".to_string()
+        let ttl = match client.time_to_live(&l.kv).await {
+            Ok(KeyTtl::Remaining(left)) => format_ttl(left.as_secs() as i64),
+            Ok(KeyTtl::Never) => "never".to_string(),
+            Ok(KeyTtl::Expired) | Err(_) => "expired".to_string(),
         };
         match (&l.subnet, &l.value) {
             (Some(subnet), Ok(v)) => {
@@ -137,9 +140,10 @@ pub async fn leases(flags: &Flags) -> Result<String, CliError> {
     }
     let _ = writeln!(
         out,
-        "{} lease(s) under {}",
+        "{} lease(s) under {} (etcd {} keyspace)",
         leases.len(),
-        opts.subnets_prefix()
+        opts.subnets_prefix(),
+        client.api()
     );
     Ok(out)
 }
@@ -247,6 +251,7 @@ async fn offline_status(flags: &Flags) -> Result<crate::status::AgentStatus, Cli
     let own = SubnetEnv::read(&flags.subnet_file)?.map(|env| env.subnet);
     let mut client = connect(flags).await?;
     status.etcd.connected = true;
+    status.etcd.api = client.api().to_string();
     let (leases, _) = lease::list_leases(&mut client, &opts).await?;
     for listed in leases {
         let (Some(subnet), Ok(value)) = (listed.subnet, listed.value) else {
@@ -285,13 +290,10 @@ async fn local_status(flags: &Flags) -> Result<String, CliError> {
     let mut out = format!("{}:\n{}", flags.subnet_file.display(), env.render());
     let mut client = connect(flags).await?;
     let key = lease::subnet_key(&opts, env.subnet);
-    let resp = client
-        .get(key.as_str(), None)
-        .await
-        .map_err(|e| EtcdError::request(format!("reading {key}"), e))?;
-    match resp.kvs().first() {
+    let (kv, _) = client.get(&key).await?;
+    match kv {
         Some(kv) => {
-            let _ = writeln!(out, "lease {key}: {}", String::from_utf8_lossy(kv.value()));
+            let _ = writeln!(out, "lease {key}: {}", String::from_utf8_lossy(&kv.value));
         }
         None => {
             let _ = writeln!(
@@ -301,4 +303,9 @@ async fn local_status(flags: &Flags) -> Result<String, CliError> {
         }
     }
     Ok(out)
+}
+
+/// `migrate-etcd --from A --to B [--apply]`.
+pub async fn migrate_etcd(flags: &Flags, args: &MigrateArgs) -> Result<String, CliError> {
+    Ok(crate::migrate::run(&flags.etcd_options(), args.from, args.to, args.apply).await?)
 }

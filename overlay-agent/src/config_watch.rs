@@ -5,12 +5,12 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use tracing::{debug, info, warn};
 
 use crate::{
     config::NetworkConfig,
-    etcd::{EtcdOptions, describe},
+    etcd::EtcdOptions,
+    store::{EventKind, KvStore, KvWatch, WatchBatch},
 };
 
 /// What a change of the config key means for a running agent.
@@ -59,7 +59,7 @@ fn report(key: &str, change: &ConfigChange) {
 }
 
 /// Runs until aborted; reconnects (re-reading the key first, so nothing is missed) on error.
-pub async fn watch_config(client: Client, opts: EtcdOptions, running: NetworkConfig) {
+pub async fn watch_config<S: KvStore>(client: S, opts: EtcdOptions, running: NetworkConfig) {
     let key = opts.config_key();
     let mut client = client;
     let mut last = None;
@@ -71,18 +71,14 @@ pub async fn watch_config(client: Client, opts: EtcdOptions, running: NetworkCon
     }
 }
 
-async fn watch_once(
-    client: &mut Client,
+async fn watch_once<S: KvStore>(
+    client: &mut S,
     key: &str,
     running: &NetworkConfig,
     last: &mut Option<ConfigChange>,
 ) -> Result<(), String> {
-    let current = client
-        .get(key, Some(GetOptions::new()))
-        .await
-        .map_err(|e| format!("reading {key}: {}", describe(&e)))?;
-    let revision = current.header().map(|h| h.revision()).unwrap_or(0);
-    let change = classify(running, current.kvs().first().map(|kv| kv.value()));
+    let (current, revision) = client.get(key).await.map_err(|e| e.to_string())?;
+    let change = classify(running, current.as_ref().map(|kv| kv.value.as_slice()));
     // Report what happened while we were not watching, once.
     if last.as_ref() != Some(&change) {
         if last.is_some() || change != ConfigChange::Unchanged {
@@ -91,26 +87,19 @@ async fn watch_once(
         *last = Some(change);
     }
     let mut stream = client
-        .watch(
-            key,
-            Some(WatchOptions::new().with_start_revision(revision + 1)),
-        )
+        .watch(key, false, revision + 1)
         .await
-        .map_err(|e| format!("watching {key}: {}", describe(&e)))?;
+        .map_err(|e| e.to_string())?;
     info!(%key, "watching the network config for changes");
     loop {
-        let response = stream
-            .message()
-            .await
-            .map_err(|e| format!("the watch on {key} broke: {}", describe(&e)))?
-            .ok_or_else(|| format!("the watch on {key} ended"))?;
-        if response.canceled() || response.compact_revision() != 0 {
-            return Err(format!("the watch on {key} was canceled or compacted"));
-        }
-        for event in response.events() {
-            let value = match event.event_type() {
-                EventType::Put => event.kv().map(|kv| kv.value()),
-                EventType::Delete => None,
+        let events = match stream.next().await.map_err(|e| e.to_string())? {
+            WatchBatch::Events(events) => events,
+            WatchBatch::Outdated(why) => return Err(why),
+        };
+        for event in &events {
+            let value = match event.kind {
+                EventKind::Put => Some(event.kv.value.as_slice()),
+                EventKind::Delete => None,
             };
             let change = classify(running, value);
             report(key, &change);

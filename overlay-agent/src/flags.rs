@@ -10,7 +10,12 @@ use std::{
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
-use crate::{config::BackendType, etcd::EtcdOptions, iface::IfaceOptions};
+use crate::{
+    config::BackendType,
+    etcd::EtcdOptions,
+    iface::IfaceOptions,
+    store::{EtcdApi, EtcdApiChoice},
+};
 
 /// Default `--subnet-file` (where docker and the flannel CNI plugin look).
 pub const DEFAULT_SUBNET_FILE: &str = "/run/flannel/subnet.env";
@@ -50,6 +55,23 @@ pub enum Command {
     Status(StatusArgs),
     /// Write docker options from the subnet file (like flannel's mk-docker-opts.sh).
     DockerOpts(crate::docker_opts::Args),
+    /// Copy the network config and the live leases (with their remaining TTLs) from one etcd
+    /// keyspace to the other, e.g. `--from v2 --to v3` once no flanneld <= v0.17 node is left.
+    /// Prints the plan; writes only with --apply; never overwrites different data.
+    MigrateEtcd(MigrateArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct MigrateArgs {
+    /// The keyspace to copy from.
+    #[arg(long, value_enum)]
+    pub from: EtcdApi,
+    /// The keyspace to copy to.
+    #[arg(long, value_enum)]
+    pub to: EtcdApi,
+    /// Write (without it: only print what would be written).
+    #[arg(long)]
+    pub apply: bool,
 }
 
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -129,6 +151,10 @@ pub struct Flags {
         hide_env_values = true
     )]
     pub etcd_password: Option<String>,
+    /// Which etcd keyspace holds the network: v3 (flannel >= v0.18), v2 (flanneld <= v0.17,
+    /// `etcdctl mk`/`set`), or auto: v3 when it holds <prefix>/config, else v2.
+    #[arg(long, global = true, env = "FLANNELD_ETCD_API", value_enum, default_value_t = EtcdApiChoice::Auto)]
+    pub etcd_api: EtcdApiChoice,
     /// Interface (name or IPv4 address) to use for inter-host traffic; repeatable, first
     /// match wins. Default: the interface of the default route.
     #[arg(long, global = true, env = "FLANNELD_IFACE")]

@@ -14,9 +14,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use etcd_client::{
-    Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
-};
 use ipnetwork::Ipv4Network;
 use rand::seq::IndexedRandom;
 use serde::Serialize;
@@ -29,6 +26,7 @@ use crate::{
     dataplane::LeaseAttrs,
     etcd::{EtcdError, EtcdOptions},
     peer::{LeaseBackend, MacAddr6, Peer},
+    store::{EventKind, Kv, KvStore, KvWatch, WatchBatch},
 };
 
 /// flannel's lease lifetime.
@@ -260,66 +258,49 @@ pub struct ListedLease {
     /// `None` when the key's name is not a subnet.
     pub subnet: Option<Ipv4Network>,
     pub value: Result<LeaseValue, LeaseParseError>,
-    /// The etcd lease the key is attached to (0 = none).
+    /// The etcd lease the key is attached to (0 = none, and always in etcd v2).
     pub etcd_lease: i64,
     pub mod_revision: i64,
+    /// The key as read (for compare-and-set and its TTL).
+    pub kv: Kv,
 }
 
 /// Lists `<prefix>/subnets/`; returns the leases and the revision of the read.
-pub async fn list_leases(
-    client: &mut Client,
+pub async fn list_leases<S: KvStore>(
+    client: &mut S,
     opts: &EtcdOptions,
 ) -> Result<(Vec<ListedLease>, i64), EtcdError> {
     let prefix = opts.subnets_prefix();
-    let resp = client
-        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(|e| EtcdError::request(format!("listing {prefix}"), e))?;
-    let revision = resp.header().map_or(0, |h| h.revision());
-    let leases = resp
-        .kvs()
-        .iter()
+    let (kvs, revision) = client.list(&prefix).await?;
+    let leases = kvs
+        .into_iter()
         .map(|kv| {
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            let name = key.strip_prefix(&prefix).unwrap_or(&key);
+            let name = kv.key.strip_prefix(&prefix).unwrap_or(&kv.key);
             ListedLease {
                 subnet: parse_subnet_key_name(name),
-                value: decode_lease(kv.value()),
-                etcd_lease: kv.lease(),
-                mod_revision: kv.mod_revision(),
-                key,
+                value: decode_lease(&kv.value),
+                etcd_lease: kv.lease,
+                mod_revision: kv.mod_revision,
+                key: kv.key.clone(),
+                kv,
             }
         })
         .collect();
     Ok((leases, revision))
 }
 
-/// Deletes a lease key and revokes its etcd lease. Returns whether it existed.
-pub async fn release(
-    client: &mut Client,
+/// Deletes a lease key (and revokes its v3 etcd lease). Returns whether it existed.
+pub async fn release<S: KvStore>(
+    client: &mut S,
     opts: &EtcdOptions,
     subnet: Ipv4Network,
 ) -> Result<bool, EtcdError> {
-    let key = subnet_key(opts, subnet);
-    let resp = client
-        .delete(
-            key.as_str(),
-            Some(etcd_client::DeleteOptions::new().with_prev_key()),
-        )
-        .await
-        .map_err(|e| EtcdError::request(format!("deleting {key}"), e))?;
-    for kv in resp.prev_kvs() {
-        if kv.lease() != 0 {
-            // The key is gone already; a failed revoke only leaves a lease that expires.
-            let _ = client.lease_revoke(kv.lease()).await;
-        }
-    }
-    Ok(resp.deleted() > 0)
+    client.delete(&subnet_key(opts, subnet)).await
 }
 
 /// Deletes every lease holding `public_ip`. Returns the subnets released.
-pub async fn release_by_public_ip(
-    client: &mut Client,
+pub async fn release_by_public_ip<S: KvStore>(
+    client: &mut S,
     opts: &EtcdOptions,
     public_ip: Ipv4Addr,
 ) -> Result<Vec<Ipv4Network>, EtcdError> {
@@ -340,7 +321,7 @@ pub async fn release_by_public_ip(
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeldLease {
     pub subnet: Ipv4Network,
-    /// The etcd lease id the key is attached to.
+    /// The etcd lease id the key is attached to (v3; 0 in v2, where the key has the TTL).
     pub etcd_lease: i64,
     /// When the etcd lease was last granted or renewed, and for how long.
     pub renewed_at: Instant,
@@ -349,8 +330,8 @@ pub struct HeldLease {
 
 /// Acquires and keeps this node's subnet lease.
 #[derive(Clone)]
-pub struct Lessor {
-    client: Client,
+pub struct Lessor<S = crate::store::Store> {
+    client: S,
     opts: EtcdOptions,
     config: NetworkConfig,
     public_ip: Ipv4Addr,
@@ -358,14 +339,14 @@ pub struct Lessor {
     ttl: Duration,
 }
 
-impl Lessor {
+impl<S: KvStore> Lessor<S> {
     pub fn new(
-        client: Client,
+        client: S,
         opts: EtcdOptions,
         config: NetworkConfig,
         public_ip: Ipv4Addr,
         attrs: LeaseAttrs,
-    ) -> Lessor {
+    ) -> Lessor<S> {
         Lessor {
             client,
             opts,
@@ -377,7 +358,7 @@ impl Lessor {
     }
 
     /// A shorter TTL (tests).
-    pub fn with_ttl(mut self, ttl: Duration) -> Lessor {
+    pub fn with_ttl(mut self, ttl: Duration) -> Lessor<S> {
         self.ttl = ttl;
         self
     }
@@ -390,92 +371,37 @@ impl Lessor {
         encode_lease(self.public_ip, &self.attrs)
     }
 
-    fn ttl_secs(&self) -> i64 {
-        self.ttl.as_secs().max(1) as i64
-    }
-
-    async fn grant(&mut self) -> Result<i64, EtcdError> {
-        let ttl = self.ttl_secs();
-        self.client
-            .lease_grant(ttl, None)
-            .await
-            .map(|r| r.id())
-            .map_err(|e| EtcdError::request(format!("granting a {ttl} s lease"), e))
-    }
-
-    async fn revoke_quietly(&mut self, id: i64) {
-        if let Err(err) = self.client.lease_revoke(id).await {
-            debug!(lease = id, error = %err, "revoking an unused etcd lease failed; it will expire");
-        }
-    }
-
     /// Creates `subnet`'s key only if it does not exist. `Ok(None)` when someone has it.
     async fn try_create(&mut self, subnet: Ipv4Network) -> Result<Option<HeldLease>, EtcdError> {
         let key = subnet_key(&self.opts, subnet);
-        let id = self.grant().await?;
-        let txn = Txn::new()
-            .when([Compare::version(key.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key.as_str(),
-                self.value(),
-                Some(PutOptions::new().with_lease(id)),
-            )]);
-        let resp = match self.client.txn(txn).await {
-            Ok(resp) => resp,
-            Err(err) => {
-                self.revoke_quietly(id).await;
-                return Err(EtcdError::request(format!("creating {key}"), err));
-            }
-        };
-        if !resp.succeeded() {
-            self.revoke_quietly(id).await;
-            return Ok(None);
-        }
-        Ok(Some(HeldLease {
-            subnet,
-            etcd_lease: id,
-            renewed_at: Instant::now(),
-            ttl: self.ttl,
-        }))
+        let value = self.value();
+        Ok(self
+            .client
+            .create(&key, &value, self.ttl)
+            .await?
+            .map(|etcd_lease| HeldLease {
+                subnet,
+                etcd_lease,
+                renewed_at: Instant::now(),
+                ttl: self.ttl,
+            }))
     }
 
     /// Rewrites an existing key of ours (found by PublicIP) with our current attributes and
-    /// a fresh etcd lease, only if nobody changed it since we read it.
+    /// a fresh TTL, only if nobody changed it since we read it.
     async fn try_reuse(&mut self, listed: &ListedLease) -> Result<Option<HeldLease>, EtcdError> {
         let subnet = listed.subnet.expect("only called for subnet keys");
-        let id = self.grant().await?;
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
-                listed.key.as_str(),
-                CompareOp::Equal,
-                listed.mod_revision,
-            )])
-            .and_then([TxnOp::put(
-                listed.key.as_str(),
-                self.value(),
-                Some(PutOptions::new().with_lease(id)),
-            )]);
-        let resp = match self.client.txn(txn).await {
-            Ok(resp) => resp,
-            Err(err) => {
-                self.revoke_quietly(id).await;
-                return Err(EtcdError::request(format!("updating {}", listed.key), err));
-            }
-        };
-        if !resp.succeeded() {
-            self.revoke_quietly(id).await;
-            return Ok(None);
-        }
-        if listed.etcd_lease != 0 && listed.etcd_lease != id {
-            // The key now hangs on the new lease; the old one would only linger.
-            self.revoke_quietly(listed.etcd_lease).await;
-        }
-        Ok(Some(HeldLease {
-            subnet,
-            etcd_lease: id,
-            renewed_at: Instant::now(),
-            ttl: self.ttl,
-        }))
+        let value = self.value();
+        Ok(self
+            .client
+            .replace(&listed.kv, &value, self.ttl)
+            .await?
+            .map(|etcd_lease| HeldLease {
+                subnet,
+                etcd_lease,
+                renewed_at: Instant::now(),
+                ttl: self.ttl,
+            }))
     }
 
     /// Acquires a subnet in flannel's order; `previous` is the subnet of the subnet file
@@ -516,17 +442,7 @@ impl Lessor {
                     }
                 } else {
                     info!(subnet = %subnet, key = %listed.key, "deleting our old lease: it no longer fits the network config");
-                    let txn = Txn::new()
-                        .when([Compare::mod_revision(
-                            listed.key.as_str(),
-                            CompareOp::Equal,
-                            listed.mod_revision,
-                        )])
-                        .and_then([TxnOp::delete(listed.key.as_str(), None)]);
-                    self.client
-                        .txn(txn)
-                        .await
-                        .map_err(|e| EtcdError::request(format!("deleting {}", listed.key), e))?;
+                    self.client.delete_unchanged(&listed.kv).await?;
                 }
             }
             if retry {
@@ -586,26 +502,19 @@ impl Lessor {
 
     /// Refreshes the etcd lease to its full TTL. `Ok(false)` when the lease no longer exists.
     pub async fn renew(&mut self, held: &mut HeldLease) -> Result<bool, EtcdError> {
-        let (mut keeper, mut stream) = self
+        let key = subnet_key(&self.opts, held.subnet);
+        let value = self.value();
+        match self
             .client
-            .lease_keep_alive(held.etcd_lease)
-            .await
-            .map_err(|e| EtcdError::request("renewing our lease", e))?;
-        keeper
-            .keep_alive()
-            .await
-            .map_err(|e| EtcdError::request("renewing our lease", e))?;
-        let resp = stream
-            .message()
-            .await
-            .map_err(|e| EtcdError::request("renewing our lease", e))?;
-        match resp {
-            Some(r) if r.ttl() > 0 => {
+            .renew(&key, &value, held.etcd_lease, self.ttl)
+            .await?
+        {
+            Some(ttl) => {
                 held.renewed_at = Instant::now();
-                held.ttl = Duration::from_secs(r.ttl() as u64);
+                held.ttl = ttl;
                 Ok(true)
             }
-            _ => Ok(false),
+            None => Ok(false),
         }
     }
 
@@ -613,28 +522,24 @@ impl Lessor {
     /// Writes our value back on our key, attached to our still-live etcd lease.
     async fn restore(&mut self, held: &HeldLease) -> Result<(), EtcdError> {
         let key = subnet_key(&self.opts, held.subnet);
+        let value = self.value();
+        let left = held.ttl.saturating_sub(held.renewed_at.elapsed());
         self.client
-            .put(
-                key.as_str(),
-                self.value(),
-                Some(PutOptions::new().with_lease(held.etcd_lease)),
-            )
+            .rewrite(&key, &value, held.etcd_lease, left)
             .await
-            .map_err(|e| EtcdError::request(format!("writing our lease {key} back"), e))?;
-        Ok(())
     }
 
     pub async fn still_ours(&mut self, held: &HeldLease) -> Result<bool, EtcdError> {
         let key = subnet_key(&self.opts, held.subnet);
-        let resp = self
-            .client
-            .get(key.as_str(), None)
-            .await
-            .map_err(|e| EtcdError::request(format!("reading {key}"), e))?;
-        Ok(resp.kvs().first().is_some_and(|kv| {
-            kv.lease() == held.etcd_lease
-                && decode_lease(kv.value()).is_ok_and(|v| v.public_ip == self.public_ip)
-        }))
+        let (kv, _) = self.client.get(&key).await?;
+        Ok(self.is_ours(kv.as_ref(), held))
+    }
+
+    fn is_ours(&self, kv: Option<&Kv>, held: &HeldLease) -> bool {
+        kv.is_some_and(|kv| {
+            kv.lease == held.etcd_lease
+                && decode_lease(&kv.value).is_ok_and(|v| v.public_ip == self.public_ip)
+        })
     }
 
     /// Keeps the lease: renews it `renew_margin` before it expires, and re-acquires it
@@ -653,19 +558,20 @@ impl Lessor {
             }
             // Watch our own key so a deletion is noticed within moments, not at renewal.
             let key = subnet_key(&self.opts, held.subnet);
-            let mut stream = match self
-                .client
-                .watch(key.as_str(), Some(WatchOptions::new()))
-                .await
-            {
-                Ok(stream) => Some(stream),
-                Err(err) => {
-                    warn!(key = %key, error = %crate::etcd::describe(&err), "cannot watch our lease key; checking it periodically");
-                    None
-                }
+            // From the revision of the check below on, so nothing between them is missed.
+            let checked = self.client.get(&key).await;
+            let mut stream = match &checked {
+                Ok((_, revision)) => match self.client.watch(&key, false, revision + 1).await {
+                    Ok(stream) => Some(stream),
+                    Err(err) => {
+                        warn!(key = %key, error = %err, "cannot watch our lease key; checking it periodically");
+                        None
+                    }
+                },
+                Err(_) => None,
             };
             // The key may have vanished before the watch started.
-            let mut lost = match self.still_ours(&held).await {
+            let mut lost = match checked.map(|(kv, _)| self.is_ours(kv.as_ref(), &held)) {
                 Ok(ours) => !ours,
                 Err(err) => {
                     warn!(error = %err, "cannot check our lease; retrying");
@@ -673,7 +579,7 @@ impl Lessor {
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                     // Probe the endpoints again: the one we used may be the one that died.
                     if self.opts.endpoints.len() > 1
-                        && let Ok(client) = crate::etcd::connect(&self.opts).await
+                        && let Ok(client) = self.client.reconnect(&self.opts).await
                     {
                         self.client = client;
                     }
@@ -703,20 +609,20 @@ impl Lessor {
                     }
                     msg = next_watch_message(&mut stream) => {
                         match msg {
-                            Some(resp) => {
-                                for ev in resp.events() {
-                                    let gone = match ev.event_type() {
-                                        EventType::Delete => true,
-                                        EventType::Put => ev.kv().is_some_and(|kv| {
-                                            let value = decode_lease(kv.value());
+                            Some(events) => {
+                                for ev in events {
+                                    let gone = match ev.kind {
+                                        EventKind::Delete => true,
+                                        EventKind::Put => {
+                                            let value = decode_lease(&ev.kv.value);
                                             if let Ok(v) = &value
                                                 && v.public_ip != self.public_ip
                                             {
                                                 overwritten_by = Some(v.public_ip);
                                             }
-                                            kv.lease() != held.etcd_lease
+                                            ev.kv.lease != held.etcd_lease
                                                 || !value.is_ok_and(|v| v.public_ip == self.public_ip)
-                                        }),
+                                        }
                                     };
                                     if gone {
                                         lost = true;
@@ -778,15 +684,19 @@ impl Lessor {
     }
 }
 
-async fn next_watch_message(
-    stream: &mut Option<etcd_client::WatchStream>,
-) -> Option<etcd_client::WatchResponse> {
+/// The next events on our key; `None` when the watch broke or fell behind (check again).
+async fn next_watch_message<W: KvWatch>(
+    stream: &mut Option<W>,
+) -> Option<Vec<crate::store::KvEvent>> {
     match stream {
-        Some(s) => match s.message().await {
-            Ok(Some(resp)) if !resp.canceled() => Some(resp),
-            Ok(_) => None,
+        Some(s) => match s.next().await {
+            Ok(WatchBatch::Events(events)) => Some(events),
+            Ok(WatchBatch::Outdated(why)) => {
+                debug!(reason = %why, "lease key watch fell behind");
+                None
+            }
             Err(err) => {
-                debug!(error = %crate::etcd::describe(&err), "lease key watch broke");
+                debug!(error = %err, "lease key watch broke");
                 None
             }
         },

@@ -48,6 +48,7 @@ fn main() -> ExitCode {
             Some(Command::Leases) => Some(cli::leases(&flags).await?),
             Some(Command::Lease(cmd)) => Some(cli::lease(&flags, &cmd).await?),
             Some(Command::Status(args)) => Some(cli::status(&flags, &args).await?),
+            Some(Command::MigrateEtcd(args)) => Some(cli::migrate_etcd(&flags, &args).await?),
             Some(Command::DockerOpts(args)) => {
                 docker_opts::run(&args, &flags.subnet_file)?;
                 None

@@ -47,6 +47,9 @@ pub struct NodeStatus {
 pub struct EtcdStatus {
     pub connected: bool,
     pub reconnects: u64,
+    /// The keyspace in use: "v3" or "v2" (`--etcd-api`, or what `auto` found).
+    #[serde(default)]
+    pub api: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,8 +224,10 @@ pub fn render_table(status: &AgentStatus) -> String {
     }
     let _ = writeln!(
         out,
-        "etcd      connected {}  reconnects {}",
-        status.etcd.connected, status.etcd.reconnects
+        "etcd      api {}  connected {}  reconnects {}",
+        dash(&status.etcd.api),
+        status.etcd.connected,
+        status.etcd.reconnects
     );
     let _ = writeln!(out, "\n{} peer(s):", status.peers.len());
     let _ = writeln!(

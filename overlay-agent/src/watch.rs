@@ -9,22 +9,22 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use etcd_client::{Client, EventType, WatchOptions};
 use ipnetwork::Ipv4Network;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::{
     dataplane::DataplaneCommand,
-    etcd::{EtcdOptions, describe},
+    etcd::EtcdOptions,
     lease::{ListedLease, decode_lease, list_leases, parse_subnet_key_name},
     peer::{LeaseBackend, Peer, PeerEvent},
     status::AgentStatus,
+    store::{EventKind as EventType, KvStore, KvWatch, Store, WatchBatch},
 };
 
 /// Follows the peers' leases and feeds the dataplane task.
-pub struct PeerWatcher {
-    client: Client,
+pub struct PeerWatcher<S = Store> {
+    client: S,
     opts: EtcdOptions,
     backend: LeaseBackend,
     own_subnet: watch::Receiver<Ipv4Network>,
@@ -41,16 +41,16 @@ enum Relist {
     Again,
 }
 
-impl PeerWatcher {
+impl<S: KvStore> PeerWatcher<S> {
     /// `backend`: the lease type we speak (others are ignored); `own_subnet`: our lease's
     /// subnet, updated when the lease is re-acquired elsewhere.
     pub fn new(
-        client: Client,
+        client: S,
         opts: EtcdOptions,
         backend: LeaseBackend,
         own_subnet: watch::Receiver<Ipv4Network>,
         tx: mpsc::Sender<DataplaneCommand>,
-    ) -> PeerWatcher {
+    ) -> PeerWatcher<S> {
         PeerWatcher {
             client,
             opts,
@@ -63,7 +63,7 @@ impl PeerWatcher {
     }
 
     /// Reports the connection state (`etcd.connected`, `etcd.reconnects`) in `status`.
-    pub fn with_status(mut self, status: watch::Sender<AgentStatus>) -> PeerWatcher {
+    pub fn with_status(mut self, status: watch::Sender<AgentStatus>) -> PeerWatcher<S> {
         self.status = Some(status);
         self
     }
@@ -100,7 +100,7 @@ impl PeerWatcher {
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                     // Probe the endpoints again: the one we used may be the one that died.
                     if self.opts.endpoints.len() > 1
-                        && let Ok(client) = crate::etcd::connect(&self.opts).await
+                        && let Ok(client) = self.client.reconnect(&self.opts).await
                     {
                         self.client = client;
                     }
@@ -127,7 +127,7 @@ impl PeerWatcher {
             }
         }
         self.peers = peers;
-        info!(peers = self.peers.len(), revision, "peer leases listed");
+        info!(peers = self.peers.len(), revision, api = %self.client.api(), "peer leases listed");
         self.report_connected(true);
         if !self
             .send(PeerEvent::Snapshot(self.peers.values().cloned().collect()))
@@ -139,36 +139,22 @@ impl PeerWatcher {
         let prefix = self.opts.subnets_prefix();
         let mut stream = self
             .client
-            .watch(
-                prefix.as_str(),
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(revision + 1),
-                ),
-            )
+            .watch(&prefix, true, revision + 1)
             .await
-            .map_err(|e| format!("watching {prefix}: {}", describe(&e)))?;
+            .map_err(|e| e.to_string())?;
         loop {
             tokio::select! {
-                msg = stream.message() => {
-                    let resp = match msg {
-                        Ok(Some(resp)) => resp,
-                        Ok(None) => return Err(format!("the watch on {prefix} ended")),
-                        Err(err) => return Err(format!("the watch on {prefix} broke: {}", describe(&err))),
+                msg = stream.next() => {
+                    let events = match msg {
+                        Ok(WatchBatch::Events(events)) => events,
+                        Ok(WatchBatch::Outdated(why)) => {
+                            warn!(reason = %why, "peer watch fell behind; listing again");
+                            return Ok(Relist::Again);
+                        }
+                        Err(err) => return Err(format!("the watch on {prefix} broke: {err}")),
                     };
-                    if resp.compact_revision() != 0 {
-                        warn!(compact_revision = resp.compact_revision(), "peer watch fell behind etcd compaction; listing again");
-                        return Ok(Relist::Again);
-                    }
-                    if resp.canceled() {
-                        warn!(reason = resp.cancel_reason(), "etcd canceled the peer watch; listing again");
-                        return Ok(Relist::Again);
-                    }
-                    for ev in resp.events() {
-                        let Some(kv) = ev.kv() else { continue };
-                        let key = String::from_utf8_lossy(kv.key()).into_owned();
-                        let Some(event) = self.apply_event(&key, ev.event_type(), kv.value(), own) else {
+                    for ev in events {
+                        let Some(event) = self.apply_event(&ev.kv.key, ev.kind, &ev.kv.value, own) else {
                             continue;
                         };
                         if !self.send(event).await {

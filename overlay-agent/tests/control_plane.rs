@@ -260,7 +260,12 @@ async fn seeds_config_gives_flannels_lease_json_and_subnet_env_and_restart_reuse
 /// A pool of exactly 24 /29s: 10.9.0.8 .. 10.9.0.192.
 const POOL_24: &str = r#"{"Network":"10.9.0.0/24","SubnetLen":29,"SubnetMin":"10.9.0.8","SubnetMax":"10.9.0.192","Backend":{"Type":"vxlan"}}"#;
 
-fn lessor(c: &etcd_client::Client, o: &EtcdOptions, config: &NetworkConfig, n: u8) -> Lessor {
+fn lessor(
+    c: &etcd_client::Client,
+    o: &EtcdOptions,
+    config: &NetworkConfig,
+    n: u8,
+) -> Lessor<etcd_client::Client> {
     Lessor::new(
         c.clone(),
         o.clone(),

@@ -25,6 +25,8 @@ pub struct EtcdTls {
 pub struct EtcdOptions {
     /// Serve clients over mTLS.
     pub tls: Option<EtcdTls>,
+    /// Also serve the v2 keys API (`--enable-v2=true`), as the seeds' clusters do.
+    pub enable_v2: bool,
 }
 
 /// A running etcd-server.
@@ -90,6 +92,9 @@ fn spawn(spec: &Spec, dir: &Path) -> Child {
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("dup log"))
         .stderr(log);
+    if spec.options.enable_v2 {
+        command.arg("--enable-v2=true");
+    }
     if let Some(tls) = &spec.options.tls {
         command
             .arg(format!("--cert-file={}", tls.cert.display()))
@@ -126,7 +131,12 @@ impl EtcdServer {
     /// Starts etcd inside `netns`, listening on `ip:2379` (and its loopback). The namespace
     /// must outlive the server.
     pub fn start_in(netns: &NetNs, ip: Ipv4Addr) -> EtcdServer {
-        Self::try_start(Some(netns), ip, 2379, 2380, &EtcdOptions::default())
+        Self::start_in_with(netns, ip, EtcdOptions::default())
+    }
+
+    /// [`EtcdServer::start_in`] with `options` (e.g. the v2 API enabled).
+    pub fn start_in_with(netns: &NetNs, ip: Ipv4Addr, options: EtcdOptions) -> EtcdServer {
+        Self::try_start(Some(netns), ip, 2379, 2380, &options)
             .unwrap_or_else(|| panic!("etcd did not start in namespace {}", netns.name()))
     }
 
@@ -233,6 +243,46 @@ impl EtcdServer {
         command
             .output()
             .unwrap_or_else(|err| panic!("cannot run etcdctl (Debian's etcd-client): {err}"))
+    }
+
+    /// Runs `ETCDCTL_API=2 etcdctl` (the v2 keys API: `mk`, `set --ttl`, `get`, `rm`, `ls`)
+    /// against this server; returns the output whatever its status.
+    pub fn etcdctl_v2_output(&self, args: &[&str]) -> Output {
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", ns, "etcdctl"]);
+                command
+            }
+            None => Command::new("etcdctl"),
+        };
+        command
+            .env("ETCDCTL_API", "2")
+            .arg(format!("--endpoints={}", self.endpoint))
+            .arg("--timeout=10s");
+        if let Some(tls) = &self.tls {
+            command
+                .arg(format!("--ca-file={}", tls.ca.display()))
+                .arg(format!("--cert-file={}", tls.cert.display()))
+                .arg(format!("--key-file={}", tls.key.display()));
+        }
+        command.args(args);
+        command
+            .output()
+            .unwrap_or_else(|err| panic!("cannot run etcdctl (Debian's etcd-client): {err}"))
+    }
+
+    /// Runs `ETCDCTL_API=2 etcdctl`; panics with its output on failure; returns stdout.
+    pub fn etcdctl_v2(&self, args: &[&str]) -> String {
+        let output = self.etcdctl_v2_output(args);
+        if !output.status.success() {
+            panic!(
+                "ETCDCTL_API=2 etcdctl {args:?} failed: {}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
     /// Runs `etcdctl`; panics with its output on failure; returns stdout.

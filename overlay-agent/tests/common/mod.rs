@@ -147,8 +147,23 @@ impl Etcd {
         Self::from(overlay_tests::etcd::EtcdServer::start())
     }
 
+    /// etcd serving the v2 keys API too (`--enable-v2=true`), like the seeds' clusters.
+    pub fn start_v2() -> Etcd {
+        Self::from(overlay_tests::etcd::EtcdServer::start_with(
+            overlay_tests::etcd::EtcdOptions {
+                enable_v2: true,
+                ..Default::default()
+            },
+        ))
+    }
+
     /// etcd with server TLS and client-certificate authentication.
     pub fn start_tls(tls: &Tls) -> Etcd {
+        Self::start_tls_with(tls, false)
+    }
+
+    /// etcd with mTLS, serving the v2 keys API too when `enable_v2`.
+    pub fn start_tls_with(tls: &Tls, enable_v2: bool) -> Etcd {
         Self::from(overlay_tests::etcd::EtcdServer::start_with(
             overlay_tests::etcd::EtcdOptions {
                 tls: Some(overlay_tests::etcd::EtcdTls {
@@ -156,8 +171,24 @@ impl Etcd {
                     cert: tls.path("server.pem"),
                     key: tls.path("server.key"),
                 }),
+                enable_v2,
             },
         ))
+    }
+
+    /// `ETCDCTL_API=2 etcdctl ARGS` (panics on failure; stdout).
+    pub fn v2(&self, args: &[&str]) -> String {
+        self.server.etcdctl_v2(args)
+    }
+
+    /// `ETCDCTL_API=2 etcdctl ARGS`, whatever its status.
+    pub fn v2_output(&self, args: &[&str]) -> std::process::Output {
+        self.server.etcdctl_v2_output(args)
+    }
+
+    /// `ETCDCTL_API=3 etcdctl ARGS` (panics on failure; stdout).
+    pub fn v3(&self, args: &[&str]) -> String {
+        self.server.etcdctl(args)
     }
 
     fn from(server: overlay_tests::etcd::EtcdServer) -> Etcd {
