@@ -913,3 +913,34 @@ fn fast_flows_close_cleanly_under_an_invalid_state_drop_rule() {
         .expect("the INVALID rule's counter");
     assert_eq!(dropped, 0, "fast-path flows' kernel packets were dropped as conntrack-INVALID on node A");
 }
+
+#[test]
+fn one_way_udp_takes_the_fast_path_in_both_directions() {
+    let mut t = Topology::new();
+    for (port, reverse) in [(5601u16, false), (5602, true)] {
+        let _server = overlay_tests::netns::Background::spawn(&t.b.pod.0, &["iperf3", "-s", "-1", "-p", &port.to_string()]);
+        wait_until(Duration::from_secs(10), "iperf3 server listening", || {
+            let out = t.b.pod.exec(&["ss", "-ltn", &format!("sport = :{port}")]);
+            String::from_utf8_lossy(&out.stdout).contains(&port.to_string())
+        });
+        let before = t.stats();
+        let mut args = vec!["iperf3", "-c", "10.244.2.2", "-u", "-b", "200M", "-l", "1000", "-t", "1", "-p"];
+        let port_text = port.to_string();
+        args.push(&port_text);
+        if reverse {
+            args.push("-R");
+        }
+        let out = t.a.pod.exec(&args);
+        assert!(out.status.success(), "{out:?}");
+        let after = t.stats();
+        // ~25,000 datagrams one way: all but the first take the fast path (TX on A, or RX
+        // into A's pod when B sends).
+        let fast = if reverse {
+            delta(&before, &after, stat::FAST_RX_BEFORE_DECAP_PACKETS)
+                + delta(&before, &after, stat::FAST_RX_AFTER_DECAP_PACKETS)
+        } else {
+            delta(&before, &after, stat::FAST_TX_PACKETS)
+        };
+        assert!(fast > 10_000, "reverse {reverse}: one-way UDP on the fast path: {:?}", moved(&before, &after));
+    }
+}

@@ -19,7 +19,7 @@ pub mod map_names {
     /// Hash: a local pod's IPv4 address -> [`crate::Endpoint`] (learned from netlink).
     pub const ENDPOINTS: &str = "OVL_ENDPOINTS";
     /// LRU hash: [`crate::FlowKey`] -> [`crate::FlowState`]: flows seen crossing the kernel
-    /// path unchanged in both directions (learn-then-bypass).
+    /// path unchanged, per direction (learn-then-bypass).
     pub const FLOWS: &str = "OVL_FLOWS";
 }
 
@@ -186,8 +186,8 @@ pub struct FlowKey {
 }
 
 /// Value of [`map_names::FLOWS`]: when each direction last crossed the kernel path with
-/// exactly this tuple. A flow takes the fast path only while both are fresh
-/// ([`FLOW_FRESH_NS`]), so a NATed flow (whose tuple the kernel changes) never does.
+/// exactly this tuple. A direction takes its fast path only while its own timestamp is
+/// fresh ([`FLOW_FRESH_NS`]), so a flow the kernel NATs (changing its tuple) never does.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowState {
@@ -222,8 +222,8 @@ pub mod stat {
     /// To the kernel: no remote peer for the destination / not a known local pod / the
     /// packet did not come from the pod its veth belongs to.
     pub const KERNEL_NO_ENDPOINT: u32 = 8;
-    /// To the kernel: the flow has not (recently) crossed the kernel path unchanged in both
-    /// directions (new, NATed, or due for re-validation).
+    /// To the kernel: this direction of the flow has not (recently) crossed the kernel path
+    /// unchanged (new, NATed, or due for re-validation).
     pub const KERNEL_NOT_LEARNED: u32 = 9;
     /// To the kernel: TCP SYN, FIN or RST (conntrack must see every state change).
     pub const KERNEL_TCP_CONTROL: u32 = 10;

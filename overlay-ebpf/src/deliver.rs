@@ -13,7 +13,7 @@ use aya_ebpf::{
 use overlay_common::{Endpoint, config_flags, stat};
 
 use crate::{
-    flows::{endpoint, flow_key, is_learned},
+    flows::{endpoint, flow_key, learned_ingress},
     maps::config,
     parse::{
         ETH_LEN, ETH_P_IPV4, EthHdr, IPV4_LEN, Ipv4Hdr, L4, TCP_FIN, TCP_RST, TCP_SYN,
@@ -23,8 +23,9 @@ use crate::{
 };
 
 /// Whether a remote pod's packet to `ip.daddr` may be delivered straight into the pod:
-/// the destination is a known pod, the flow is learned in both directions through the very
-/// veth that pod sits behind, and the packet changes no TCP state. `Err`: the pass verdict.
+/// the destination is a known pod, the kernel recently delivered this very tuple through the
+/// veth that pod sits behind (a flow un-NATed on the way in, like a Service reply, never
+/// is), and the packet changes no TCP state. `Err`: the pass verdict.
 #[inline(always)]
 pub fn eligible_for_delivery(ip: &Ipv4Hdr, l4: &L4) -> Result<&'static Endpoint, Verdict> {
     let Some(ep) = endpoint(ip.daddr) else {
@@ -34,7 +35,7 @@ pub fn eligible_for_delivery(ip: &Ipv4Hdr, l4: &L4) -> Result<&'static Endpoint,
         return Err(pass(stat::KERNEL_TCP_CONTROL));
     }
     let key = flow_key(ip.daddr, ip.saddr, l4.dport, l4.sport, ip.proto);
-    match is_learned(&key) {
+    match learned_ingress(&key) {
         Some(state) if state.ingress_ifindex == ep.host_ifindex => {}
         _ => return Err(pass(stat::KERNEL_NOT_LEARNED)),
     }

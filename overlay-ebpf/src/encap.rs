@@ -15,7 +15,7 @@ use aya_ebpf::{
 use overlay_common::{DatapathConfig, PeerInfo, VXLAN_OVERHEAD, config_flags, peer_flags, stat};
 
 use crate::{
-    flows::{endpoint, flow_key, is_learned},
+    flows::{endpoint, flow_key, is_learned_egress},
     maps::{PEERS, config},
     parse::{
         ETH_LEN, ETH_P_IPV4, EthHdr, IPPROTO_UDP, IPV4_LEN, Ipv4Hdr, TCP_FIN, TCP_RST, TCP_SYN,
@@ -110,7 +110,7 @@ pub fn pod_encap(ctx: &TcContext) -> Verdict {
     if l4.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
         return pass(stat::KERNEL_TCP_CONTROL);
     }
-    if is_learned(&flow_key(ip.saddr, ip.daddr, l4.sport, l4.dport, ip.proto)).is_none() {
+    if !is_learned_egress(&flow_key(ip.saddr, ip.daddr, l4.sport, l4.dport, ip.proto)) {
         return pass(stat::KERNEL_NOT_LEARNED);
     }
     if ip.ttl <= 1 {

@@ -40,17 +40,29 @@ pub fn endpoint(addr: [u8; 4]) -> Option<&'static Endpoint> {
     unsafe { ENDPOINTS.get(&addr) }
 }
 
-/// Both directions of the flow crossed the kernel path unchanged within [`FLOW_FRESH_NS`].
+/// Whether a timestamp of a learned direction is recent enough to trust.
 #[inline(always)]
-pub fn is_learned(key: &FlowKey) -> Option<&'static FlowState> {
-    let state = unsafe { FLOWS.get(key) }?;
+fn fresh(seen: u64) -> bool {
     let now = unsafe { bpf_ktime_get_ns() };
-    let fresh = |seen: u64| seen != 0 && now.wrapping_sub(seen) < FLOW_FRESH_NS;
-    if fresh(state.egress_seen_ns) && fresh(state.ingress_seen_ns) {
-        Some(state)
-    } else {
-        None
-    }
+    seen != 0 && now.wrapping_sub(seen) < FLOW_FRESH_NS
+}
+
+/// The pod's packets of this flow left through the kernel path unchanged within
+/// [`FLOW_FRESH_NS`]: its next packet may be encapsulated at the pod veth. Only this
+/// direction matters: a flow NATed on the way out (hostPort replies are un-DNATed, Services
+/// DNATed) leaves with another tuple and is never learned under its pod tuple. (A flow that
+/// only goes one way, like a UDP stream, takes the fast path too.)
+#[inline(always)]
+pub fn is_learned_egress(key: &FlowKey) -> bool {
+    unsafe { FLOWS.get(key) }.is_some_and(|state| fresh(state.egress_seen_ns))
+}
+
+/// The kernel delivered this flow's packets to the pod unchanged within [`FLOW_FRESH_NS`]:
+/// the learned state, to check the veth it went through.
+#[inline(always)]
+pub fn learned_ingress(key: &FlowKey) -> Option<&'static FlowState> {
+    let state = unsafe { FLOWS.get(key) }?;
+    fresh(state.ingress_seen_ns).then_some(state)
 }
 
 /// The IPv4 header and TCP/UDP ports of a routed frame; `Err` is the pass verdict.
