@@ -21,7 +21,7 @@ use crate::{
         self, DataplaneCommand, DataplaneError, LeaseAttrs, LocalLease,
         ebpf::{
             EbpfDataplane, EbpfSettings, counters_by_name, read_pinned_stats,
-            remove_pinned,
+            remove_pinned_all_versions,
         },
         host_gw::HostGwDataplane,
         vxlan::VxlanDataplane,
@@ -738,7 +738,7 @@ async fn copy_datapath_counters(pin_dir: std::path::PathBuf, status: watch::Send
 /// A node switched from `ebpf` to `vxlan`/`host-gw` must not keep running the old programs:
 /// unpinning their links detaches them (the kernel path underneath stays).
 fn remove_stale_ebpf(pin_dir: &std::path::Path) {
-    match remove_pinned(pin_dir) {
+    match remove_pinned_all_versions(pin_dir) {
         Ok(true) => {
             info!(pin_dir = %pin_dir.display(), "removed the eBPF datapath of an earlier --backend=ebpf run")
         }
@@ -751,7 +751,7 @@ fn remove_stale_ebpf(pin_dir: &std::path::Path) {
 /// working from maps nobody updates (dropping VXLAN from nodes that join later as "unknown
 /// source"): unpinning them detaches them and leaves a plain flannel vxlan node.
 fn remove_ebpf_left_by_earlier_run(pin_dir: &std::path::Path) {
-    match remove_pinned(pin_dir) {
+    match remove_pinned_all_versions(pin_dir) {
         Ok(true) => warn!(
             pin_dir = %pin_dir.display(),
             "falling back: detached and unpinned the eBPF programs and maps an earlier run left under the pin directory, so they no longer act on traffic with stale peers"

@@ -393,6 +393,13 @@ pub fn remove_pinned(pin_dir: &Path) -> Result<bool, EbpfError> {
     }
 }
 
+/// [`remove_pinned`] for `pin_dir` and every older version beside it: what a node that stops
+/// running the eBPF datapath (another backend, a fallback) must leave behind: nothing.
+pub fn remove_pinned_all_versions(pin_dir: &Path) -> Result<bool, EbpfError> {
+    remove_older_versions(pin_dir);
+    remove_pinned(pin_dir)
+}
+
 /// Removes what older versions of the datapath pinned beside `pin_dir` (`.../v1` next to
 /// `.../v2`): their programs would otherwise stay attached in front of ours, working from
 /// maps nobody updates.
