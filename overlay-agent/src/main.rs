@@ -1,7 +1,7 @@
 //! overlay-agent: flanneld's drop-in replacement. `run` (the default) is the daemon; the
 //! other subcommands are operator tools.
 
-use std::process::ExitCode;
+use std::{io::IsTerminal, process::ExitCode};
 
 use overlay_agent::{
     agent, cli, docker_opts,
@@ -10,17 +10,33 @@ use overlay_agent::{
 use tracing_subscriber::EnvFilter;
 
 fn init_logging(verbosity: u8) {
-    // -v follows flanneld's klog levels loosely; RUST_LOG, when set, wins.
-    let default = match verbosity {
+    // -v follows flanneld's klog levels loosely and, like them, is about this agent's own
+    // messages: dependencies (tonic, hyper, h2, tower) stay at info. RUST_LOG, when set, wins.
+    let own = match verbosity {
         0 => "info",
         1 | 2 => "debug",
         _ => "trace",
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let default = format!("info,overlay_agent={own}");
+    let mut bad_rust_log = None;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => EnvFilter::try_new(&spec).unwrap_or_else(|err| {
+            bad_rust_log = Some(format!(
+                "ignoring RUST_LOG={spec:?} ({err}); using -v={verbosity}"
+            ));
+            EnvFilter::new(&default)
+        }),
+        _ => EnvFilter::new(&default),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colour only for a person at a terminal: journald and pipes get plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
+    if let Some(message) = bad_rust_log {
+        tracing::warn!("{message}");
+    }
 }
 
 fn main() -> ExitCode {
