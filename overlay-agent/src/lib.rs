@@ -19,6 +19,7 @@ pub mod masq;
 pub mod netlink;
 pub mod notify;
 pub mod peer;
+pub mod report;
 pub mod status;
 pub mod subnet_file;
 pub mod watch;

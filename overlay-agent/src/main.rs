@@ -6,6 +6,7 @@ use std::{io::IsTerminal, process::ExitCode};
 use overlay_agent::{
     agent, cli, docker_opts,
     flags::{Cli, Command},
+    report::error_chain,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -54,6 +55,7 @@ fn main() -> ExitCode {
         }
     };
     let flags = cli.flags;
+    let daemon = matches!(cli.command, None | Some(Command::Run));
     let result: anyhow::Result<Option<String>> = runtime.block_on(async {
         Ok(match cli.command {
             None | Some(Command::Run) => {
@@ -77,8 +79,13 @@ fn main() -> ExitCode {
         }
         Ok(None) => ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!("{err:#}");
-            eprintln!("overlay-agent: {err:#}");
+            // Once: the daemon's log goes to stderr too, so a second copy would repeat it.
+            let message = error_chain(err.as_ref());
+            if daemon {
+                tracing::error!("{message}");
+            } else {
+                eprintln!("overlay-agent: {message}");
+            }
             ExitCode::FAILURE
         }
     }

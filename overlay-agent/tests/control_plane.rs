@@ -1096,10 +1096,73 @@ async fn run_waits_for_a_valid_config_logging_each_problem_once() {
     });
     let status = status.expect("the agent exits when the interface cannot be chosen");
     assert!(!status.success());
+    // The reason, once: not repeated by the error chain, not printed a second time.
+    let text = read();
+    let line = text
+        .lines()
+        .find(|l| l.contains("ERROR"))
+        .unwrap_or_else(|| panic!("no ERROR line:\n{text}"));
     assert!(
-        read().contains("choosing the uplink interface"),
-        "{}",
-        read()
+        line.contains("choosing the uplink interface: no interface matches --iface=ovl-none0; interfaces here: "),
+        "{line}"
+    );
+    assert_eq!(
+        text.matches("no interface matches --iface=ovl-none0")
+            .count(),
+        1,
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minus_v_2_into_a_pipe_is_plain_text_with_debug_lines_of_the_agent_only() {
+    let etcd = Etcd::start();
+    let mut c = client(&etcd.endpoint).await;
+    c.put("/plain/config", r#"{"Network":"10.0.0.0/16"}"#, None)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // As under systemd: stderr is a pipe (journald's is a socket), not a terminal. The
+    // interface does not exist, so the agent stops after talking to etcd.
+    let out = tokio::task::block_in_place(|| {
+        std::process::Command::new(agent_bin())
+            .args([
+                &format!("-etcd-endpoints={}", etcd.endpoint),
+                "-etcd-prefix=/plain",
+                "-iface=ovl-none0",
+                "-v=2",
+                &format!("-subnet-file={}", dir.path().join("subnet.env").display()),
+            ])
+            .env_remove("RUST_LOG")
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap()
+    });
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!text.contains("\x1b["), "ANSI escapes in a pipe:\n{text}");
+    // `<time> LEVEL target: message`
+    let debug: Vec<(&str, &str)> = text
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace().skip(1);
+            let level = words.next()?;
+            let target = words.next()?.trim_end_matches(':');
+            matches!(level, "DEBUG" | "TRACE").then_some((level, target))
+        })
+        .collect();
+    assert!(
+        debug
+            .iter()
+            .any(|(_, t)| t.starts_with("overlay_agent::etcd")),
+        "-v=2 shows the agent's debug lines:\n{text}"
+    );
+    let foreign: Vec<_> = debug
+        .iter()
+        .filter(|(_, t)| !t.starts_with("overlay_agent"))
+        .collect();
+    assert!(
+        foreign.is_empty(),
+        "dependency debug lines {foreign:?}:\n{text}"
     );
 }
 
