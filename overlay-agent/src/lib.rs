@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod compat_flags;
 pub mod config;
 pub mod config_watch;
 pub mod dataplane;

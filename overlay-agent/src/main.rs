@@ -43,6 +43,16 @@ fn init_logging(verbosity: u8) {
 fn main() -> ExitCode {
     let cli = Cli::parse_args();
     init_logging(cli.flags.verbosity);
+    match cli.flags.compat.check() {
+        Ok(notes) => notes.iter().for_each(|note| tracing::info!("{note}")),
+        Err(refused) => {
+            for message in &refused.refused {
+                tracing::error!("{message}");
+            }
+            // flanneld exits 2 on a flag it cannot take, as clap does.
+            return ExitCode::from(2);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
