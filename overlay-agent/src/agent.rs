@@ -370,6 +370,7 @@ async fn control_loop(
         client.clone(),
         opts.clone(),
         config.clone(),
+        flags.backend,
     ));
     let watcher = tokio::spawn(
         PeerWatcher::new(
@@ -528,12 +529,12 @@ pub async fn run(flags: Flags) -> Result<(), AgentError> {
     let Some(mut config) = wait_for_config(&mut client, &opts, &mut shutdown).await else {
         return Ok(());
     };
-    if let Some(kind) = flags.backend {
-        if kind != config.backend.kind {
-            info!(config = %config.backend.kind, flag = %kind, "--backend overrides the config's Backend.Type");
-        }
-        config.backend.kind = kind;
+    if let Some(kind) = flags.backend
+        && kind != config.backend.kind
+    {
+        info!(config = %config.backend.kind, flag = %kind, "--backend overrides the config's Backend.Type");
     }
+    config = config.with_backend_override(flags.backend);
     status_tx.send_modify(|s| s.node.backend = config.backend.kind.to_string());
 
     let uplink = iface::select_uplink(&flags.iface_options()).await?;

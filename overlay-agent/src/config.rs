@@ -478,6 +478,14 @@ impl NetworkConfig {
         .to_string()
     }
 
+    /// The config with `--backend` applied (`None`: the config's own Backend.Type).
+    pub fn with_backend_override(mut self, backend: Option<BackendType>) -> NetworkConfig {
+        if let Some(kind) = backend {
+            self.backend.kind = kind;
+        }
+        self
+    }
+
     /// Whether `subnet` is one this config may lease: the right length, inside the
     /// network, between SubnetMin and SubnetMax.
     pub fn fits(&self, subnet: Ipv4Network) -> bool {
