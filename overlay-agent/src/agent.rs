@@ -33,7 +33,7 @@ use crate::{
     peer::PeerEvent,
     status::{AgentStatus, PeerStatus},
     subnet_file::{SubnetEnv, SubnetFileError},
-    watch::PeerWatcher,
+    watch::{PeerRules, PeerWatcher},
 };
 
 /// How often a missing or invalid config (or an unreachable etcd) is re-checked.
@@ -376,7 +376,11 @@ async fn control_loop(
         PeerWatcher::new(
             client,
             opts.clone(),
-            config.backend.kind.lease_backend(),
+            PeerRules {
+                backend: config.backend.kind.lease_backend(),
+                network: config.network,
+                own_public_ip: public_ip,
+            },
             own_rx,
             peer_tx,
         )

@@ -25,7 +25,7 @@ use overlay_agent::{
     peer::{LeaseBackend, MacAddr6, Peer, PeerEvent},
     status::AgentStatus,
     subnet_file::SubnetEnv,
-    watch::PeerWatcher,
+    watch::{PeerRules, PeerWatcher},
 };
 use tokio::sync::{mpsc, watch};
 
@@ -426,6 +426,15 @@ async fn a_deleted_lease_comes_back_within_seconds_and_renewal_keeps_it_alive() 
     keeper.abort();
 }
 
+/// The rules of a vxlan node in `network` whose PublicIP is `own_ip`.
+fn rules(network: &str, own_ip: &str) -> PeerRules {
+    PeerRules {
+        backend: LeaseBackend::Vxlan,
+        network: network.parse().unwrap(),
+        own_public_ip: own_ip.parse().unwrap(),
+    }
+}
+
 fn vxlan_value(ip: &str, m: &str) -> String {
     format!(
         r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{m}"}}}}"#
@@ -482,7 +491,14 @@ async fn peer_leases_reach_the_dataplane_as_the_right_events() {
     let (_own_tx, own_rx) = watch::channel(own);
     let agent_client = etcd::connect(&o).await.unwrap();
     let watcher = tokio::spawn(
-        PeerWatcher::new(agent_client, o.clone(), LeaseBackend::Vxlan, own_rx, tx).run(),
+        PeerWatcher::new(
+            agent_client,
+            o.clone(),
+            rules("10.5.0.0/16", "192.168.1.1"),
+            own_rx,
+            tx,
+        )
+        .run(),
     );
 
     let peer2 = Peer {
@@ -645,7 +661,14 @@ async fn compaction_round(etcd: &Etcd, prefix: &str, wait: Duration) -> bool {
         .await
         .unwrap();
     let watcher = tokio::spawn(
-        PeerWatcher::new(agent_client, o.clone(), LeaseBackend::Vxlan, own_rx, tx).run(),
+        PeerWatcher::new(
+            agent_client,
+            o.clone(),
+            rules("10.6.0.0/16", "192.168.2.1"),
+            own_rx,
+            tx,
+        )
+        .run(),
     );
     tokio::time::sleep(wait).await;
     for i in 0..5 {
@@ -690,6 +713,104 @@ async fn compaction_round(etcd: &Etcd, prefix: &str, wait: Duration) -> bool {
     }
     watcher.abort();
     true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_outside_the_network_or_with_our_public_ip_are_refused_naming_the_key() {
+    let logs = common::capture_logs();
+    let etcd = Etcd::start();
+    let mut c = client(&etcd.endpoint).await;
+    let o = opts(&etcd.endpoint, "/foreign");
+    let own: Ipv4Network = "10.7.1.0/24".parse().unwrap();
+    // Listed at start: a subnet outside the network, our PublicIP on another subnet, and
+    // a good peer.
+    let outside = "/foreign/subnets/8.8.8.0-24";
+    let ours = "/foreign/subnets/10.7.9.0-24";
+    c.put(
+        outside,
+        vxlan_value("192.168.7.8", "c6:d2:32:6f:8f:08"),
+        None,
+    )
+    .await
+    .unwrap();
+    c.put(ours, vxlan_value("192.168.7.1", "c6:d2:32:6f:8f:09"), None)
+        .await
+        .unwrap();
+    c.put(
+        "/foreign/subnets/10.7.2.0-24",
+        vxlan_value("192.168.7.2", "c6:d2:32:6f:8f:02"),
+        None,
+    )
+    .await
+    .unwrap();
+    let (tx, mut rx) = mpsc::channel(64);
+    let (_own_tx, own_rx) = watch::channel(own);
+    let agent_client = etcd::connect(&o).await.unwrap();
+    let watcher = tokio::spawn(
+        PeerWatcher::new(
+            agent_client,
+            o.clone(),
+            rules("10.7.0.0/16", "192.168.7.1"),
+            own_rx,
+            tx,
+        )
+        .run(),
+    );
+    let peer2 = Peer {
+        subnet: "10.7.2.0/24".parse().unwrap(),
+        public_ip: Ipv4Addr::new(192, 168, 7, 2),
+        vtep_mac: Some(mac(0x02)),
+    };
+    assert_eq!(
+        next_event(&mut rx).await,
+        PeerEvent::Snapshot(vec![peer2.clone()])
+    );
+    // The same through the watch: neither makes an event; the good one after them does.
+    let outside_later = "/foreign/subnets/1.1.1.0-24";
+    let ours_later = "/foreign/subnets/10.7.10.0-24";
+    c.put(
+        outside_later,
+        vxlan_value("192.168.7.11", "c6:d2:32:6f:8f:11"),
+        None,
+    )
+    .await
+    .unwrap();
+    c.put(
+        ours_later,
+        vxlan_value("192.168.7.1", "c6:d2:32:6f:8f:10"),
+        None,
+    )
+    .await
+    .unwrap();
+    c.put(
+        "/foreign/subnets/10.7.3.0-24",
+        vxlan_value("192.168.7.3", "c6:d2:32:6f:8f:03"),
+        None,
+    )
+    .await
+    .unwrap();
+    match next_event(&mut rx).await {
+        PeerEvent::Upsert(p) => assert_eq!(p.subnet.to_string(), "10.7.3.0/24"),
+        other => panic!("a refused lease reached the dataplane: {other:?}"),
+    }
+    watcher.abort();
+    let text = logs.text();
+    for key in [outside, outside_later] {
+        assert!(
+            text.lines().any(|l| l.contains("WARN")
+                && l.contains(key)
+                && l.contains("outside the cluster network 10.7.0.0/16")),
+            "no warning naming {key}:\n{text}"
+        );
+    }
+    for key in [ours, ours_later] {
+        assert!(
+            text.lines().any(|l| l.contains("WARN")
+                && l.contains(key)
+                && l.contains("PublicIP 192.168.7.1 is this node's own address")),
+            "no warning naming {key}:\n{text}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1292,7 +1413,14 @@ async fn peer_events_keep_flowing_when_the_etcd_member_in_use_dies() {
     let (tx, mut rx) = mpsc::channel(64);
     let (_own_tx, own_rx) = watch::channel("10.11.1.0/24".parse::<Ipv4Network>().unwrap());
     let watcher = tokio::spawn(
-        PeerWatcher::new(agent_client, o.clone(), LeaseBackend::Vxlan, own_rx, tx).run(),
+        PeerWatcher::new(
+            agent_client,
+            o.clone(),
+            rules("10.11.0.0/16", "192.168.11.1"),
+            own_rx,
+            tx,
+        )
+        .run(),
     );
     assert_eq!(next_event(&mut rx).await, PeerEvent::Snapshot(vec![]));
 
