@@ -1288,7 +1288,7 @@ async fn minus_v_2_into_a_pipe_is_plain_text_with_debug_lines_of_the_agent_only(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn healthz_is_up_and_readyz_turns_ready() {
+async fn healthz_is_up_and_readyz_turns_ready_only_once_the_node_holds_a_lease() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     async fn status(addr: std::net::SocketAddr, path: &str) -> String {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -1301,31 +1301,73 @@ async fn healthz_is_up_and_readyz_turns_ready() {
         s.read_to_string(&mut out).await.unwrap();
         out.lines().next().unwrap_or_default().to_string()
     }
-    let (status_tx, status_rx) = watch::channel(AgentStatus::default());
-    let (addr, task) = overlay_agent::health::serve("127.0.0.1:0".parse().unwrap(), status_rx)
+    let etcd = Etcd::start();
+    let mut c = client(&etcd.endpoint).await;
+    // Three leasable subnets (10.12.0.64/26 .. 10.12.0.192/26), all held by other nodes:
+    // the node keeps retrying "out of subnets" until one is freed.
+    c.put(
+        "/ready/config",
+        r#"{"Network":"10.12.0.0/24","SubnetLen":26}"#,
+        None,
+    )
+    .await
+    .unwrap();
+    for (n, net) in ["64", "128", "192"].into_iter().enumerate() {
+        c.put(
+            format!("/ready/subnets/10.12.0.{net}-26"),
+            vxlan_value(&format!("192.168.12.{}", n + 2), "c6:d2:32:6f:8f:0c"),
+            None,
+        )
         .await
         .unwrap();
-    assert_eq!(status(addr, "/healthz").await, "HTTP/1.1 200 OK");
-    assert_eq!(
-        status(addr, "/readyz").await,
-        "HTTP/1.1 503 Service Unavailable"
-    );
-    status_tx.send_modify(|s| {
-        s.ready = true;
-        s.node.subnet = "10.5.52.0/24".into();
-    });
-    assert_eq!(status(addr, "/readyz").await, "HTTP/1.1 200 OK");
-    assert_eq!(status(addr, "/metrics").await, "HTTP/1.1 200 OK");
-    // `overlay-agent status` reads the same value back.
-    let fetched = overlay_agent::health::fetch_status(addr).await.unwrap();
-    assert_eq!(fetched, *status_tx.borrow());
-    // A taken port fails at start-up, naming the flags to change.
-    let err = overlay_agent::health::serve(addr, watch::channel(AgentStatus::default()).1)
-        .await
-        .err()
-        .unwrap();
-    assert!(err.to_string().contains("--healthz-port"), "{err}");
-    task.abort();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let subnet_file = dir.path().join("subnet.env");
+    let flags = flags(&etcd.endpoint, "/ready", &subnet_file);
+    let public_ip = Ipv4Addr::new(192, 168, 12, 1);
+    let ((), _) = with_node(&flags, public_ip, mac(0x0c), async |ready, _log| {
+        // The health server reads the status the running node publishes.
+        let (addr, task) =
+            overlay_agent::health::serve("127.0.0.1:0".parse().unwrap(), ready.clone())
+                .await
+                .unwrap();
+        assert_eq!(status(addr, "/healthz").await, "HTTP/1.1 200 OK");
+        wait_until(LONG, "the node to start asking for a lease", || {
+            let started = ready.borrow().node.public_ip == public_ip.to_string();
+            async move { started }
+        })
+        .await;
+        // Several failed acquisitions later (one per 5 s; the first is immediate) it is
+        // still not ready.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            status(addr, "/readyz").await,
+            "HTTP/1.1 503 Service Unavailable"
+        );
+        assert!(!subnet_file.exists());
+        c.delete("/ready/subnets/10.12.0.128-26", None)
+            .await
+            .unwrap();
+        wait_until(LONG, "/readyz to answer 200", || async {
+            status(addr, "/readyz").await == "HTTP/1.1 200 OK"
+        })
+        .await;
+        assert!(subnet_file.exists(), "ready before subnet.env was written");
+        assert_eq!(ready.borrow().node.subnet, "10.12.0.128/26");
+        assert_eq!(status(addr, "/metrics").await, "HTTP/1.1 200 OK");
+        // `overlay-agent status` reads the same value back.
+        let fetched = overlay_agent::health::fetch_status(addr).await.unwrap();
+        assert_eq!(fetched.node, ready.borrow().node);
+        assert!(fetched.ready);
+        // A taken port fails at start-up, naming the flags to change.
+        let err = overlay_agent::health::serve(addr, watch::channel(AgentStatus::default()).1)
+            .await
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("--healthz-port"), "{err}");
+        task.abort();
+    })
+    .await;
 }
 
 #[test]
