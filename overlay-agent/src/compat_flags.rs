@@ -591,6 +591,39 @@ mod tests {
         Cli::try_parse_args(argv)
     }
 
+    /// The word docs/flags.md uses for a handling.
+    pub(crate) fn doc_word(handling: Handling) -> &'static str {
+        match handling {
+            Handling::Implemented => "implemented",
+            Handling::NoEffect { .. } => "no effect",
+            Handling::Refused { .. } => "refused",
+        }
+    }
+
+    #[test]
+    fn docs_flags_md_lists_exactly_this_table() {
+        let doc = include_str!("../../docs/flags.md");
+        let mut rows: Vec<(String, String)> = doc
+            .lines()
+            .filter(|l| l.starts_with("| `-"))
+            .map(|l| {
+                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                let name = cells[1]
+                    .trim_matches('`')
+                    .trim_start_matches('-')
+                    .to_owned();
+                (name, cells[3].to_owned())
+            })
+            .collect();
+        let mut table: Vec<(String, String)> = FLANNELD_FLAGS
+            .iter()
+            .map(|f| (f.name.to_owned(), doc_word(f.handling).to_owned()))
+            .collect();
+        rows.sort();
+        table.sort();
+        assert_eq!(rows, table, "docs/flags.md and FLANNELD_FLAGS differ");
+    }
+
     #[test]
     fn go_bools_parse_like_strconv() {
         for t in ["1", "t", "T", "true", "TRUE", "True"] {
