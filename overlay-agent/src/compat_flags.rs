@@ -675,6 +675,10 @@ mod tests {
             "{notes:?}"
         );
         assert_eq!(cli.flags.verbosity, 2);
+        // Go takes two dashes for every flag, one-letter ones too, and strconv's bools.
+        assert_eq!(parse(&["--v=3"]).expect("--v").flags.verbosity, 3);
+        assert!(parse(&["-ip-masq=1"]).expect("-ip-masq=1").flags.ip_masq);
+        assert!(!parse(&["-ip-masq=F"]).expect("-ip-masq=F").flags.ip_masq);
     }
 
     #[test]
