@@ -478,6 +478,14 @@ impl NetworkConfig {
         .to_string()
     }
 
+    /// The config with `--backend` applied (`None`: the config's own Backend.Type).
+    pub fn with_backend_override(mut self, backend: Option<BackendType>) -> NetworkConfig {
+        if let Some(kind) = backend {
+            self.backend.kind = kind;
+        }
+        self
+    }
+
     /// Whether `subnet` is one this config may lease: the right length, inside the
     /// network, between SubnetMin and SubnetMax.
     pub fn fits(&self, subnet: Ipv4Network) -> bool {
@@ -865,20 +873,63 @@ mod tests {
             .expect("explicit defaults are fine");
     }
 
+    /// The variant's position; exhaustive (no `_` arm), so a new variant does not compile
+    /// until it is added here and to the cases below.
+    fn variant_index(e: &ConfigError) -> usize {
+        match e {
+            ConfigError::NotJson { .. } => 0,
+            ConfigError::NotAnObject { .. } => 1,
+            ConfigError::MissingNetwork => 2,
+            ConfigError::WrongType { .. } => 3,
+            ConfigError::BadNetwork { .. } => 4,
+            ConfigError::BadAddress { .. } => 5,
+            ConfigError::NetworkTooSmall { .. } => 6,
+            ConfigError::SubnetLenTooLong { .. } => 7,
+            ConfigError::SubnetLenTooShort { .. } => 8,
+            ConfigError::OutsideNetwork { .. } => 9,
+            ConfigError::Unaligned { .. } => 10,
+            ConfigError::MinAfterMax { .. } => 11,
+            ConfigError::BackendNotObject { .. } => 12,
+            ConfigError::MissingBackendType => 13,
+            ConfigError::UnsupportedBackend { .. } => 14,
+            ConfigError::VniOutOfRange { .. } => 15,
+            ConfigError::PortOutOfRange { .. } => 16,
+            ConfigError::MtuOutOfRange { .. } => 17,
+            ConfigError::Ipv4Disabled => 18,
+            ConfigError::Ipv6NotSupported => 19,
+        }
+    }
+    const VARIANTS: usize = 20;
+
     #[test]
     fn every_error_shows_a_valid_example() {
+        // One config per variant, in variant order.
         let cases = [
             "nope",
             "[]",
             "{}",
+            r#"{"Network":16}"#,
             r#"{"Network":"x"}"#,
+            r#"{"Network":"10.0.0.0/16","SubnetMin":"ten"}"#,
             r#"{"Network":"10.0.0.0/30"}"#,
             r#"{"Network":"10.0.0.0/16","SubnetLen":31}"#,
             r#"{"Network":"10.0.0.0/16","SubnetLen":8}"#,
+            r#"{"Network":"10.0.0.0/16","SubnetMax":"10.1.0.0"}"#,
+            r#"{"Network":"10.0.0.0/16","SubnetMin":"10.0.1.7"}"#,
+            r#"{"Network":"10.0.0.0/16","SubnetMin":"10.0.9.0","SubnetMax":"10.0.3.0"}"#,
+            r#"{"Network":"10.0.0.0/16","Backend":"vxlan"}"#,
+            r#"{"Network":"10.0.0.0/16","Backend":{"VNI":1}}"#,
             r#"{"Network":"10.0.0.0/16","Backend":{"Type":"aws-vpc"}}"#,
+            r#"{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan","VNI":16777216}}"#,
+            r#"{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan","Port":65536}}"#,
+            r#"{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan","MTU":117}}"#,
+            r#"{"Network":"10.0.0.0/16","EnableIPv4":false}"#,
+            r#"{"Network":"10.0.0.0/16","EnableIPv6":true}"#,
         ];
-        for json in cases {
+        assert_eq!(cases.len(), VARIANTS);
+        for (index, json) in cases.into_iter().enumerate() {
             let e = err(json);
+            assert_eq!(variant_index(&e), index, "{json} gave {e:?}");
             assert!(e.to_string().contains(EXAMPLE_CONFIG), "{json}: {e}");
         }
         // And the example itself is valid.

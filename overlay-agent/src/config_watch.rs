@@ -8,7 +8,7 @@ use std::time::Duration;
 use tracing::{debug, info, warn};
 
 use crate::{
-    config::NetworkConfig,
+    config::{BackendType, NetworkConfig},
     etcd::EtcdOptions,
     store::{EventKind, KvStore, KvWatch, WatchBatch},
 };
@@ -26,13 +26,19 @@ pub enum ConfigChange {
     Deleted,
 }
 
-/// Classifies a new value (`None`: deleted) against the running config.
-pub fn classify(running: &NetworkConfig, new_value: Option<&[u8]>) -> ConfigChange {
+/// Classifies a new value (`None`: deleted) against the running config. `backend_override`
+/// is `--backend`, which the running config already carries: the new value gets it too, so
+/// that like is compared with like (a restart would apply the same override).
+pub fn classify(
+    running: &NetworkConfig,
+    backend_override: Option<BackendType>,
+    new_value: Option<&[u8]>,
+) -> ConfigChange {
     let Some(bytes) = new_value else {
         return ConfigChange::Deleted;
     };
     let text = String::from_utf8_lossy(bytes);
-    match NetworkConfig::parse(&text) {
+    match NetworkConfig::parse(&text).map(|c| c.with_backend_override(backend_override)) {
         Ok(config) if &config == running => ConfigChange::Unchanged,
         Ok(_) => ConfigChange::NeedsRestart,
         Err(err) => ConfigChange::Invalid(err.to_string()),
@@ -59,12 +65,19 @@ fn report(key: &str, change: &ConfigChange) {
 }
 
 /// Runs until aborted; reconnects (re-reading the key first, so nothing is missed) on error.
-pub async fn watch_config<S: KvStore>(client: S, opts: EtcdOptions, running: NetworkConfig) {
+/// `running` is the config in use, after `backend_override` (`--backend`).
+pub async fn watch_config<S: KvStore>(
+    client: S,
+    opts: EtcdOptions,
+    running: NetworkConfig,
+    backend_override: Option<BackendType>,
+) {
     let key = opts.config_key();
     let mut client = client;
     let mut last = None;
     loop {
-        if let Err(err) = watch_once(&mut client, &key, &running, &mut last).await {
+        if let Err(err) = watch_once(&mut client, &key, &running, backend_override, &mut last).await
+        {
             debug!(%key, error = %err, "config watch interrupted; retrying in 1 s");
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -75,10 +88,15 @@ async fn watch_once<S: KvStore>(
     client: &mut S,
     key: &str,
     running: &NetworkConfig,
+    backend_override: Option<BackendType>,
     last: &mut Option<ConfigChange>,
 ) -> Result<(), String> {
     let (current, revision) = client.get(key).await.map_err(|e| e.to_string())?;
-    let change = classify(running, current.as_ref().map(|kv| kv.value.as_slice()));
+    let change = classify(
+        running,
+        backend_override,
+        current.as_ref().map(|kv| kv.value.as_slice()),
+    );
     // Report what happened while we were not watching, once.
     if last.as_ref() != Some(&change) {
         if last.is_some() || change != ConfigChange::Unchanged {
@@ -101,7 +119,7 @@ async fn watch_once<S: KvStore>(
                 EventKind::Put => Some(event.kv.value.as_slice()),
                 EventKind::Delete => None,
             };
-            let change = classify(running, value);
+            let change = classify(running, backend_override, value);
             report(key, &change);
             *last = Some(change);
         }
@@ -118,13 +136,37 @@ mod tests {
             NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#)
                 .expect("valid");
         let same = br#"{"network": "10.5.0.0/16", "backend": {"type": "vxlan"}}"#;
-        assert_eq!(classify(&running, Some(same)), ConfigChange::Unchanged);
+        assert_eq!(
+            classify(&running, None, Some(same)),
+            ConfigChange::Unchanged
+        );
         let other = br#"{"Network":"10.6.0.0/16","Backend":{"Type":"vxlan"}}"#;
-        assert_eq!(classify(&running, Some(other)), ConfigChange::NeedsRestart);
+        assert_eq!(
+            classify(&running, None, Some(other)),
+            ConfigChange::NeedsRestart
+        );
         assert!(matches!(
-            classify(&running, Some(b"{not json")),
+            classify(&running, None, Some(b"{not json")),
             ConfigChange::Invalid(_)
         ));
-        assert_eq!(classify(&running, None), ConfigChange::Deleted);
+        assert_eq!(classify(&running, None, None), ConfigChange::Deleted);
+    }
+
+    #[test]
+    fn a_backend_override_is_applied_to_the_new_value_too() {
+        let stored = br#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
+        let running = NetworkConfig::parse(&String::from_utf8_lossy(stored))
+            .expect("valid")
+            .with_backend_override(Some(BackendType::Ebpf));
+        assert_eq!(
+            classify(&running, Some(BackendType::Ebpf), Some(stored)),
+            ConfigChange::Unchanged
+        );
+        // The override covers only the type: another VNI still needs a restart.
+        let vni = br#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","VNI":7}}"#;
+        assert_eq!(
+            classify(&running, Some(BackendType::Ebpf), Some(vni)),
+            ConfigChange::NeedsRestart
+        );
     }
 }

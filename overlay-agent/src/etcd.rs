@@ -180,6 +180,7 @@ async fn connect_one(
             detail,
         }
     };
+    tracing::debug!(endpoint, tls = opts.uses_tls(), "probing the etcd endpoint");
     let probe = async {
         let mut client = Client::connect([endpoint], Some(options))
             .await

@@ -28,7 +28,9 @@ pub const DEFAULT_BPF_PIN_DIR: &str = crate::dataplane::ebpf::DEFAULT_PIN_DIR;
     version,
     about = "flannel-compatible pod overlay network agent with an eBPF VXLAN datapath",
     long_about = "flannel-compatible pod overlay network agent with an eBPF VXLAN datapath.\n\n\
-        Takes flanneld's flags (one or two dashes) and FLANNELD_* environment variables.\n\
+        Takes flanneld's flags (one or two dashes) and FLANNELD_* environment variables;\n\
+        flanneld flags without an effect here are accepted with a note, those of modes this\n\
+        agent does not offer (e.g. --kube-subnet-mgr) are refused (see docs/flags.md).\n\
         Without a subcommand it runs the agent (`run`)."
 )]
 pub struct Cli {
@@ -189,6 +191,7 @@ pub struct Flags {
         require_equals = true,
         default_value_t = false,
         default_missing_value = "true",
+        value_parser = crate::compat_flags::GoBool,
         action = clap::ArgAction::Set
     )]
     pub ip_masq: bool,
@@ -231,8 +234,17 @@ pub struct Flags {
     )]
     pub healthz_port: u16,
     /// Log verbosity (0 = info, 1-2 = debug, 3+ = trace; RUST_LOG overrides).
-    #[arg(short = 'v', global = true, env = "FLANNELD_V", default_value_t = 0)]
+    #[arg(
+        short = 'v',
+        long = "v",
+        global = true,
+        env = "FLANNELD_V",
+        default_value_t = 0
+    )]
     pub verbosity: u8,
+    /// flanneld's flags that are not implemented here: accepted with a note, or refused.
+    #[command(flatten)]
+    pub compat: crate::compat_flags::CompatFlags,
     /// Dataplane: ebpf, vxlan or host-gw (default: the config's Backend.Type).
     #[arg(long, global = true, env = "FLANNELD_BACKEND")]
     pub backend: Option<BackendType>,

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod bpffs;
 pub mod cli;
+pub mod compat_flags;
 pub mod config;
 pub mod config_watch;
 pub mod dataplane;
@@ -22,6 +23,7 @@ pub mod migrate;
 pub mod netlink;
 pub mod notify;
 pub mod peer;
+pub mod report;
 pub mod status;
 pub mod store;
 pub mod subnet_file;

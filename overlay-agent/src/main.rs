@@ -1,31 +1,58 @@
 //! overlay-agent: flanneld's drop-in replacement. `run` (the default) is the daemon; the
 //! other subcommands are operator tools.
 
-use std::process::ExitCode;
+use std::{io::IsTerminal, process::ExitCode};
 
 use overlay_agent::{
     agent, cli, docker_opts,
     flags::{Cli, Command},
+    report::error_chain,
 };
 use tracing_subscriber::EnvFilter;
 
 fn init_logging(verbosity: u8) {
-    // -v follows flanneld's klog levels loosely; RUST_LOG, when set, wins.
-    let default = match verbosity {
+    // -v follows flanneld's klog levels loosely and, like them, is about this agent's own
+    // messages: dependencies (tonic, hyper, h2, tower) stay at info. RUST_LOG, when set, wins.
+    let own = match verbosity {
         0 => "info",
         1 | 2 => "debug",
         _ => "trace",
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let default = format!("info,overlay_agent={own}");
+    let mut bad_rust_log = None;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => EnvFilter::try_new(&spec).unwrap_or_else(|err| {
+            bad_rust_log = Some(format!(
+                "ignoring RUST_LOG={spec:?} ({err}); using -v={verbosity}"
+            ));
+            EnvFilter::new(&default)
+        }),
+        _ => EnvFilter::new(&default),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colour only for a person at a terminal: journald and pipes get plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
+    if let Some(message) = bad_rust_log {
+        tracing::warn!("{message}");
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse_args();
     init_logging(cli.flags.verbosity);
+    match cli.flags.compat.check() {
+        Ok(notes) => notes.iter().for_each(|note| tracing::info!("{note}")),
+        Err(refused) => {
+            for message in &refused.refused {
+                tracing::error!("{message}");
+            }
+            // flanneld exits 2 on a flag it cannot take, as clap does.
+            return ExitCode::from(2);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -38,6 +65,7 @@ fn main() -> ExitCode {
         }
     };
     let flags = cli.flags;
+    let daemon = matches!(cli.command, None | Some(Command::Run));
     let result: anyhow::Result<Option<String>> = runtime.block_on(async {
         Ok(match cli.command {
             None | Some(Command::Run) => {
@@ -62,8 +90,13 @@ fn main() -> ExitCode {
         }
         Ok(None) => ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!("{err:#}");
-            eprintln!("overlay-agent: {err:#}");
+            // Once: the daemon's log goes to stderr too, so a second copy would repeat it.
+            let message = error_chain(err.as_ref());
+            if daemon {
+                tracing::error!("{message}");
+            } else {
+                eprintln!("overlay-agent: {message}");
+            }
             ExitCode::FAILURE
         }
     }

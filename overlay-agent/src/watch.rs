@@ -4,10 +4,11 @@
 //! the list's revision + 1. On compaction, a broken watch, or a change of our own subnet,
 //! list again and send a new snapshot (the dataplane diffs it; no flood of removals).
 //! Our own subnet and leases of another BackendType are ignored. Unlike flannel, a key or
-//! value that cannot be parsed is skipped with a warning naming the key and never removes
-//! other peers.
+//! value that cannot be parsed, or a lease that cannot be a peer (outside the cluster
+//! network, carrying our own PublicIP, ...), is skipped with a warning naming the key and
+//! never removes other peers.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use ipnetwork::Ipv4Network;
 use tokio::sync::{mpsc, watch};
@@ -22,11 +23,23 @@ use crate::{
     store::{EventKind as EventType, KvStore, KvWatch, Store, WatchBatch},
 };
 
+/// What a lease must be to become a peer of this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerRules {
+    /// The lease type we speak; others are ignored.
+    pub backend: LeaseBackend,
+    /// The cluster `Network`: a subnet outside it is no pod subnet of this cluster.
+    pub network: Ipv4Network,
+    /// Our PublicIP: a lease carrying it is not another node (a stale or forged lease of
+    /// ours would route our own pods' traffic back to us).
+    pub own_public_ip: Ipv4Addr,
+}
+
 /// Follows the peers' leases and feeds the dataplane task.
 pub struct PeerWatcher<S = Store> {
     client: S,
     opts: EtcdOptions,
-    backend: LeaseBackend,
+    rules: PeerRules,
     own_subnet: watch::Receiver<Ipv4Network>,
     tx: mpsc::Sender<DataplaneCommand>,
     /// What the dataplane has been told, by subnet.
@@ -42,19 +55,19 @@ enum Relist {
 }
 
 impl<S: KvStore> PeerWatcher<S> {
-    /// `backend`: the lease type we speak (others are ignored); `own_subnet`: our lease's
-    /// subnet, updated when the lease is re-acquired elsewhere.
+    /// `rules`: what a peer lease must be; `own_subnet`: our lease's subnet, updated when
+    /// the lease is re-acquired elsewhere.
     pub fn new(
         client: S,
         opts: EtcdOptions,
-        backend: LeaseBackend,
+        rules: PeerRules,
         own_subnet: watch::Receiver<Ipv4Network>,
         tx: mpsc::Sender<DataplaneCommand>,
     ) -> PeerWatcher<S> {
         PeerWatcher {
             client,
             opts,
-            backend,
+            rules,
             own_subnet,
             tx,
             peers: BTreeMap::new(),
@@ -194,8 +207,8 @@ impl<S: KvStore> PeerWatcher<S> {
                 return None;
             }
         };
-        match value.to_peer(subnet, self.backend) {
-            Ok(Some(peer)) => match check_peer(&peer, own, accepted) {
+        match value.to_peer(subnet, self.rules.backend) {
+            Ok(Some(peer)) => match check_peer(&peer, &self.rules, own, accepted) {
                 Ok(()) => Some(peer),
                 Err(problem) => {
                     warn!(key = %listed.key, "skipping an unusable lease: {problem}");
@@ -250,9 +263,9 @@ impl<S: KvStore> PeerWatcher<S> {
                         return None;
                     }
                 };
-                match value.to_peer(subnet, self.backend) {
+                match value.to_peer(subnet, self.rules.backend) {
                     Ok(Some(peer)) => {
-                        if let Err(problem) = check_peer(&peer, own, &self.peers) {
+                        if let Err(problem) = check_peer(&peer, &self.rules, own, &self.peers) {
                             warn!(
                                 key,
                                 "skipping an unusable lease: {problem}; keeping what we knew of it"
@@ -284,10 +297,13 @@ impl<S: KvStore> PeerWatcher<S> {
 }
 
 /// Why a peer lease cannot be programmed: its PublicIP is not a unicast address (the FDB
-/// and routes would send our pods' traffic to a broadcast or multicast group, or nowhere), or
-/// its subnet overlaps ours or another peer's (two routes would claim the same pods).
+/// and routes would send our pods' traffic to a broadcast or multicast group, or nowhere) or
+/// is our own; its subnet lies outside the cluster network (a route for e.g. 8.8.8.0/24 on
+/// every node would hijack that traffic) or overlaps ours or another peer's (two routes would
+/// claim the same pods).
 fn check_peer(
     peer: &Peer,
+    rules: &PeerRules,
     own: Ipv4Network,
     peers: &BTreeMap<Ipv4Network, Peer>,
 ) -> Result<(), String> {
@@ -295,6 +311,20 @@ fn check_peer(
     if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback() {
         return Err(format!(
             "PublicIP {ip} is not a unicast IPv4 address (the node's underlay address is expected)"
+        ));
+    }
+    if ip == rules.own_public_ip {
+        return Err(format!(
+            "PublicIP {ip} is this node's own address, so the lease is not another node's (a stale lease of ours, or a node misconfigured with our --public-ip); delete it with `overlay-agent lease release {}` if no node uses it",
+            peer.subnet
+        ));
+    }
+    if !rules.network.contains(peer.subnet.network())
+        || peer.subnet.prefix() < rules.network.prefix()
+    {
+        return Err(format!(
+            "subnet {} is outside the cluster network {}",
+            peer.subnet, rules.network
         ));
     }
     if peer.subnet.overlaps(own) {
@@ -330,28 +360,61 @@ mod tests {
     #[test]
     fn check_peer_rejects_non_unicast_ips_and_overlaps() {
         let own: Ipv4Network = "10.5.1.0/24".parse().expect("net");
+        let rules = PeerRules {
+            backend: LeaseBackend::Vxlan,
+            network: "10.5.0.0/16".parse().expect("net"),
+            own_public_ip: "192.168.1.1".parse().expect("ip"),
+        };
         let mut peers = BTreeMap::new();
         let good = peer("10.5.2.0/24", "192.168.1.2");
-        assert_eq!(check_peer(&good, own, &peers), Ok(()));
+        assert_eq!(check_peer(&good, &rules, own, &peers), Ok(()));
         peers.insert(good.subnet, good.clone());
         // The same subnet again (a changed lease) is not an overlap.
         assert_eq!(
-            check_peer(&peer("10.5.2.0/24", "192.168.1.9"), own, &peers),
+            check_peer(&peer("10.5.2.0/24", "192.168.1.9"), &rules, own, &peers),
             Ok(())
         );
         for ip in ["0.0.0.0", "224.0.0.1", "255.255.255.255", "127.0.0.1"] {
-            let err = check_peer(&peer("10.5.3.0/24", ip), own, &peers).expect_err(ip);
+            let err = check_peer(&peer("10.5.3.0/24", ip), &rules, own, &peers).expect_err(ip);
             assert!(err.contains(ip) && err.contains("unicast"), "{err}");
         }
-        let err = check_peer(&peer("10.5.0.0/16", "192.168.1.3"), own, &BTreeMap::new())
-            .expect_err("overlaps ours");
+        let err = check_peer(
+            &peer("10.5.0.0/16", "192.168.1.3"),
+            &rules,
+            own,
+            &BTreeMap::new(),
+        )
+        .expect_err("overlaps ours");
         assert!(err.contains("overlaps our own subnet 10.5.1.0/24"), "{err}");
         let err = check_peer(
             &peer("10.5.2.0/23", "192.168.1.3"),
+            &rules,
             "10.5.9.0/24".parse().expect("net"),
             &peers,
         )
         .expect_err("overlaps a peer");
         assert!(err.contains("overlaps the subnet 10.5.2.0/24"), "{err}");
+        let err = check_peer(&peer("8.8.8.0/24", "192.168.1.8"), &rules, own, &peers)
+            .expect_err("outside the network");
+        assert!(
+            err.contains("outside the cluster network 10.5.0.0/16"),
+            "{err}"
+        );
+        // A subnet holding the whole network (or more) is not inside it either.
+        let wide = PeerRules {
+            network: "10.5.0.0/24".parse().expect("net"),
+            ..rules
+        };
+        let err = check_peer(
+            &peer("10.5.0.0/16", "192.168.1.8"),
+            &wide,
+            "10.5.9.0/28".parse().expect("net"),
+            &BTreeMap::new(),
+        )
+        .expect_err("wider than the network");
+        assert!(err.contains("outside the cluster network"), "{err}");
+        let err = check_peer(&peer("10.5.7.0/24", "192.168.1.1"), &rules, own, &peers)
+            .expect_err("our own PublicIP");
+        assert!(err.contains("this node's own address"), "{err}");
     }
 }

@@ -25,7 +25,7 @@ use overlay_agent::{
     peer::{LeaseBackend, MacAddr6, Peer, PeerEvent},
     status::AgentStatus,
     subnet_file::SubnetEnv,
-    watch::PeerWatcher,
+    watch::{PeerRules, PeerWatcher},
 };
 use tokio::sync::{mpsc, watch};
 
@@ -431,6 +431,15 @@ async fn a_deleted_lease_comes_back_within_seconds_and_renewal_keeps_it_alive() 
     keeper.abort();
 }
 
+/// The rules of a vxlan node in `network` whose PublicIP is `own_ip`.
+fn rules(network: &str, own_ip: &str) -> PeerRules {
+    PeerRules {
+        backend: LeaseBackend::Vxlan,
+        network: network.parse().unwrap(),
+        own_public_ip: own_ip.parse().unwrap(),
+    }
+}
+
 fn vxlan_value(ip: &str, m: &str) -> String {
     format!(
         r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{m}"}}}}"#
@@ -487,7 +496,14 @@ async fn peer_leases_reach_the_dataplane_as_the_right_events() {
     let (_own_tx, own_rx) = watch::channel(own);
     let agent_client = etcd::connect(&o).await.unwrap();
     let watcher = tokio::spawn(
-        PeerWatcher::new(agent_client, o.clone(), LeaseBackend::Vxlan, own_rx, tx).run(),
+        PeerWatcher::new(
+            agent_client,
+            o.clone(),
+            rules("10.5.0.0/16", "192.168.1.1"),
+            own_rx,
+            tx,
+        )
+        .run(),
     );
 
     let peer2 = Peer {
@@ -650,7 +666,14 @@ async fn compaction_round(etcd: &Etcd, prefix: &str, wait: Duration) -> bool {
         .await
         .unwrap();
     let watcher = tokio::spawn(
-        PeerWatcher::new(agent_client, o.clone(), LeaseBackend::Vxlan, own_rx, tx).run(),
+        PeerWatcher::new(
+            agent_client,
+            o.clone(),
+            rules("10.6.0.0/16", "192.168.2.1"),
+            own_rx,
+            tx,
+        )
+        .run(),
     );
     tokio::time::sleep(wait).await;
     for i in 0..5 {
@@ -695,6 +718,104 @@ async fn compaction_round(etcd: &Etcd, prefix: &str, wait: Duration) -> bool {
     }
     watcher.abort();
     true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_outside_the_network_or_with_our_public_ip_are_refused_naming_the_key() {
+    let logs = common::capture_logs();
+    let etcd = Etcd::start();
+    let mut c = client(&etcd.endpoint).await;
+    let o = opts(&etcd.endpoint, "/foreign");
+    let own: Ipv4Network = "10.7.1.0/24".parse().unwrap();
+    // Listed at start: a subnet outside the network, our PublicIP on another subnet, and
+    // a good peer.
+    let outside = "/foreign/subnets/8.8.8.0-24";
+    let ours = "/foreign/subnets/10.7.9.0-24";
+    c.put(
+        outside,
+        vxlan_value("192.168.7.8", "c6:d2:32:6f:8f:08"),
+        None,
+    )
+    .await
+    .unwrap();
+    c.put(ours, vxlan_value("192.168.7.1", "c6:d2:32:6f:8f:09"), None)
+        .await
+        .unwrap();
+    c.put(
+        "/foreign/subnets/10.7.2.0-24",
+        vxlan_value("192.168.7.2", "c6:d2:32:6f:8f:02"),
+        None,
+    )
+    .await
+    .unwrap();
+    let (tx, mut rx) = mpsc::channel(64);
+    let (_own_tx, own_rx) = watch::channel(own);
+    let agent_client = etcd::connect(&o).await.unwrap();
+    let watcher = tokio::spawn(
+        PeerWatcher::new(
+            agent_client,
+            o.clone(),
+            rules("10.7.0.0/16", "192.168.7.1"),
+            own_rx,
+            tx,
+        )
+        .run(),
+    );
+    let peer2 = Peer {
+        subnet: "10.7.2.0/24".parse().unwrap(),
+        public_ip: Ipv4Addr::new(192, 168, 7, 2),
+        vtep_mac: Some(mac(0x02)),
+    };
+    assert_eq!(
+        next_event(&mut rx).await,
+        PeerEvent::Snapshot(vec![peer2.clone()])
+    );
+    // The same through the watch: neither makes an event; the good one after them does.
+    let outside_later = "/foreign/subnets/1.1.1.0-24";
+    let ours_later = "/foreign/subnets/10.7.10.0-24";
+    c.put(
+        outside_later,
+        vxlan_value("192.168.7.11", "c6:d2:32:6f:8f:11"),
+        None,
+    )
+    .await
+    .unwrap();
+    c.put(
+        ours_later,
+        vxlan_value("192.168.7.1", "c6:d2:32:6f:8f:10"),
+        None,
+    )
+    .await
+    .unwrap();
+    c.put(
+        "/foreign/subnets/10.7.3.0-24",
+        vxlan_value("192.168.7.3", "c6:d2:32:6f:8f:03"),
+        None,
+    )
+    .await
+    .unwrap();
+    match next_event(&mut rx).await {
+        PeerEvent::Upsert(p) => assert_eq!(p.subnet.to_string(), "10.7.3.0/24"),
+        other => panic!("a refused lease reached the dataplane: {other:?}"),
+    }
+    watcher.abort();
+    let text = logs.text();
+    for key in [outside, outside_later] {
+        assert!(
+            text.lines().any(|l| l.contains("WARN")
+                && l.contains(key)
+                && l.contains("outside the cluster network 10.7.0.0/16")),
+            "no warning naming {key}:\n{text}"
+        );
+    }
+    for key in [ours, ours_later] {
+        assert!(
+            text.lines().any(|l| l.contains("WARN")
+                && l.contains(key)
+                && l.contains("PublicIP 192.168.7.1 is this node's own address")),
+            "no warning naming {key}:\n{text}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1101,15 +1222,78 @@ async fn run_waits_for_a_valid_config_logging_each_problem_once() {
     });
     let status = status.expect("the agent exits when the interface cannot be chosen");
     assert!(!status.success());
+    // The reason, once: not repeated by the error chain, not printed a second time.
+    let text = read();
+    let line = text
+        .lines()
+        .find(|l| l.contains("ERROR"))
+        .unwrap_or_else(|| panic!("no ERROR line:\n{text}"));
     assert!(
-        read().contains("choosing the uplink interface"),
-        "{}",
-        read()
+        line.contains("choosing the uplink interface: no interface matches --iface=ovl-none0; interfaces here: "),
+        "{line}"
+    );
+    assert_eq!(
+        text.matches("no interface matches --iface=ovl-none0")
+            .count(),
+        1,
+        "{text}"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn healthz_is_up_and_readyz_turns_ready() {
+async fn minus_v_2_into_a_pipe_is_plain_text_with_debug_lines_of_the_agent_only() {
+    let etcd = Etcd::start();
+    let mut c = client(&etcd.endpoint).await;
+    c.put("/plain/config", r#"{"Network":"10.0.0.0/16"}"#, None)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // As under systemd: stderr is a pipe (journald's is a socket), not a terminal. The
+    // interface does not exist, so the agent stops after talking to etcd.
+    let out = tokio::task::block_in_place(|| {
+        std::process::Command::new(agent_bin())
+            .args([
+                &format!("-etcd-endpoints={}", etcd.endpoint),
+                "-etcd-prefix=/plain",
+                "-iface=ovl-none0",
+                "-v=2",
+                &format!("-subnet-file={}", dir.path().join("subnet.env").display()),
+            ])
+            .env_remove("RUST_LOG")
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap()
+    });
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!text.contains("\x1b["), "ANSI escapes in a pipe:\n{text}");
+    // `<time> LEVEL target: message`
+    let debug: Vec<(&str, &str)> = text
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace().skip(1);
+            let level = words.next()?;
+            let target = words.next()?.trim_end_matches(':');
+            matches!(level, "DEBUG" | "TRACE").then_some((level, target))
+        })
+        .collect();
+    assert!(
+        debug
+            .iter()
+            .any(|(_, t)| t.starts_with("overlay_agent::etcd")),
+        "-v=2 shows the agent's debug lines:\n{text}"
+    );
+    let foreign: Vec<_> = debug
+        .iter()
+        .filter(|(_, t)| !t.starts_with("overlay_agent"))
+        .collect();
+    assert!(
+        foreign.is_empty(),
+        "dependency debug lines {foreign:?}:\n{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_is_up_and_readyz_turns_ready_only_once_the_node_holds_a_lease() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     async fn status(addr: std::net::SocketAddr, path: &str) -> String {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -1122,31 +1306,73 @@ async fn healthz_is_up_and_readyz_turns_ready() {
         s.read_to_string(&mut out).await.unwrap();
         out.lines().next().unwrap_or_default().to_string()
     }
-    let (status_tx, status_rx) = watch::channel(AgentStatus::default());
-    let (addr, task) = overlay_agent::health::serve("127.0.0.1:0".parse().unwrap(), status_rx)
+    let etcd = Etcd::start();
+    let mut c = client(&etcd.endpoint).await;
+    // Three leasable subnets (10.12.0.64/26 .. 10.12.0.192/26), all held by other nodes:
+    // the node keeps retrying "out of subnets" until one is freed.
+    c.put(
+        "/ready/config",
+        r#"{"Network":"10.12.0.0/24","SubnetLen":26}"#,
+        None,
+    )
+    .await
+    .unwrap();
+    for (n, net) in ["64", "128", "192"].into_iter().enumerate() {
+        c.put(
+            format!("/ready/subnets/10.12.0.{net}-26"),
+            vxlan_value(&format!("192.168.12.{}", n + 2), "c6:d2:32:6f:8f:0c"),
+            None,
+        )
         .await
         .unwrap();
-    assert_eq!(status(addr, "/healthz").await, "HTTP/1.1 200 OK");
-    assert_eq!(
-        status(addr, "/readyz").await,
-        "HTTP/1.1 503 Service Unavailable"
-    );
-    status_tx.send_modify(|s| {
-        s.ready = true;
-        s.node.subnet = "10.5.52.0/24".into();
-    });
-    assert_eq!(status(addr, "/readyz").await, "HTTP/1.1 200 OK");
-    assert_eq!(status(addr, "/metrics").await, "HTTP/1.1 200 OK");
-    // `overlay-agent status` reads the same value back.
-    let fetched = overlay_agent::health::fetch_status(addr).await.unwrap();
-    assert_eq!(fetched, *status_tx.borrow());
-    // A taken port fails at start-up, naming the flags to change.
-    let err = overlay_agent::health::serve(addr, watch::channel(AgentStatus::default()).1)
-        .await
-        .err()
-        .unwrap();
-    assert!(err.to_string().contains("--healthz-port"), "{err}");
-    task.abort();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let subnet_file = dir.path().join("subnet.env");
+    let flags = flags(&etcd.endpoint, "/ready", &subnet_file);
+    let public_ip = Ipv4Addr::new(192, 168, 12, 1);
+    let ((), _) = with_node(&flags, public_ip, mac(0x0c), async |ready, _log| {
+        // The health server reads the status the running node publishes.
+        let (addr, task) =
+            overlay_agent::health::serve("127.0.0.1:0".parse().unwrap(), ready.clone())
+                .await
+                .unwrap();
+        assert_eq!(status(addr, "/healthz").await, "HTTP/1.1 200 OK");
+        wait_until(LONG, "the node to start asking for a lease", || {
+            let started = ready.borrow().node.public_ip == public_ip.to_string();
+            async move { started }
+        })
+        .await;
+        // Several failed acquisitions later (one per 5 s; the first is immediate) it is
+        // still not ready.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            status(addr, "/readyz").await,
+            "HTTP/1.1 503 Service Unavailable"
+        );
+        assert!(!subnet_file.exists());
+        c.delete("/ready/subnets/10.12.0.128-26", None)
+            .await
+            .unwrap();
+        wait_until(LONG, "/readyz to answer 200", || async {
+            status(addr, "/readyz").await == "HTTP/1.1 200 OK"
+        })
+        .await;
+        assert!(subnet_file.exists(), "ready before subnet.env was written");
+        assert_eq!(ready.borrow().node.subnet, "10.12.0.128/26");
+        assert_eq!(status(addr, "/metrics").await, "HTTP/1.1 200 OK");
+        // `overlay-agent status` reads the same value back.
+        let fetched = overlay_agent::health::fetch_status(addr).await.unwrap();
+        assert_eq!(fetched.node, ready.borrow().node);
+        assert!(fetched.ready);
+        // A taken port fails at start-up, naming the flags to change.
+        let err = overlay_agent::health::serve(addr, watch::channel(AgentStatus::default()).1)
+            .await
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("--healthz-port"), "{err}");
+        task.abort();
+    })
+    .await;
 }
 
 #[test]
@@ -1234,7 +1460,14 @@ async fn peer_events_keep_flowing_when_the_etcd_member_in_use_dies() {
     let (tx, mut rx) = mpsc::channel(64);
     let (_own_tx, own_rx) = watch::channel("10.11.1.0/24".parse::<Ipv4Network>().unwrap());
     let watcher = tokio::spawn(
-        PeerWatcher::new(agent_client, o.clone(), LeaseBackend::Vxlan, own_rx, tx).run(),
+        PeerWatcher::new(
+            agent_client,
+            o.clone(),
+            rules("10.11.0.0/16", "192.168.11.1"),
+            own_rx,
+            tx,
+        )
+        .run(),
     );
     assert_eq!(next_event(&mut rx).await, PeerEvent::Snapshot(vec![]));
 

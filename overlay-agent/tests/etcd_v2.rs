@@ -381,7 +381,11 @@ async fn an_outdated_watch_index_and_an_etcd_restart_recover_by_listing_again() 
         PeerWatcher::new(
             V2Client::connect(&o).await.unwrap(),
             o.clone(),
-            LeaseBackend::Vxlan,
+            overlay_agent::watch::PeerRules {
+                backend: LeaseBackend::Vxlan,
+                network: "10.5.0.0/16".parse().unwrap(),
+                own_public_ip: "192.168.1.1".parse().unwrap(),
+            },
             own_rx,
             tx,
         )

@@ -131,12 +131,12 @@ impl EtcdServer {
     /// Starts etcd inside `netns`, listening on `ip:2379` (and its loopback). The namespace
     /// must outlive the server.
     pub fn start_in(netns: &NetNs, ip: Ipv4Addr) -> EtcdServer {
-        Self::start_in_with(netns, ip, EtcdOptions::default())
+        Self::start_in_with(netns, ip, &EtcdOptions::default())
     }
 
-    /// [`EtcdServer::start_in`] with `options` (e.g. the v2 API enabled).
-    pub fn start_in_with(netns: &NetNs, ip: Ipv4Addr, options: EtcdOptions) -> EtcdServer {
-        Self::try_start(Some(netns), ip, 2379, 2380, &options)
+    /// Like [`EtcdServer::start_in`] with `options` (e.g. mTLS).
+    pub fn start_in_with(netns: &NetNs, ip: Ipv4Addr, options: &EtcdOptions) -> EtcdServer {
+        Self::try_start(Some(netns), ip, 2379, 2380, options)
             .unwrap_or_else(|| panic!("etcd did not start in namespace {}", netns.name()))
     }
 

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod etcd;
 pub mod netns;
+pub mod tls;
 pub mod topology;
 
 use std::{

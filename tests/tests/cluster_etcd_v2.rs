@@ -36,7 +36,7 @@ fn a_flanneld_0_7_node_and_an_agent_on_a_v2_only_cluster_reach_each_other() {
     cluster.etcd = Some(EtcdServer::start_in_with(
         &cluster.fabric,
         etcd_ip,
-        EtcdOptions {
+        &EtcdOptions {
             enable_v2: true,
             ..EtcdOptions::default()
         },
