@@ -13,8 +13,8 @@
 //! - the verdict is one of pass (TCX_NEXT), drop or redirect;
 //! - a redirect happens only for a well-formed packet of a learned flow the program owns (an
 //!   oracle written from the design, stricter than the programs: IPv4 header sanity as the
-//!   kernel's ip_rcv checks it, VXLAN header as the kernel vxlan device accepts it, the flow
-//!   fresh in both directions through the right veth, no TCP SYN/FIN/RST, TTL, MTU, GSO,
+//!   kernel's ip_rcv checks it, VXLAN header as the kernel vxlan device accepts it, the
+//!   flow's direction fresh (through the right veth), no TCP SYN/FIN/RST, TTL, MTU, GSO,
 //!   ECN), with the expected output bytes and the mark cleared on delivery;
 //! - a pristine eligible template is redirected (the fast paths are really reached);
 //! - a pass leaves the packet and the mark untouched; only the uplink drops, and only spoofed
@@ -290,13 +290,22 @@ fn endpoint_of(ip: [u8; 4]) -> Option<(u32, [u8; 6])> {
     }
 }
 
-/// What the oracle knows of a flow's freshness (read from the map, so that what the learners
-/// changed counts too).
+/// A direction of a learned flow.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Direction {
+    /// The pod's packets, seen leaving through flannel.1 (R2 takes it).
+    Egress,
+    /// Packets to the pod, seen delivered through its veth (R1 and R3 take it).
+    Ingress,
+}
+
+/// What the oracle knows of a flow direction's freshness (read from the map, so that what the
+/// learners changed counts too).
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Learned {
-    /// Fresh in both directions (with a margin), delivered through this ifindex.
+    /// Fresh (with a margin); the flow's ingress ifindex.
     Fresh(u32),
-    /// Missing, or a direction never seen or clearly stale.
+    /// Missing, never seen or clearly stale.
     No,
     /// Within a second of going stale: either answer is right.
     Unsure,
@@ -444,27 +453,24 @@ impl Harness {
             .expect("peer");
     }
 
-    fn learned(&self, key: &FlowKey) -> Learned {
+    /// Whether one direction of a flow is learned (each direction takes its fast path on its
+    /// own: egress for R2, ingress for delivery).
+    fn learned(&self, key: &FlowKey, direction: Direction) -> Learned {
         let Ok(state) = self.flows.get(key, 0) else {
             return Learned::No;
         };
+        let seen = match direction {
+            Direction::Egress => state.egress_seen_ns,
+            Direction::Ingress => state.ingress_seen_ns,
+        };
         let now = now_ns();
         let margin = 1_000_000_000;
-        let fresh = |seen: u64| -> Option<bool> {
-            if seen == 0 || seen > now {
-                Some(false)
-            } else if now - seen + margin < FLOW_FRESH_NS {
-                Some(true)
-            } else if now - seen > FLOW_FRESH_NS + margin {
-                Some(false)
-            } else {
-                None
-            }
-        };
-        match (fresh(state.egress_seen_ns), fresh(state.ingress_seen_ns)) {
-            (Some(false), _) | (_, Some(false)) => Learned::No,
-            (Some(true), Some(true)) => Learned::Fresh(state.ingress_ifindex),
-            _ => Learned::Unsure,
+        if seen == 0 || seen > now || now - seen > FLOW_FRESH_NS + margin {
+            Learned::No
+        } else if now - seen + margin < FLOW_FRESH_NS {
+            Learned::Fresh(state.ingress_ifindex)
+        } else {
+            Learned::Unsure
         }
     }
 
@@ -1222,8 +1228,8 @@ struct Allowed {
 }
 
 /// Whether a remote pod's packet (option-less IPv4 header at `ip`) may be delivered straight
-/// into its local pod: a known endpoint, no TCP state change, the flow fresh both ways and
-/// learned through the endpoint's veth, TTL left.
+/// into its local pod: a known endpoint, no TCP state change, the flow's ingress direction
+/// fresh and learned through the endpoint's veth, TTL left.
 fn delivery_allowed(h: &Harness, p: &[u8], ip: usize) -> Result<Allowed, String> {
     let (proto, sport, dport, flags) = l4_at(p, p[ip + 9], ip + 20)?;
     let (src, dst) = (ip4(p, ip + 12), ip4(p, ip + 16));
@@ -1233,12 +1239,12 @@ fn delivery_allowed(h: &Harness, p: &[u8], ip: usize) -> Result<Allowed, String>
     if tcp_control(proto, flags) {
         return Err("TCP SYN/FIN/RST".into());
     }
-    let certain = match h.learned(&flow_key(dst, src, dport, sport, proto)) {
+    let certain = match h.learned(&flow_key(dst, src, dport, sport, proto), Direction::Ingress) {
         Learned::Fresh(i) if i == ifindex => true,
         Learned::Unsure => false,
         other => {
             return Err(format!(
-                "flow not learned fresh both ways through the endpoint's veth ({other:?})"
+                "ingress direction not learned fresh through the endpoint's veth ({other:?})"
             ));
         }
     };
@@ -1281,10 +1287,10 @@ fn encap_allowed(h: &Harness, p: &[u8], gso: Option<u32>, flags: u32) -> Result<
     if tcp_control(proto, tcp_flags) {
         return Err("TCP SYN/FIN/RST".into());
     }
-    let certain = match h.learned(&flow_key(src, dst, sport, dport, proto)) {
+    let certain = match h.learned(&flow_key(src, dst, sport, dport, proto), Direction::Egress) {
         Learned::Fresh(_) => true,
         Learned::Unsure => false,
-        Learned::No => return Err("flow not learned fresh both ways".into()),
+        Learned::No => return Err("egress direction not learned fresh".into()),
     };
     if p[22] <= 1 {
         return Err("TTL would expire".into());
@@ -1545,8 +1551,15 @@ fn check_delivery_output(
 // ---------------------------------------------------------------------------------------------
 // Bookkeeping
 
+/// The packet as hex, its first 160 bytes (the headers) for long ones: the seed reproduces
+/// the whole packet.
 fn hex(p: &[u8]) -> String {
-    p.iter().map(|b| format!("{b:02x}")).collect()
+    let shown: String = p.iter().take(160).map(|b| format!("{b:02x}")).collect();
+    if p.len() > 160 {
+        format!("{shown}... ({} bytes)", p.len())
+    } else {
+        shown
+    }
 }
 
 #[derive(Default)]

@@ -874,17 +874,19 @@ fn r2_pass_reasons() {
         "control",
     );
 
-    // Not learned: a new flow, and a flow learned in one direction only.
+    // Not learned: a new flow, and a flow whose egress direction (the one R2 takes) is not
+    // fresh. Each direction is judged on its own: a stale or missing ingress direction does
+    // not keep the pod's packets off the fast path (a one-way UDP stream).
     h.forget(udp_flow());
     h.expect_pass(prog, &good, stat::KERNEL_NOT_LEARNED, "flow never learned");
     let now = now_ns();
     let stale = now - FLOW_FRESH_NS - 1_000_000_000;
-    for (what, egress, ingress) in [
-        ("egress never seen", 0, now),
-        ("ingress never seen", now, 0),
-        ("egress stale", stale, now),
-        ("ingress stale", now, stale),
-        ("both stale", stale, stale),
+    for (what, egress, ingress, fast) in [
+        ("egress never seen", 0, now, false),
+        ("egress stale", stale, now, false),
+        ("both stale", stale, stale, false),
+        ("ingress never seen (one-way flow)", now, 0, true),
+        ("ingress stale", now, stale, true),
     ] {
         h.learn(
             udp_flow(),
@@ -895,7 +897,11 @@ fn r2_pass_reasons() {
                 _pad: 0,
             },
         );
-        h.expect_pass(prog, &good, stat::KERNEL_NOT_LEARNED, what);
+        if fast {
+            h.expect(prog, &good, TC_ACT_REDIRECT, stat::FAST_TX_PACKETS, what);
+        } else {
+            h.expect_pass(prog, &good, stat::KERNEL_NOT_LEARNED, what);
+        }
     }
     // Another flow between the same pods (other port) is not the learned one.
     h.learn(udp_flow(), fresh());
@@ -1523,15 +1529,17 @@ fn r3_pass_and_drop_reasons() {
             &format!("TCP flags {flags:#04x}"),
         );
     }
-    let now = now_ns();
-    let stale = now - FLOW_FRESH_NS - 1_000_000_000;
-    for (what, state) in [
+    // The ingress direction (the one delivery takes) must be fresh and learned through the
+    // endpoint's veth; the egress direction does not matter (a one-way stream to the pod).
+    let stale = now_ns() - FLOW_FRESH_NS - 1_000_000_000;
+    for (what, state, fast) in [
         (
-            "egress stale",
+            "ingress stale",
             FlowState {
-                egress_seen_ns: stale,
+                ingress_seen_ns: stale,
                 ..fresh()
             },
+            false,
         ),
         (
             "ingress never seen",
@@ -1539,11 +1547,42 @@ fn r3_pass_and_drop_reasons() {
                 ingress_seen_ns: 0,
                 ..fresh()
             },
+            false,
         ),
-        ("learned through another veth", fresh_via(OTHER_IFINDEX)),
+        (
+            "learned through another veth",
+            fresh_via(OTHER_IFINDEX),
+            false,
+        ),
+        (
+            "egress stale",
+            FlowState {
+                egress_seen_ns: stale,
+                ..fresh()
+            },
+            true,
+        ),
+        (
+            "egress never seen (one-way flow)",
+            FlowState {
+                egress_seen_ns: 0,
+                ..fresh()
+            },
+            true,
+        ),
     ] {
         h.learn(udp_flow(), state);
-        h.expect_pass(prog, &good, stat::KERNEL_NOT_LEARNED, what);
+        if fast {
+            h.expect(
+                prog,
+                &good,
+                TC_ACT_REDIRECT,
+                stat::FAST_RX_BEFORE_DECAP_PACKETS,
+                what,
+            );
+        } else {
+            h.expect_pass(prog, &good, stat::KERNEL_NOT_LEARNED, what);
+        }
     }
     h.forget(udp_flow());
     h.expect_pass(prog, &good, stat::KERNEL_NOT_LEARNED, "never learned");
@@ -1849,26 +1888,60 @@ fn r1_pass_reasons() {
             &format!("TCP flags {flags:#04x}"),
         );
     }
+    // The ingress direction (the one delivery takes) must be fresh and learned through the
+    // endpoint's veth; the egress direction does not matter (a one-way stream to the pod).
     let stale = now_ns() - FLOW_FRESH_NS - 1_000_000_000;
-    for (what, state) in [
+    for (what, state, fast) in [
         (
             "ingress stale",
             FlowState {
                 ingress_seen_ns: stale,
                 ..fresh()
             },
+            false,
         ),
         (
-            "egress never seen",
+            "ingress never seen",
+            FlowState {
+                ingress_seen_ns: 0,
+                ..fresh()
+            },
+            false,
+        ),
+        (
+            "learned through another veth",
+            fresh_via(OTHER_IFINDEX),
+            false,
+        ),
+        (
+            "egress stale",
+            FlowState {
+                egress_seen_ns: stale,
+                ..fresh()
+            },
+            true,
+        ),
+        (
+            "egress never seen (one-way flow)",
             FlowState {
                 egress_seen_ns: 0,
                 ..fresh()
             },
+            true,
         ),
-        ("learned through another veth", fresh_via(OTHER_IFINDEX)),
     ] {
         h.learn(udp_flow(), state);
-        h.expect_pass(prog, &good, stat::KERNEL_NOT_LEARNED, what);
+        if fast {
+            h.expect(
+                prog,
+                &good,
+                TC_ACT_REDIRECT,
+                stat::FAST_RX_AFTER_DECAP_PACKETS,
+                what,
+            );
+        } else {
+            h.expect_pass(prog, &good, stat::KERNEL_NOT_LEARNED, what);
+        }
     }
     h.forget(udp_flow());
     h.expect_pass(prog, &good, stat::KERNEL_NOT_LEARNED, "never learned");
@@ -2118,17 +2191,18 @@ fn pod_egress_learns_the_ingress_tuple_and_veth() {
     assert!(h.flow(&udp_flow()).is_none(), "nothing learned");
 }
 
-/// Learn-then-bypass end to end: a flow takes no fast path until both learners saw it, then
-/// takes all three.
+/// Learn-then-bypass end to end: no fast path until the learners saw the flow; each
+/// direction opens once its own learner saw it (the pod's packets leaving through flannel.1:
+/// R2; the kernel delivering to the pod: R1 and R3).
 #[test]
-fn learning_both_directions_opens_the_fast_paths() {
+fn learning_each_direction_opens_its_fast_paths() {
     let mut h = Harness::new();
     h.forget(udp_flow());
     let out_of_pod = pod_to_remote();
     let from_peer = flannel_frame();
     let decapsulated = from_vxlan_device(&flannel_frame()[64..]);
-    let check_all = |h: &mut Harness, learned: bool, what: &str| {
-        if learned {
+    let check_all = |h: &mut Harness, tx: bool, rx: bool, what: &str| {
+        if tx {
             h.expect(
                 program_names::POD_INGRESS,
                 &out_of_pod,
@@ -2136,6 +2210,15 @@ fn learning_both_directions_opens_the_fast_paths() {
                 stat::FAST_TX_PACKETS,
                 what,
             );
+        } else {
+            h.expect_pass(
+                program_names::POD_INGRESS,
+                &out_of_pod,
+                stat::KERNEL_NOT_LEARNED,
+                what,
+            );
+        }
+        if rx {
             h.expect(
                 program_names::UPLINK_INGRESS,
                 &from_peer,
@@ -2152,12 +2235,6 @@ fn learning_both_directions_opens_the_fast_paths() {
             );
         } else {
             h.expect_pass(
-                program_names::POD_INGRESS,
-                &out_of_pod,
-                stat::KERNEL_NOT_LEARNED,
-                what,
-            );
-            h.expect_pass(
                 program_names::UPLINK_INGRESS,
                 &from_peer,
                 stat::KERNEL_NOT_LEARNED,
@@ -2171,7 +2248,7 @@ fn learning_both_directions_opens_the_fast_paths() {
             );
         }
     };
-    check_all(&mut h, false, "nothing learned");
+    check_all(&mut h, false, false, "nothing learned");
     // The kernel path: our pod's packet leaves through flannel.1 ...
     let mut routed = out_of_pod.clone();
     routed[..6].copy_from_slice(&PEER_VTEP);
@@ -2184,7 +2261,7 @@ fn learning_both_directions_opens_the_fast_paths() {
         stat::KERNEL_LEARNED,
         "egress",
     );
-    check_all(&mut h, false, "egress learned only");
+    check_all(&mut h, true, false, "egress learned only");
     // ... and the reply reaches it through its veth.
     h.expect_pass(
         program_names::POD_EGRESS,
@@ -2192,7 +2269,16 @@ fn learning_both_directions_opens_the_fast_paths() {
         stat::KERNEL_LEARNED,
         "ingress",
     );
-    check_all(&mut h, true, "both learned");
+    check_all(&mut h, true, true, "both learned");
+    // The other order: a flow first seen coming in opens delivery only.
+    h.forget(udp_flow());
+    h.expect_pass(
+        program_names::POD_EGRESS,
+        &flannel_frame_delivered(),
+        stat::KERNEL_LEARNED,
+        "ingress first",
+    );
+    check_all(&mut h, false, true, "ingress learned only");
 }
 
 // ---------------------------------------------------------------------------------------------
