@@ -99,9 +99,16 @@ pub fn pod_encap(ctx: &TcContext) -> Verdict {
     // The source must be the pod behind this very veth, with its MAC (a forwarding pod's
     // other traffic, a spoofed source, or a re-created pod the agent has not seen yet takes
     // the kernel path).
-    match endpoint(ip.saddr) {
-        Some(ep) if ep.host_ifindex == ifindex(ctx) && ep.pod_mac == eth.src => {}
-        _ => return pass(stat::KERNEL_NO_ENDPOINT),
+    let Some(ep) = endpoint(ip.saddr) else {
+        return pass(stat::KERNEL_NO_ENDPOINT);
+    };
+    if ep.host_ifindex != ifindex(ctx) || ep.pod_mac != eth.src {
+        return pass(stat::KERNEL_NO_ENDPOINT);
+    }
+    // Routed through the gateway: a frame for another MAC on the bridge (a router or
+    // firewall pod used as next hop) is switched to it by the kernel, never sent past it.
+    if eth.dst != ep.gateway_mac {
+        return pass(stat::KERNEL_NOT_OURS);
     }
     let peer = match PEERS.get(Key::new(32, ip.daddr)) {
         Some(peer) if peer.flags & peer_flags::VALID != 0 => *peer,
