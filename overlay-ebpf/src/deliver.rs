@@ -14,10 +14,9 @@ use overlay_common::{Endpoint, config_flags, stat};
 
 use crate::{
     flows::{endpoint, flow_key, learned_ingress},
-    maps::config,
     parse::{
         ETH_LEN, ETH_P_IPV4, EthHdr, IPV4_LEN, Ipv4Hdr, L4, TCP_FIN, TCP_RST, TCP_SYN,
-        decrement_ttl, ipv4_header_ok, load, load_l4, pass,
+        config_with, decrement_ttl, ipv4_header_ok, load_l4, load_plain_ipv4, pass,
     },
     stats::Verdict,
 };
@@ -81,27 +80,17 @@ pub fn deliver(ctx: &TcContext, ip: &Ipv4Hdr, ep: &Endpoint, reason: u32) -> Ver
 /// (and cleared the tunnel GSO state, so GSO super-packets are safe here too).
 #[inline(always)]
 pub fn vxlan_deliver(ctx: &TcContext) -> Verdict {
-    let Some(cfg) = config() else {
-        return pass(stat::KERNEL_DISABLED);
+    let cfg = match config_with(config_flags::FAST_RX_AFTER_DECAP) {
+        Ok(cfg) => cfg,
+        Err(verdict) => return verdict,
     };
-    if cfg.flags & config_flags::FAST_RX_AFTER_DECAP == 0 {
-        return pass(stat::KERNEL_DISABLED);
-    }
-    let Some(eth) = load::<EthHdr>(ctx, 0) else {
-        return pass(stat::KERNEL_TRUNCATED);
+    let (eth, ip) = match load_plain_ipv4(ctx) {
+        Ok(headers) => headers,
+        Err(verdict) => return verdict,
     };
     // Frames to our VtepMAC are the ones the kernel routes; the rest is not ours to route.
-    if eth.proto != ETH_P_IPV4 || eth.dst != cfg.vtep_mac {
+    if eth.dst != cfg.vtep_mac {
         return pass(stat::KERNEL_NOT_OURS);
-    }
-    let Some(ip) = load::<Ipv4Hdr>(ctx, ETH_LEN) else {
-        return pass(stat::KERNEL_TRUNCATED);
-    };
-    if ip.ver_ihl != 0x45 {
-        return pass(stat::KERNEL_NOT_OURS);
-    }
-    if ip.is_fragment() {
-        return pass(stat::KERNEL_FRAGMENT);
     }
     let Some(l4) = load_l4(ctx, ETH_LEN + IPV4_LEN, ip.proto) else {
         return pass(stat::KERNEL_NOT_OURS);

@@ -16,11 +16,11 @@ use overlay_common::{DatapathConfig, PeerInfo, VXLAN_OVERHEAD, config_flags, pee
 
 use crate::{
     flows::{endpoint, flow_key, is_learned_egress},
-    maps::{PEERS, config},
+    maps::PEERS,
     parse::{
         ETH_LEN, ETH_P_IPV4, EthHdr, IPPROTO_UDP, IPV4_LEN, Ipv4Hdr, TCP_FIN, TCP_RST, TCP_SYN,
-        VXLAN_FLAG_I, decrement_ttl, gso_size, ifindex, ipv4_checksum, ipv4_header_ok, load,
-        load_l4, pass, vni_wire,
+        VXLAN_FLAG_I, config_with, decrement_ttl, gso_size, ifindex, ipv4_checksum,
+        ipv4_header_ok, load_l4, load_plain_ipv4, pass, vni_wire,
     },
     stats::Verdict,
 };
@@ -63,28 +63,17 @@ const _: () = assert!(core::mem::size_of::<EncapHdr>() == VXLAN_OVERHEAD as usiz
 /// TCX ingress of a pod's host veth: the pod's own packets, before the bridge.
 #[inline(always)]
 pub fn pod_encap(ctx: &TcContext) -> Verdict {
-    let Some(cfg) = config() else {
-        return pass(stat::KERNEL_DISABLED);
+    let cfg = match config_with(config_flags::FAST_TX) {
+        Ok(cfg) => cfg,
+        Err(verdict) => return verdict,
     };
-    if cfg.flags & config_flags::FAST_TX == 0 {
-        return pass(stat::KERNEL_DISABLED);
-    }
-    let Some(eth) = load::<EthHdr>(ctx, 0) else {
-        return pass(stat::KERNEL_TRUNCATED);
+    let (eth, ip) = match load_plain_ipv4(ctx) {
+        Ok(headers) => headers,
+        Err(verdict) => return verdict,
     };
-    // Only unicast IPv4 sent to the gateway; ARP, broadcasts etc. are the kernel's.
-    if eth.proto != ETH_P_IPV4 || eth.dst[0] & 1 != 0 {
+    // Only unicast sent to the gateway; broadcasts etc. are the kernel's.
+    if eth.dst[0] & 1 != 0 {
         return pass(stat::KERNEL_NOT_OURS);
-    }
-    let Some(ip) = load::<Ipv4Hdr>(ctx, ETH_LEN) else {
-        return pass(stat::KERNEL_TRUNCATED);
-    };
-    if ip.ver_ihl != 0x45 {
-        // Not IPv4, or IP options: the kernel path handles them.
-        return pass(stat::KERNEL_NOT_OURS);
-    }
-    if ip.is_fragment() {
-        return pass(stat::KERNEL_FRAGMENT);
     }
     let inner_len = ctx.len().saturating_sub(ETH_LEN as u32);
     let gso = gso_size(ctx);

@@ -220,3 +220,32 @@ pub fn set_ecn_ce(ctx: &TcContext, ip_off: usize, ip: &Ipv4Hdr) -> Result<(), ()
 pub fn ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
+
+/// The datapath configuration, when the agent wrote one and turned `piece` (a
+/// `config_flags` bit) on; `Err`: the pass verdict.
+#[inline(always)]
+pub fn config_with(piece: u32) -> Result<&'static overlay_common::DatapathConfig, Verdict> {
+    match crate::maps::config() {
+        Some(cfg) if cfg.flags & piece != 0 => Ok(cfg),
+        _ => Err(pass(overlay_common::stat::KERNEL_DISABLED)),
+    }
+}
+
+/// The Ethernet and IPv4 headers of a frame the fast paths may take: IPv4 without options,
+/// not a fragment (the kernel path handles the rest). `Err`: the pass verdict.
+#[inline(always)]
+pub fn load_plain_ipv4(ctx: &TcContext) -> Result<(EthHdr, Ipv4Hdr), Verdict> {
+    use overlay_common::stat;
+    let eth = load::<EthHdr>(ctx, 0).ok_or(pass(stat::KERNEL_TRUNCATED))?;
+    if eth.proto != ETH_P_IPV4 {
+        return Err(pass(stat::KERNEL_NOT_OURS));
+    }
+    let ip = load::<Ipv4Hdr>(ctx, ETH_LEN).ok_or(pass(stat::KERNEL_TRUNCATED))?;
+    if ip.ver_ihl != 0x45 {
+        return Err(pass(stat::KERNEL_NOT_OURS));
+    }
+    if ip.is_fragment() {
+        return Err(pass(stat::KERNEL_FRAGMENT));
+    }
+    Ok((eth, ip))
+}
