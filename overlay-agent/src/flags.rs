@@ -252,7 +252,12 @@ pub struct Flags {
     /// unchanged: `all` (default), `none` (anti-spoofing and counters only; the kernel
     /// forwards everything), or a comma-separated list of `rx-after-decap`, `tx`,
     /// `rx-before-decap` (see docs/ebpf-datapath.md).
-    #[arg(long, global = true, env = "FLANNELD_EBPF_FAST_PATH", default_value = "all")]
+    #[arg(
+        long,
+        global = true,
+        env = "FLANNELD_EBPF_FAST_PATH",
+        default_value = "all"
+    )]
     pub ebpf_fast_path: crate::dataplane::ebpf::FastPath,
     /// bpffs directory for pinned maps and links (versioned layout).
     #[arg(long, global = true, env = "FLANNELD_BPF_PIN_DIR", default_value = DEFAULT_BPF_PIN_DIR)]
@@ -466,7 +471,10 @@ mod tests {
                 rx_before_decap: false
             }
         );
-        assert_eq!(parse(&[]).flags.ebpf_fast_path, crate::dataplane::ebpf::FastPath::ALL);
+        assert_eq!(
+            parse(&[]).flags.ebpf_fast_path,
+            crate::dataplane::ebpf::FastPath::ALL
+        );
         assert!(Cli::try_parse_args(["overlay-agent", "--ebpf-fast-path=turbo"]).is_err());
         assert_eq!(cli.flags.backend, Some(BackendType::Ebpf));
         assert_eq!(cli.flags.bpf_pin_dir, PathBuf::from("/sys/fs/bpf/t1"));

@@ -259,7 +259,10 @@ impl Netlink {
             .attributes
             .push(LinkAttribute::IfNetnsId(nsid));
         let result: Result<Vec<LinkMessage>, _> = request.execute().try_collect().await;
-        single_link(result, format!("looking up link #{index} in netns id {nsid}"))
+        single_link(
+            result,
+            format!("looking up link #{index} in netns id {nsid}"),
+        )
     }
 
     /// Creates a VXLAN device (`ip link add NAME type vxlan id VNI local LOCAL dev DEV
@@ -416,12 +419,16 @@ impl Netlink {
             .iter()
             .filter(|message| message.header.family == AddressFamily::Inet)
             .filter_map(|message| {
-                message.attributes.iter().find_map(|attribute| match attribute {
-                    AddressAttribute::Local(IpAddr::V4(ip)) | AddressAttribute::Address(IpAddr::V4(ip)) => {
-                        Ipv4Network::new(*ip, message.header.prefix_len).ok()
-                    }
-                    _ => None,
-                })
+                message
+                    .attributes
+                    .iter()
+                    .find_map(|attribute| match attribute {
+                        AddressAttribute::Local(IpAddr::V4(ip))
+                        | AddressAttribute::Address(IpAddr::V4(ip)) => {
+                            Ipv4Network::new(*ip, message.header.prefix_len).ok()
+                        }
+                        _ => None,
+                    })
             })
             .collect())
     }

@@ -116,7 +116,9 @@ pub fn render_prometheus(status: &AgentStatus) -> String {
         )],
     );
     if let Some(pieces) = &node.ebpf_fast_path {
-        let gso = node.gso_decap_in_bpf.map_or("unknown", |b| if b { "true" } else { "false" });
+        let gso = node
+            .gso_decap_in_bpf
+            .map_or("unknown", |b| if b { "true" } else { "false" });
         metric(
             "ebpf_fast_path_info",
             "gauge",

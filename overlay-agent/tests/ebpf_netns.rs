@@ -466,7 +466,8 @@ impl Topology {
 
     /// The learned flows in A's pinned FLOWS map.
     fn flows(&self) -> Vec<(FlowKey, FlowState)> {
-        let data = aya::maps::MapData::from_pin(self.pin.0.join(map_names::FLOWS)).expect("FLOWS pin");
+        let data =
+            aya::maps::MapData::from_pin(self.pin.0.join(map_names::FLOWS)).expect("FLOWS pin");
         let map = aya::maps::Map::from_map_data(data).expect("map");
         let flows: aya::maps::HashMap<_, FlowKey, FlowState> =
             aya::maps::HashMap::try_from(map).expect("hash map");
@@ -486,7 +487,8 @@ fn moved(before: &[u64], after: &[u64]) -> Vec<(&'static str, u64)> {
 }
 
 fn fast_rx_bytes(before: &[u64], after: &[u64]) -> u64 {
-    delta(before, after, stat::FAST_RX_BEFORE_DECAP_BYTES) + delta(before, after, stat::FAST_RX_AFTER_DECAP_BYTES)
+    delta(before, after, stat::FAST_RX_BEFORE_DECAP_BYTES)
+        + delta(before, after, stat::FAST_RX_AFTER_DECAP_BYTES)
 }
 
 fn tcx_programs(t: &mut Topology, ifname: &str, attach_type: TcAttachType) -> Vec<String> {
@@ -534,7 +536,10 @@ fn iperf(t: &Topology, port: u16, reverse: bool, seconds: u32) -> u64 {
     let bps = report["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .expect("bps");
-    eprintln!("iperf3 (reverse {reverse}): {:.2} Gbit/s, {bytes} bytes", bps / 1e9);
+    eprintln!(
+        "iperf3 (reverse {reverse}): {:.2} Gbit/s, {bytes} bytes",
+        bps / 1e9
+    );
     bytes
 }
 
@@ -548,16 +553,30 @@ fn ebpf_node_talks_to_kernel_vxlan_node_both_ways() {
     assert!(out.status.success(), "pod B -> pod A ping failed: {out:?}");
     let after = t.stats();
     // ICMP is never fast-pathed: the programs saw it and handed it to the kernel.
-    assert!(delta(&before, &after, stat::KERNEL_NOT_OURS) >= 6, "{:?}", moved(&before, &after));
+    assert!(
+        delta(&before, &after, stat::KERNEL_NOT_OURS) >= 6,
+        "{:?}",
+        moved(&before, &after)
+    );
     assert_eq!(delta(&before, &after, stat::FAST_TX_PACKETS), 0);
     // The agent-down path (`status`) reads the same counters from the pins.
     let pinned = read_pinned_stats(&t.pin.0).expect("pinned stats");
     assert!(pinned[stat::KERNEL_NOT_OURS as usize] >= after[stat::KERNEL_NOT_OURS as usize]);
     // The pod was learned from netlink, its veth carries both pod programs.
     let endpoints = t.dp().endpoints();
-    assert_eq!(endpoints.keys().copied().collect::<Vec<_>>(), [t.a.pod_ip], "{endpoints:?}");
-    assert_eq!(tcx_programs(&mut t, "vethpod", TcAttachType::Ingress), [short(program_names::POD_INGRESS)]);
-    assert_eq!(tcx_programs(&mut t, "vethpod", TcAttachType::Egress), [short(program_names::POD_EGRESS)]);
+    assert_eq!(
+        endpoints.keys().copied().collect::<Vec<_>>(),
+        [t.a.pod_ip],
+        "{endpoints:?}"
+    );
+    assert_eq!(
+        tcx_programs(&mut t, "vethpod", TcAttachType::Ingress),
+        [short(program_names::POD_INGRESS)]
+    );
+    assert_eq!(
+        tcx_programs(&mut t, "vethpod", TcAttachType::Egress),
+        [short(program_names::POD_EGRESS)]
+    );
 }
 
 #[test]
@@ -582,7 +601,12 @@ fn bulk_tcp_in_both_directions_takes_the_fast_path() {
         moved(&before, &after)
     );
     for bad in [stat::KERNEL_HELPER_ERROR, stat::DROP_HELPER_ERROR] {
-        assert_eq!(delta(&before, &after, bad), 0, "{:?}", moved(&before, &after));
+        assert_eq!(
+            delta(&before, &after, bad),
+            0,
+            "{:?}",
+            moved(&before, &after)
+        );
     }
 }
 
@@ -593,8 +617,18 @@ fn each_fast_path_piece_can_be_turned_off() {
     iperf(&t, 5203, false, 1);
     iperf(&t, 5204, true, 1);
     let after = t.stats();
-    assert_eq!(delta(&before, &after, stat::FAST_TX_PACKETS), 0, "{:?}", moved(&before, &after));
-    assert_eq!(fast_rx_bytes(&before, &after), 0, "{:?}", moved(&before, &after));
+    assert_eq!(
+        delta(&before, &after, stat::FAST_TX_PACKETS),
+        0,
+        "{:?}",
+        moved(&before, &after)
+    );
+    assert_eq!(
+        fast_rx_bytes(&before, &after),
+        0,
+        "{:?}",
+        moved(&before, &after)
+    );
     assert!(delta(&before, &after, stat::KERNEL_DISABLED) > 0);
 }
 
@@ -614,9 +648,17 @@ fn restart_under_traffic_loses_nothing() {
         }
     });
     let before = t.stats();
-    wait_until(Duration::from_secs(10), "traffic through the first instance", || {
-        delta(&before, &t.dp().stats().expect("stats"), stat::KERNEL_NOT_OURS) >= 20
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "traffic through the first instance",
+        || {
+            delta(
+                &before,
+                &t.dp().stats().expect("stats"),
+                stat::KERNEL_NOT_OURS,
+            ) >= 20
+        },
+    );
     // A second instance on the same pins while the first is still alive (as when the old
     // process lingers): it attaches first, then the old links are unpinned.
     let kernel = FlannelDevice {
@@ -634,16 +676,32 @@ fn restart_under_traffic_loses_nothing() {
     let before = t.stats();
     let sent = iperf(&t, 5205, false, 1);
     let after = t.stats();
-    assert!(delta(&before, &after, stat::FAST_TX_BYTES) * 10 >= sent * 8, "{:?}", moved(&before, &after));
+    assert!(
+        delta(&before, &after, stat::FAST_TX_BYTES) * 10 >= sent * 8,
+        "{:?}",
+        moved(&before, &after)
+    );
     // Exactly one TCX program per hook after the handoff (the old links are gone).
     for (ifname, hook, program) in [
         ("eth0", TcAttachType::Ingress, program_names::UPLINK_INGRESS),
-        ("flannel.1", TcAttachType::Ingress, program_names::VXLAN_INGRESS),
-        ("flannel.1", TcAttachType::Egress, program_names::VXLAN_EGRESS),
+        (
+            "flannel.1",
+            TcAttachType::Ingress,
+            program_names::VXLAN_INGRESS,
+        ),
+        (
+            "flannel.1",
+            TcAttachType::Egress,
+            program_names::VXLAN_EGRESS,
+        ),
         ("vethpod", TcAttachType::Ingress, program_names::POD_INGRESS),
         ("vethpod", TcAttachType::Egress, program_names::POD_EGRESS),
     ] {
-        assert_eq!(tcx_programs(&mut t, ifname, hook), [short(program)], "{ifname} {hook:?}");
+        assert_eq!(
+            tcx_programs(&mut t, ifname, hook),
+            [short(program)],
+            "{ifname} {hook:?}"
+        );
     }
 }
 
@@ -655,25 +713,69 @@ fn service_dnat_works(t: &mut Topology, port: u16, nft: bool) -> Vec<(&'static s
     let rule = if nft {
         for cmd in [
             vec!["nft", "add", "table", "ip", "svc"],
-            vec!["nft", "add", "chain", "ip", "svc", "pre", "{ type nat hook prerouting priority -100; }"],
+            vec![
+                "nft",
+                "add",
+                "chain",
+                "ip",
+                "svc",
+                "pre",
+                "{ type nat hook prerouting priority -100; }",
+            ],
         ] {
             let out = t.a.ns.exec(&cmd);
             assert!(out.status.success(), "{cmd:?}: {out:?}");
         }
         let target = format!("10.244.2.2:{port}");
         t.a.ns.exec(&[
-            "nft", "add", "rule", "ip", "svc", "pre", "ip", "daddr", "10.96.0.10", "tcp", "dport", "80", "dnat", "to", &target,
+            "nft",
+            "add",
+            "rule",
+            "ip",
+            "svc",
+            "pre",
+            "ip",
+            "daddr",
+            "10.96.0.10",
+            "tcp",
+            "dport",
+            "80",
+            "dnat",
+            "to",
+            &target,
         ])
     } else {
         t.a.ns.exec(&[
-            "iptables", "-t", "nat", "-A", "PREROUTING", "-d", "10.96.0.10", "-p", "tcp",
-            "--dport", "80", "-j", "DNAT", "--to-destination", &format!("10.244.2.2:{port}"),
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-d",
+            "10.96.0.10",
+            "-p",
+            "tcp",
+            "--dport",
+            "80",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &format!("10.244.2.2:{port}"),
         ])
     };
     assert!(rule.status.success(), "DNAT rule: {rule:?}");
     let before = t.stats();
     let out = t.a.pod.exec(&[
-        "iperf3", "-c", "10.96.0.10", "-p", "80", "-t", "2", "--connect-timeout", "3000", "-J",
+        "iperf3",
+        "-c",
+        "10.96.0.10",
+        "-p",
+        "80",
+        "-t",
+        "2",
+        "--connect-timeout",
+        "3000",
+        "-J",
     ]);
     let after = t.stats();
     assert!(
@@ -682,14 +784,27 @@ fn service_dnat_works(t: &mut Topology, port: u16, nft: bool) -> Vec<(&'static s
         moved(&before, &after)
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 json");
-    assert!(report["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0) > 1e6, "data flowed");
+    assert!(
+        report["end"]["sum_received"]["bytes"]
+            .as_f64()
+            .unwrap_or(0.0)
+            > 1e6,
+        "data flowed"
+    );
     // The Service flow's tuple changes on the way: it never becomes a learned flow.
     let learned: Vec<_> = t
         .flows()
         .into_iter()
-        .filter(|(k, v)| u16::from_be(k.remote_port_be) == port && v.egress_seen_ns != 0 && v.ingress_seen_ns != 0)
+        .filter(|(k, v)| {
+            u16::from_be(k.remote_port_be) == port
+                && v.egress_seen_ns != 0
+                && v.ingress_seen_ns != 0
+        })
         .collect();
-    assert!(learned.is_empty(), "a NATed flow was learned for the fast path: {learned:?}");
+    assert!(
+        learned.is_empty(),
+        "a NATed flow was learned for the fast path: {learned:?}"
+    );
     moved(&before, &after)
 }
 
@@ -698,15 +813,22 @@ fn service_dnat_replies_meet_conntrack_iptables_and_nftables() {
     for nft in [false, true] {
         let mut t = Topology::new();
         // br_netfilter on, as kube-proxy requires (the module may be absent: then nothing to set).
-        let _ = t.a.ns.exec(&["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"]);
+        let _ =
+            t.a.ns
+                .exec(&["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"]);
         let moved = service_dnat_works(&mut t, 5301 + u16::from(nft), nft);
         let fast = moved
             .iter()
             .filter(|(name, _)| name.starts_with("fast_"))
             .count();
-        assert_eq!(fast, 0, "nft {nft}: the Service flow stayed on the kernel path: {moved:?}");
+        assert_eq!(
+            fast, 0,
+            "nft {nft}: the Service flow stayed on the kernel path: {moved:?}"
+        );
         assert!(
-            moved.iter().any(|(name, n)| *name == "kernel_not_learned" && *n > 0),
+            moved
+                .iter()
+                .any(|(name, n)| *name == "kernel_not_learned" && *n > 0),
             "nft {nft}: {moved:?}"
         );
     }
@@ -718,32 +840,91 @@ fn hostport_dnat_and_masquerade_replies_are_correct() {
     // hostPort on node A (the portmap plugin's DNAT): pod B connects to A's node address,
     // A DNATs to its pod; the replies leave pod A and must be un-DNATed by A's conntrack.
     let port = 5311u16;
-    let server = overlay_tests::netns::Background::spawn(&t.a.pod.0, &["iperf3", "-s", "-1", "-p", &port.to_string()]);
+    let server = overlay_tests::netns::Background::spawn(
+        &t.a.pod.0,
+        &["iperf3", "-s", "-1", "-p", &port.to_string()],
+    );
     wait_until(Duration::from_secs(10), "iperf3 server in pod A", || {
         let out = t.a.pod.exec(&["ss", "-ltn", &format!("sport = :{port}")]);
         String::from_utf8_lossy(&out.stdout).contains(&port.to_string())
     });
     let dnat = t.a.ns.exec(&[
-        "iptables", "-t", "nat", "-A", "PREROUTING", "-d", "10.244.1.0", "-p", "tcp", "--dport",
-        "8080", "-j", "DNAT", "--to-destination", &format!("10.244.1.2:{port}"),
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-d",
+        "10.244.1.0",
+        "-p",
+        "tcp",
+        "--dport",
+        "8080",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        &format!("10.244.1.2:{port}"),
     ]);
     assert!(dnat.status.success(), "{dnat:?}");
     let before = t.stats();
-    let out = t.b.pod.exec(&["iperf3", "-c", "10.244.1.0", "-p", "8080", "-t", "2", "--connect-timeout", "3000"]);
+    let out = t.b.pod.exec(&[
+        "iperf3",
+        "-c",
+        "10.244.1.0",
+        "-p",
+        "8080",
+        "-t",
+        "2",
+        "--connect-timeout",
+        "3000",
+    ]);
     let after = t.stats();
-    assert!(out.status.success(), "hostPort-style DNAT connection failed: {out:?}; {:?}", moved(&before, &after));
+    assert!(
+        out.status.success(),
+        "hostPort-style DNAT connection failed: {out:?}; {:?}",
+        moved(&before, &after)
+    );
     drop(server);
-    assert_eq!(delta(&before, &after, stat::FAST_TX_PACKETS), 0, "hostPort replies took the fast path: {:?}", moved(&before, &after));
+    assert_eq!(
+        delta(&before, &after, stat::FAST_TX_PACKETS),
+        0,
+        "hostPort replies took the fast path: {:?}",
+        moved(&before, &after)
+    );
     // Masquerade: node A's host talks to pod B (flannel masquerades host -> overlay to the
     // flannel.1 address); the replies are for a non-pod address and go to the kernel.
     let masq = t.a.ns.exec(&[
-        "iptables", "-t", "nat", "-A", "POSTROUTING", "!", "-s", "10.244.0.0/16", "-d", "10.244.0.0/16", "-j", "MASQUERADE",
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "POSTROUTING",
+        "!",
+        "-s",
+        "10.244.0.0/16",
+        "-d",
+        "10.244.0.0/16",
+        "-j",
+        "MASQUERADE",
     ]);
     assert!(masq.status.success(), "{masq:?}");
     let port = 5312u16;
     let _server = start_iperf_server(&t, port);
-    let out = t.a.ns.exec(&["iperf3", "-c", &t.b.pod_ip.to_string(), "-p", &port.to_string(), "-t", "1", "--connect-timeout", "3000"]);
-    assert!(out.status.success(), "host -> remote pod with masquerade failed: {out:?}");
+    let out = t.a.ns.exec(&[
+        "iperf3",
+        "-c",
+        &t.b.pod_ip.to_string(),
+        "-p",
+        &port.to_string(),
+        "-t",
+        "1",
+        "--connect-timeout",
+        "3000",
+    ]);
+    assert!(
+        out.status.success(),
+        "host -> remote pod with masquerade failed: {out:?}"
+    );
 }
 
 #[test]
@@ -777,31 +958,79 @@ fn removed_peer_is_no_longer_reached_and_its_vxlan_is_dropped() {
 fn mtu_limits_hold_on_the_fast_path() {
     let mut t = Topology::new();
     // A full-size DF ping (1450 bytes, the pod MTU) passes.
-    let out = t.a.pod.exec(&["ping", "-c", "2", "-i", "0.2", "-W", "2", "-M", "do", "-s", "1422", &t.b.pod_ip.to_string()]);
+    let out = t.a.pod.exec(&[
+        "ping",
+        "-c",
+        "2",
+        "-i",
+        "0.2",
+        "-W",
+        "2",
+        "-M",
+        "do",
+        "-s",
+        "1422",
+        &t.b.pod_ip.to_string(),
+    ]);
     assert!(out.status.success(), "full-size DF ping: {out:?}");
     // A pod whose MTU is larger than the overlay's sends a DF packet one byte over: the
     // kernel path answers "frag needed" with the overlay MTU.
     t.a.pod.ip(&["link", "set", "eth0", "mtu", "1500"]);
     let before = t.stats();
-    let out = t.a.pod.exec(&["ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1423", &t.b.pod_ip.to_string()]);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(!out.status.success(), "an oversized DF packet must not pass: {text}");
-    assert!(text.contains("mtu = 1450") || text.contains("Frag needed"), "ICMP frag needed with the overlay MTU came back: {text}");
+    let out = t.a.pod.exec(&[
+        "ping",
+        "-c",
+        "1",
+        "-W",
+        "2",
+        "-M",
+        "do",
+        "-s",
+        "1423",
+        &t.b.pod_ip.to_string(),
+    ]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "an oversized DF packet must not pass: {text}"
+    );
+    assert!(
+        text.contains("mtu = 1450") || text.contains("Frag needed"),
+        "ICMP frag needed with the overlay MTU came back: {text}"
+    );
     let after = t.stats();
-    assert!(delta(&before, &after, stat::KERNEL_TOO_BIG) > 0, "the oversized packet was left to the kernel: {:?}", moved(&before, &after));
+    assert!(
+        delta(&before, &after, stat::KERNEL_TOO_BIG) > 0,
+        "the oversized packet was left to the kernel: {:?}",
+        moved(&before, &after)
+    );
     // TCP with GSO/TSO on (the MSS comes from pod B's 1450 MTU, so GSO segments fit the
     // underlay) and with offloads off.
     let before = t.stats();
     let sent = iperf(&t, 5321, false, 1);
     let after = t.stats();
-    assert!(delta(&before, &after, stat::FAST_TX_BYTES) * 10 >= sent * 8, "TSO TCP on the fast path: {:?}", moved(&before, &after));
+    assert!(
+        delta(&before, &after, stat::FAST_TX_BYTES) * 10 >= sent * 8,
+        "TSO TCP on the fast path: {:?}",
+        moved(&before, &after)
+    );
     t.a.pod.ip(&["link", "set", "eth0", "mtu", "1450"]);
-    let off = t.a.pod.exec(&["ethtool", "-K", "eth0", "tso", "off", "gso", "off", "gro", "off"]);
+    let off = t.a.pod.exec(&[
+        "ethtool", "-K", "eth0", "tso", "off", "gso", "off", "gro", "off",
+    ]);
     assert!(off.status.success(), "{off:?}");
     let before = t.stats();
     let sent = iperf(&t, 5322, false, 1);
     let after = t.stats();
-    assert!(delta(&before, &after, stat::FAST_TX_BYTES) * 10 >= sent * 8, "no-offload TCP on the fast path: {:?}", moved(&before, &after));
+    assert!(
+        delta(&before, &after, stat::FAST_TX_BYTES) * 10 >= sent * 8,
+        "no-offload TCP on the fast path: {:?}",
+        moved(&before, &after)
+    );
 }
 
 /// Replaces pod A with a new pod namespace holding the same IP but a new MAC, its host veth
@@ -810,7 +1039,10 @@ fn recreate_pod_a(t: &mut Topology, old_veth: &str, veth: &str, index: Option<u3
     let old = std::mem::replace(&mut t.a.pod, Ns::new("ovlpod"));
     drop(old); // deleting the namespace deletes the old veth pair
     wait_until(Duration::from_secs(5), "the old veth to go", || {
-        !t.a.ns.exec(&["ip", "link", "show", old_veth]).status.success()
+        !t.a.ns
+            .exec(&["ip", "link", "show", old_veth])
+            .status
+            .success()
     });
     let pod = &t.a.pod;
     let mut add = vec!["link", "add", veth];
@@ -829,12 +1061,25 @@ fn recreate_pod_a(t: &mut Topology, old_veth: &str, veth: &str, index: Option<u3
 /// TCP from pod B to pod A's address (an iperf3 server in the current pod A).
 fn b_to_a_tcp(t: &Topology, port: u16) {
     let port_text = port.to_string();
-    let _server = overlay_tests::netns::Background::spawn(&t.a.pod.0, &["iperf3", "-s", "-1", "-p", &port_text]);
+    let _server = overlay_tests::netns::Background::spawn(
+        &t.a.pod.0,
+        &["iperf3", "-s", "-1", "-p", &port_text],
+    );
     wait_until(Duration::from_secs(10), "iperf3 server in pod A", || {
         let out = t.a.pod.exec(&["ss", "-ltn", &format!("sport = :{port}")]);
         String::from_utf8_lossy(&out.stdout).contains(&port_text)
     });
-    let out = t.b.pod.exec(&["iperf3", "-c", &t.a.pod_ip.to_string(), "-p", &port_text, "-t", "1", "--connect-timeout", "3000"]);
+    let out = t.b.pod.exec(&[
+        "iperf3",
+        "-c",
+        &t.a.pod_ip.to_string(),
+        "-p",
+        &port_text,
+        "-t",
+        "1",
+        "--connect-timeout",
+        "3000",
+    ]);
     assert!(out.status.success(), "pod B -> new pod A: {out:?}");
 }
 
@@ -849,7 +1094,11 @@ fn recreated_pods_with_reused_ip_and_ifindex_are_reached_at_once_and_never_cross
         // Same IP, same ifindex, new MAC: the agent has not looked yet (no maintain).
         let name = format!("vethnew{round}");
         recreate_pod_a(&mut t, &old_veth, &name, Some(old_index));
-        assert_eq!(t.a.ns.ifindex(&name), old_index, "the kernel reused the ifindex");
+        assert_eq!(
+            t.a.ns.ifindex(&name),
+            old_index,
+            "the kernel reused the ifindex"
+        );
         old_veth = name;
         assert_ne!(t.a.pod.mac("eth0"), old_mac);
         // Reachable at once: the stale endpoint names another MAC, so nothing is learned
@@ -857,23 +1106,40 @@ fn recreated_pods_with_reused_ip_and_ifindex_are_reached_at_once_and_never_cross
         let before = t.stats();
         b_to_a_tcp(&t, 5410 + round);
         let after = t.stats();
-        assert_eq!(fast_rx_bytes(&before, &after), 0, "round {round}: delivered by a stale endpoint: {:?}", moved(&before, &after));
+        assert_eq!(
+            fast_rx_bytes(&before, &after),
+            0,
+            "round {round}: delivered by a stale endpoint: {:?}",
+            moved(&before, &after)
+        );
         // After the agent's pass the new pod is on the fast path.
         t.maintain();
         assert_eq!(t.dp().endpoints().get(&t.a.pod_ip), Some(&old_index));
         let before = t.stats();
         let received = iperf(&t, 5420 + round, true, 1);
         let after = t.stats();
-        assert!(fast_rx_bytes(&before, &after) * 10 >= received * 8, "round {round}: {:?}", moved(&before, &after));
+        assert!(
+            fast_rx_bytes(&before, &after) * 10 >= received * 8,
+            "round {round}: {:?}",
+            moved(&before, &after)
+        );
     }
     // A pod that goes away: its endpoint and learned flows go with the agent's next pass.
     let gone = std::mem::replace(&mut t.a.pod, Ns::new("ovlpod"));
     drop(gone);
-    wait_until(Duration::from_secs(5), "the veth to go", || t.a.ns.exec(&["ip", "link", "show", "master", "cni0", "type", "veth"]).stdout.is_empty());
+    wait_until(Duration::from_secs(5), "the veth to go", || {
+        t.a.ns
+            .exec(&["ip", "link", "show", "master", "cni0", "type", "veth"])
+            .stdout
+            .is_empty()
+    });
     t.maintain();
     assert!(t.dp().endpoints().is_empty());
     let pod_ip = t.a.pod_ip.octets();
-    assert!(t.flows().iter().all(|(k, _)| k.pod_ip != pod_ip), "flows of a deleted pod remain");
+    assert!(
+        t.flows().iter().all(|(k, _)| k.pod_ip != pod_ip),
+        "flows of a deleted pod remain"
+    );
 }
 
 #[test]
@@ -882,23 +1148,46 @@ fn fast_flows_close_cleanly_under_an_invalid_state_drop_rule() {
     // through the kernel (FIN, re-validation) must still be in conntrack's window.
     let mut t = Topology::new();
     for ns in [&t.a.ns, &t.b.ns] {
-        let out = ns.exec(&["iptables", "-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"]);
+        let out = ns.exec(&[
+            "iptables",
+            "-A",
+            "FORWARD",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "INVALID",
+            "-j",
+            "DROP",
+        ]);
         assert!(out.status.success(), "{out:?}");
     }
     t.maintain();
-    let liberal = t.a.ns.exec(&["sysctl", "-n", "net.netfilter.nf_conntrack_tcp_be_liberal"]);
-    assert_eq!(String::from_utf8_lossy(&liberal.stdout).trim(), "1", "{liberal:?}");
+    let liberal =
+        t.a.ns
+            .exec(&["sysctl", "-n", "net.netfilter.nf_conntrack_tcp_be_liberal"]);
+    assert_eq!(
+        String::from_utf8_lossy(&liberal.stdout).trim(),
+        "1",
+        "{liberal:?}"
+    );
     let before = t.stats();
     let sent = iperf(&t, 5501, false, 2);
     let received = iperf(&t, 5502, true, 2);
     let after = t.stats();
     assert!(sent > 0 && received > 0);
-    assert!(delta(&before, &after, stat::FAST_TX_BYTES) * 10 >= sent * 8, "{:?}", moved(&before, &after));
+    assert!(
+        delta(&before, &after, stat::FAST_TX_BYTES) * 10 >= sent * 8,
+        "{:?}",
+        moved(&before, &after)
+    );
     // Both iperf3 runs ended (their data connections closed through the kernel path, or the
     // client would have hung): no connection is left established in pod A.
     let out = t.a.pod.exec(&["ss", "-tn", "state", "established"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!text.contains(&t.b.pod_ip.to_string()), "connections stuck open: {text}");
+    assert!(
+        !text.contains(&t.b.pod_ip.to_string()),
+        "connections stuck open: {text}"
+    );
     // The agent made conntrack follow the fast flows (the first maintenance pass after the
     // rule loaded conntrack): none of their kernel-path packets was INVALID on node A.
     for ns in [&t.a.ns, &t.b.ns] {
@@ -911,20 +1200,38 @@ fn fast_flows_close_cleanly_under_an_invalid_state_drop_rule() {
         .find(|l| l.contains("INVALID"))
         .and_then(|l| l.split_whitespace().next()?.parse().ok())
         .expect("the INVALID rule's counter");
-    assert_eq!(dropped, 0, "fast-path flows' kernel packets were dropped as conntrack-INVALID on node A");
+    assert_eq!(
+        dropped, 0,
+        "fast-path flows' kernel packets were dropped as conntrack-INVALID on node A"
+    );
 }
 
 #[test]
 fn one_way_udp_takes_the_fast_path_in_both_directions() {
     let mut t = Topology::new();
     for (port, reverse) in [(5601u16, false), (5602, true)] {
-        let _server = overlay_tests::netns::Background::spawn(&t.b.pod.0, &["iperf3", "-s", "-1", "-p", &port.to_string()]);
+        let _server = overlay_tests::netns::Background::spawn(
+            &t.b.pod.0,
+            &["iperf3", "-s", "-1", "-p", &port.to_string()],
+        );
         wait_until(Duration::from_secs(10), "iperf3 server listening", || {
             let out = t.b.pod.exec(&["ss", "-ltn", &format!("sport = :{port}")]);
             String::from_utf8_lossy(&out.stdout).contains(&port.to_string())
         });
         let before = t.stats();
-        let mut args = vec!["iperf3", "-c", "10.244.2.2", "-u", "-b", "200M", "-l", "1000", "-t", "1", "-p"];
+        let mut args = vec![
+            "iperf3",
+            "-c",
+            "10.244.2.2",
+            "-u",
+            "-b",
+            "200M",
+            "-l",
+            "1000",
+            "-t",
+            "1",
+            "-p",
+        ];
         let port_text = port.to_string();
         args.push(&port_text);
         if reverse {
@@ -941,6 +1248,10 @@ fn one_way_udp_takes_the_fast_path_in_both_directions() {
         } else {
             delta(&before, &after, stat::FAST_TX_PACKETS)
         };
-        assert!(fast > 10_000, "reverse {reverse}: one-way UDP on the fast path: {:?}", moved(&before, &after));
+        assert!(
+            fast > 10_000,
+            "reverse {reverse}: one-way UDP on the fast path: {:?}",
+            moved(&before, &after)
+        );
     }
 }

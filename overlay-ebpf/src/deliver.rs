@@ -15,8 +15,8 @@ use overlay_common::{Endpoint, config_flags, stat};
 use crate::{
     flows::{endpoint, flow_key, learned_ingress},
     parse::{
-        ETH_LEN, ETH_P_IPV4, EthHdr, IPV4_LEN, Ipv4Hdr, L4, TCP_FIN, TCP_RST, TCP_SYN,
-        config_with, decrement_ttl, ipv4_header_ok, load_l4, load_plain_ipv4, pass,
+        ETH_LEN, ETH_P_IPV4, EthHdr, IPV4_LEN, Ipv4Hdr, L4, TCP_FIN, TCP_RST, TCP_SYN, config_with,
+        decrement_ttl, ipv4_header_ok, load_l4, load_plain_ipv4, pass,
     },
     stats::Verdict,
 };

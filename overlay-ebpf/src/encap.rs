@@ -19,8 +19,8 @@ use crate::{
     maps::PEERS,
     parse::{
         ETH_LEN, ETH_P_IPV4, EthHdr, IPPROTO_UDP, IPV4_LEN, Ipv4Hdr, TCP_FIN, TCP_RST, TCP_SYN,
-        VXLAN_FLAG_I, config_with, decrement_ttl, gso_size, ifindex, ipv4_checksum,
-        ipv4_header_ok, load_l4, load_plain_ipv4, pass, vni_wire,
+        VXLAN_FLAG_I, config_with, decrement_ttl, gso_size, ifindex, ipv4_checksum, ipv4_header_ok,
+        load_l4, load_plain_ipv4, pass, vni_wire,
     },
     stats::Verdict,
 };

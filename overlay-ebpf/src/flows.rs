@@ -17,7 +17,13 @@ use crate::{
 };
 
 #[inline(always)]
-pub fn flow_key(pod_ip: [u8; 4], remote_ip: [u8; 4], pod_port: [u8; 2], remote_port: [u8; 2], protocol: u8) -> FlowKey {
+pub fn flow_key(
+    pod_ip: [u8; 4],
+    remote_ip: [u8; 4],
+    pod_port: [u8; 2],
+    remote_port: [u8; 2],
+    protocol: u8,
+) -> FlowKey {
     FlowKey {
         pod_ip,
         remote_ip,
@@ -82,7 +88,8 @@ fn parse_tcp_udp(ctx: &TcContext) -> Result<(EthHdr, Ipv4Hdr, L4), Verdict> {
     if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
         return Err(pass(stat::KERNEL_NOT_OURS));
     }
-    let l4 = load_l4(ctx, ETH_LEN + ip.header_len(), ip.proto).ok_or(pass(stat::KERNEL_TRUNCATED))?;
+    let l4 =
+        load_l4(ctx, ETH_LEN + ip.header_len(), ip.proto).ok_or(pass(stat::KERNEL_TRUNCATED))?;
     Ok((eth, ip, l4))
 }
 

@@ -19,7 +19,11 @@ impl NetNs {
     /// Creates `<prefix><unique>` with loopback up. `prefix` should be short (<= 6 bytes).
     pub fn new(prefix: &str) -> NetNs {
         crate::require_root();
-        let name = unique_name(prefix);
+        // Names come from the pid: a namespace a killed run with the same pid left behind
+        // must not make this test fail, so such names are skipped.
+        let name = std::iter::repeat_with(|| unique_name(prefix))
+            .find(|name| !std::path::Path::new("/run/netns").join(name).exists())
+            .expect("an unused namespace name");
         run_checked(Command::new("ip").args(["netns", "add", &name]));
         let ns = NetNs { name };
         ns.run(&["ip", "link", "set", "lo", "up"]);

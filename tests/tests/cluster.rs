@@ -94,7 +94,10 @@ fn counters(cluster: &Cluster, index: usize) -> Counters {
         fast_rx_packets: get(stat::FAST_RX_BEFORE_DECAP_PACKETS)
             + get(stat::FAST_RX_AFTER_DECAP_PACKETS),
         fast_rx_bytes: get(stat::FAST_RX_BEFORE_DECAP_BYTES) + get(stat::FAST_RX_AFTER_DECAP_BYTES),
-        seen: (0..stat::COUNT).filter(|&i| stat::is_reason(i)).map(get).sum(),
+        seen: (0..stat::COUNT)
+            .filter(|&i| stat::is_reason(i))
+            .map(get)
+            .sum(),
         drop_unknown_source: get(stat::DROP_UNKNOWN_SOURCE),
         text: format!("{:?}", counters_by_name(&values)),
     }
@@ -325,8 +328,8 @@ fn mixed_ebpf_and_vxlan_nodes_carry_ping_and_tcp_between_every_pair_and_count_it
         let ok = try_wait_until(LONG, || {
             let after: Vec<Counters> = (0..2).map(|i| counters(c, i)).collect();
             // A sending eBPF node encapsulates the stream at the pod veth.
-            let sender_ok =
-                from >= 2 || (after[from].fast_tx_bytes - before[from].fast_tx_bytes) * 10 >= got * 9;
+            let sender_ok = from >= 2
+                || (after[from].fast_tx_bytes - before[from].fast_tx_bytes) * 10 >= got * 9;
             // A receiving eBPF node delivers it into the pod (before or after the kernel's
             // decap), whoever sent it.
             let receiver_ok =
@@ -561,9 +564,11 @@ fn sigkill_and_restart_of_an_ebpf_agent_loses_no_packet_at_100_pps() {
     let restarted = start_agent(c, 0, "ebpf");
     restarted.wait_for_log("wrote the subnet file", LONG);
     let mid = counters(c, 0).seen;
-    wait_until(LONG, "the programs keep seeing the traffic after the restart", || {
-        counters(c, 0).seen > mid + 50
-    });
+    wait_until(
+        LONG,
+        "the programs keep seeing the traffic after the restart",
+        || counters(c, 0).seen > mid + 50,
+    );
 
     let (ok, text) = ping12.finish(LONG);
     assert!(ok, "pod1 -> pod2 ping: {text}\nlog:\n{}", restarted.log());

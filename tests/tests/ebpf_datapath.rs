@@ -180,18 +180,28 @@ fn ebpf_node_and_flannel_kernel_node_talk_both_ways() {
         });
         for (from, to) in [(pod_a, pod_b), (pod_b, pod_a)] {
             let out = from.ns.try_run(&[
-                "ping", "-c", "5", "-i", "0.2", "-W", "2", &to.ip.to_string(),
+                "ping",
+                "-c",
+                "5",
+                "-i",
+                "0.2",
+                "-W",
+                "2",
+                &to.ip.to_string(),
             ]);
             assert!(out.status.success(), "{} -> {}: {out:?}", from.ip, to.ip);
         }
         // TCP both ways: after the handshake crossed the kernel path, the flow is learned
         // and its data takes the fast path (wire-compatible with the kernel vxlan node).
         for (port, reverse) in [(5201u16, false), (5202, true)] {
-            let _server = pod_b
-                .ns
-                .spawn_background(&["iperf3", "-s", "-1", "-p", &port.to_string()]);
+            let _server =
+                pod_b
+                    .ns
+                    .spawn_background(&["iperf3", "-s", "-1", "-p", &port.to_string()]);
             wait_until(Duration::from_secs(10), "iperf3 server listening", || {
-                let out = pod_b.ns.try_run(&["ss", "-ltn", &format!("sport = :{port}")]);
+                let out = pod_b
+                    .ns
+                    .try_run(&["ss", "-ltn", &format!("sport = :{port}")]);
                 String::from_utf8_lossy(&out.stdout).contains(&port.to_string())
             });
             let (target, port_text) = (pod_b.ip.to_string(), port.to_string());
@@ -211,8 +221,17 @@ fn ebpf_node_and_flannel_kernel_node_talk_both_ways() {
             "A's fast paths carried the TCP data: {:?}",
             moved(&before, &after)
         );
-        for bad in [stat::KERNEL_HELPER_ERROR, stat::DROP_HELPER_ERROR, stat::DROP_UNKNOWN_SOURCE] {
-            assert_eq!(delta(&before, &after, bad), 0, "{:?}", moved(&before, &after));
+        for bad in [
+            stat::KERNEL_HELPER_ERROR,
+            stat::DROP_HELPER_ERROR,
+            stat::DROP_UNKNOWN_SOURCE,
+        ] {
+            assert_eq!(
+                delta(&before, &after, bad),
+                0,
+                "{:?}",
+                moved(&before, &after)
+            );
         }
     });
 }
@@ -227,7 +246,8 @@ fn service_dnat_replies_meet_conntrack() {
         );
         rt.block_on(dp.maintain()).expect("maintain");
         // br_netfilter on (if the module exists), as kube-proxy requires.
-        let _ = a.ns.try_run(&["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"]);
+        let _ =
+            a.ns.try_run(&["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"]);
         let _server = pod_b
             .ns
             .spawn_background(&["iperf3", "-s", "-1", "-p", "5201"]);

@@ -145,7 +145,10 @@ fn run_quick(args: &[String], env: &[(&str, &str)]) -> (Option<i32>, String, Str
     }
     let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
     let (out, err) = (read(&out_path), read(&err_path));
-    assert!(exited, "overlay-agent {args:?} still running after 20 s:\n{err}");
+    assert!(
+        exited,
+        "overlay-agent {args:?} still running after 20 s:\n{err}"
+    );
     (status.and_then(|s| s.code()), out, err)
 }
 

@@ -571,8 +571,16 @@ fn kill_and_restart(backend: &str) {
         let veths = ns.stdout(&["ip", "-o", "link", "show", "master", "cni0"]);
         for veth in veths.lines().filter_map(|l| l.split(':').nth(1)) {
             let veth = veth.trim().split('@').next().unwrap_or("");
-            assert_eq!(tcx_programs(ns, veth, TcAttachType::Ingress), vec!["overlay_pod_enc"], "{veth}");
-            assert_eq!(tcx_programs(ns, veth, TcAttachType::Egress), vec!["overlay_pod_lea"], "{veth}");
+            assert_eq!(
+                tcx_programs(ns, veth, TcAttachType::Ingress),
+                vec!["overlay_pod_enc"],
+                "{veth}"
+            );
+            assert_eq!(
+                tcx_programs(ns, veth, TcAttachType::Egress),
+                vec!["overlay_pod_lea"],
+                "{veth}"
+            );
         }
         let pin = &setup.cluster.nodes[0].pin_dir;
         wait_until(LONG, "one PEERS entry per peer", || {

@@ -186,7 +186,9 @@ fn status_json_matches_etcd_and_the_datapath_and_metrics_count_traffic() {
         counters_by_name(&read_pinned_stats(&cluster.nodes[0].pin_dir).expect("pinned stats"));
     // The programs stay attached and keep counting (IPv6 neighbour discovery, ...), so the
     // pinned value read after the offline status can only be larger.
-    let offline_count = offline["datapath_counters"]["kernel_not_ours"].as_u64().expect("count");
+    let offline_count = offline["datapath_counters"]["kernel_not_ours"]
+        .as_u64()
+        .expect("count");
     assert!(
         offline_count >= 20 && offline_count <= pinned["kernel_not_ours"],
         "offline status {offline_count} vs pinned {pinned:?}"

@@ -48,25 +48,75 @@ const WELL_KNOWN_PROTOS: &str = "/usr/include/google/protobuf/descriptor.proto";
 /// dpkg says so or when that program or file is there (tools installed some other way are
 /// fine).
 const PACKAGES: &[(&str, Provides, &str)] = &[
-    ("etcd-server", Provides::Program("etcd"), "a real etcd for tests and the demo"),
-    ("etcd-client", Provides::Program("etcdctl"), "etcdctl for fixtures and `overlay-agent config`",
+    (
+        "etcd-server",
+        Provides::Program("etcd"),
+        "a real etcd for tests and the demo",
     ),
-    ("protobuf-compiler", Provides::Program("protoc"), "etcd-client's build script"),
+    (
+        "etcd-client",
+        Provides::Program("etcdctl"),
+        "etcdctl for fixtures and `overlay-agent config`",
+    ),
+    (
+        "protobuf-compiler",
+        Provides::Program("protoc"),
+        "etcd-client's build script",
+    ),
     (
         "libprotobuf-dev",
         Provides::File(WELL_KNOWN_PROTOS),
         "the google/protobuf/*.proto files etcd-client's protos import",
     ),
-    ("iproute2", Provides::Program("ip"), "namespaces, links, routes"),
-    ("iputils-ping", Provides::Program("ping"), "reachability checks"),
-    ("ethtool", Provides::Program("ethtool"), "offload settings on veths"),
-    ("bpftool", Provides::Program("bpftool"), "inspecting loaded programs and maps"),
-    ("iperf3", Provides::Program("iperf3"), "throughput benchmarks"),
-    ("sockperf", Provides::Program("sockperf"), "latency benchmarks"),
-    ("openssl", Provides::Program("openssl"), "certificates for etcd mTLS tests"),
-    ("iptables", Provides::Program("iptables"), "--ip-masq rules (iptables mode)"),
-    ("nftables", Provides::Program("nft"), "--ip-masq rules (nftables mode)"),
-    ("systemd", Provides::Program("systemd-analyze"), "`systemd-analyze verify` of deploy/overlay-agent.service",
+    (
+        "iproute2",
+        Provides::Program("ip"),
+        "namespaces, links, routes",
+    ),
+    (
+        "iputils-ping",
+        Provides::Program("ping"),
+        "reachability checks",
+    ),
+    (
+        "ethtool",
+        Provides::Program("ethtool"),
+        "offload settings on veths",
+    ),
+    (
+        "bpftool",
+        Provides::Program("bpftool"),
+        "inspecting loaded programs and maps",
+    ),
+    (
+        "iperf3",
+        Provides::Program("iperf3"),
+        "throughput benchmarks",
+    ),
+    (
+        "sockperf",
+        Provides::Program("sockperf"),
+        "latency benchmarks",
+    ),
+    (
+        "openssl",
+        Provides::Program("openssl"),
+        "certificates for etcd mTLS tests",
+    ),
+    (
+        "iptables",
+        Provides::Program("iptables"),
+        "--ip-masq rules (iptables mode)",
+    ),
+    (
+        "nftables",
+        Provides::Program("nft"),
+        "--ip-masq rules (nftables mode)",
+    ),
+    (
+        "systemd",
+        Provides::Program("systemd-analyze"),
+        "`systemd-analyze verify` of deploy/overlay-agent.service",
     ),
 ];
 
@@ -216,7 +266,10 @@ fn packages(check_only: bool, missing_out: &mut Vec<String>) -> anyhow::Result<(
 fn protoc_imports(check_only: bool, missing: &mut Vec<String>) -> anyhow::Result<()> {
     step("checking that protoc resolves google/protobuf imports (as etcd-client's build needs)");
     let Some(protoc) = util::which("protoc") else {
-        ensure!(check_only, "protoc is not on PATH after installing protobuf-compiler");
+        ensure!(
+            check_only,
+            "protoc is not on PATH after installing protobuf-compiler"
+        );
         note("protoc: not installed");
         return Ok(()); // already listed among the missing packages
     };

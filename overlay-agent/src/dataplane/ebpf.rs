@@ -30,8 +30,8 @@ use aya::{
 };
 use ipnetwork::Ipv4Network;
 use overlay_common::{
-    DatapathConfig, Endpoint, FlowKey, FlowState, PeerInfo, PeerSource, PeerSubnet,
-    VXLAN_OVERHEAD, config_flags, map_names, peer_flags, program_names, stat,
+    DatapathConfig, Endpoint, FlowKey, FlowState, PeerInfo, PeerSource, PeerSubnet, VXLAN_OVERHEAD,
+    config_flags, map_names, peer_flags, program_names, stat,
 };
 use tracing::{debug, info, warn};
 
@@ -199,7 +199,9 @@ impl From<EbpfError> for DataplaneError {
 fn absent_ok(result: Result<(), MapError>) -> Result<(), MapError> {
     match result {
         Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(err)) if err.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(MapError::SyscallError(err)) if err.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
+        }
         other => other,
     }
 }
@@ -277,7 +279,9 @@ fn probe_frame() -> Vec<u8> {
     frame.extend_from_slice(&[0x02, 0, 0, 0, 1, 1, 0x02, 0, 0, 0, 2, 2, 0x08, 0x00]);
     frame.extend_from_slice(&[0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0]);
     frame.extend_from_slice(&[10, 0, 2, 5, 10, 0, 1, 5]);
-    frame.extend_from_slice(&[0x30, 0x39, 0x00, 0x50, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0]);
+    frame.extend_from_slice(&[
+        0x30, 0x39, 0x00, 0x50, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0,
+    ]);
     frame
 }
 
@@ -414,7 +418,9 @@ fn remove_older_versions(pin_dir: &Path) {
         let path = entry.path();
         if version_of(&path).is_some_and(|v| v < current) {
             match remove_pinned(&path) {
-                Ok(_) => info!(old = %path.display(), "removed an older eBPF datapath version's pins (its programs are detached)"),
+                Ok(_) => {
+                    info!(old = %path.display(), "removed an older eBPF datapath version's pins (its programs are detached)")
+                }
                 Err(err) => warn!(error = %err, "could not remove an older eBPF datapath version"),
             }
         }
@@ -439,7 +445,9 @@ fn ensure_conntrack_liberal() -> bool {
     match std::fs::read_to_string(CONNTRACK_TCP_LIBERAL) {
         Ok(value) if value.trim() == "0" => match std::fs::write(CONNTRACK_TCP_LIBERAL, "1") {
             Ok(()) => {
-                info!("set net.netfilter.nf_conntrack_tcp_be_liberal=1: fast-path flows bypass conntrack's window tracking, and their FIN/RST must not be dropped as INVALID");
+                info!(
+                    "set net.netfilter.nf_conntrack_tcp_be_liberal=1: fast-path flows bypass conntrack's window tracking, and their FIN/RST must not be dropped as INVALID"
+                );
                 true
             }
             Err(err) => {
@@ -545,7 +553,8 @@ impl<K: Dataplane> EbpfDataplane<K> {
     pub fn new(kernel: K, settings: EbpfSettings) -> Result<Self, EbpfUnavailable<K>> {
         match Self::try_new(&settings) {
             Ok((ebpf, maps, netlink, decap_l4_udp)) => {
-                let mut dataplane = Self::assemble(kernel, settings, ebpf, maps, netlink, decap_l4_udp);
+                let mut dataplane =
+                    Self::assemble(kernel, settings, ebpf, maps, netlink, decap_l4_udp);
                 let uplink = dataplane.settings.uplink.name.clone();
                 match dataplane.attach(
                     program_names::UPLINK_INGRESS,
@@ -771,7 +780,9 @@ impl<K: Dataplane> EbpfDataplane<K> {
         let bridge = self.find_bridge(lease.subnet)?;
         if bridge != self.bridge {
             match &bridge {
-                Some(b) => info!(bridge = %b.name, ifindex = b.index, "pod bridge found: its veths are the pods"),
+                Some(b) => {
+                    info!(bridge = %b.name, ifindex = b.index, "pod bridge found: its veths are the pods")
+                }
                 None => info!("no pod bridge (yet): every pod's traffic takes the kernel path"),
             }
             self.bridge = bridge;
@@ -780,8 +791,18 @@ impl<K: Dataplane> EbpfDataplane<K> {
         if vxlan_ifindex != self.vxlan_ifindex {
             if let Some(index) = vxlan_ifindex {
                 let name = self.settings.vxlan_device.clone();
-                self.attach(program_names::VXLAN_INGRESS, &name, TcAttachType::Ingress, VXLAN_INGRESS_LINK_PIN)?;
-                self.attach(program_names::VXLAN_EGRESS, &name, TcAttachType::Egress, VXLAN_EGRESS_LINK_PIN)?;
+                self.attach(
+                    program_names::VXLAN_INGRESS,
+                    &name,
+                    TcAttachType::Ingress,
+                    VXLAN_INGRESS_LINK_PIN,
+                )?;
+                self.attach(
+                    program_names::VXLAN_EGRESS,
+                    &name,
+                    TcAttachType::Egress,
+                    VXLAN_EGRESS_LINK_PIN,
+                )?;
                 info!(device = %name, ifindex = index, "eBPF programs attached to the vxlan device");
             }
             self.vxlan_ifindex = vxlan_ifindex;
@@ -821,7 +842,11 @@ impl<K: Dataplane> EbpfDataplane<K> {
                 continue;
             };
             // Same veth as before (index and MAC unchanged): keep what its peer said.
-            if let Some(known) = self.pods.get(&link.index).filter(|p| p.mac == link.mac && p.name == link.name) {
+            if let Some(known) = self
+                .pods
+                .get(&link.index)
+                .filter(|p| p.mac == link.mac && p.name == link.name)
+            {
                 pods.insert(link.index, known.clone());
                 continue;
             }
@@ -870,10 +895,7 @@ impl<K: Dataplane> EbpfDataplane<K> {
         if found == self.pods {
             return Ok(());
         }
-        let gateway_mac = self
-            .bridge
-            .as_ref()
-            .and_then(|b| link_mac(&b.name));
+        let gateway_mac = self.bridge.as_ref().and_then(|b| link_mac(&b.name));
         // 1. Gone or changed veths: forget their endpoints and flows, unpin their links.
         let stale: Vec<(u32, PodVeth)> = self
             .pods
@@ -897,8 +919,18 @@ impl<K: Dataplane> EbpfDataplane<K> {
             if self.pods.contains_key(&index) {
                 continue;
             }
-            self.attach(program_names::POD_INGRESS, &pod.name, TcAttachType::Ingress, &format!("{POD_LINK_PREFIX}{}_ingress", pod.name))?;
-            self.attach(program_names::POD_EGRESS, &pod.name, TcAttachType::Egress, &format!("{POD_LINK_PREFIX}{}_egress", pod.name))?;
+            self.attach(
+                program_names::POD_INGRESS,
+                &pod.name,
+                TcAttachType::Ingress,
+                &format!("{POD_LINK_PREFIX}{}_ingress", pod.name),
+            )?;
+            self.attach(
+                program_names::POD_EGRESS,
+                &pod.name,
+                TcAttachType::Egress,
+                &format!("{POD_LINK_PREFIX}{}_egress", pod.name),
+            )?;
             let Some(gateway_mac) = gateway_mac else {
                 continue;
             };
@@ -914,7 +946,10 @@ impl<K: Dataplane> EbpfDataplane<K> {
                 self.maps
                     .endpoints
                     .insert(ip.octets(), value, 0)
-                    .map_err(map_err(format!("adding endpoint {ip}"), map_names::ENDPOINTS))?;
+                    .map_err(map_err(
+                        format!("adding endpoint {ip}"),
+                        map_names::ENDPOINTS,
+                    ))?;
             }
             info!(veth = %pod.name, ifindex = index, ips = ?pod.pod_ips, pod_mac = %pod.pod_mac, "pod on the fast path");
             self.pods.insert(index, pod);
@@ -1078,7 +1113,8 @@ impl<K: Dataplane> EbpfDataplane<K> {
                 changed.push(ip);
             }
         }
-        self.nexthops.retain(|ip, _| self.peers.values().any(|p| p.public_ip == *ip));
+        self.nexthops
+            .retain(|ip, _| self.peers.values().any(|p| p.public_ip == *ip));
         let peers: Vec<Peer> = self
             .peers
             .values()
