@@ -489,37 +489,20 @@ fn record_peer_event(status: &mut AgentStatus, event: &PeerEvent) {
     };
     match event {
         PeerEvent::Upsert(peer) => {
-            let key = peer.subnet.to_string();
-            let since = status
-                .peers
-                .iter()
-                .find(|p| p.subnet == key)
-                .map_or(now, |p| p.since_unix);
-            status.peers.retain(|p| p.subnet != key);
-            status.peers.push(entry(peer, since));
+            let since = status.peers.get(&peer.subnet).map_or(now, |p| p.since_unix);
+            status.peers.insert(peer.subnet, entry(peer, since));
         }
         PeerEvent::Remove(subnet) => {
-            let key = subnet.to_string();
-            status.peers.retain(|p| p.subnet != key);
+            status.peers.remove(subnet);
         }
         PeerEvent::Snapshot(peers) => {
             let old = std::mem::take(&mut status.peers);
-            status.peers = peers
-                .iter()
-                .map(|peer| {
-                    let key = peer.subnet.to_string();
-                    let since = old
-                        .iter()
-                        .find(|p| p.subnet == key)
-                        .map_or(now, |p| p.since_unix);
-                    entry(peer, since)
-                })
-                .collect();
+            for peer in peers {
+                let since = old.get(&peer.subnet).map_or(now, |p| p.since_unix);
+                status.peers.insert(peer.subnet, entry(peer, since));
+            }
         }
     }
-    status
-        .peers
-        .sort_by_key(|p| p.subnet.parse::<ipnetwork::Ipv4Network>().ok());
     status.events_applied += 1;
 }
 
@@ -807,16 +790,22 @@ mod tests {
             &mut status,
             &PeerEvent::Snapshot(vec![peer(3, 3), peer(2, 2)]),
         );
+        let first = |status: &AgentStatus| status.peers.iter().next().expect("a peer").clone();
         assert_eq!(status.peers.len(), 2);
-        assert_eq!(status.peers[0].subnet, "10.5.2.0/24", "sorted by subnet");
-        status.peers[0].since_unix = 1;
+        assert_eq!(first(&status).subnet, "10.5.2.0/24", "sorted by subnet");
+        status
+            .peers
+            .get_mut(&"10.5.2.0/24".parse().expect("net"))
+            .expect("peer 2")
+            .since_unix = 1;
         record_peer_event(&mut status, &PeerEvent::Upsert(peer(2, 9)));
         assert_eq!(
-            status.peers[0].vtep_mac.as_deref(),
+            first(&status).vtep_mac.as_deref(),
             Some("c6:00:00:00:00:09")
         );
         assert_eq!(
-            status.peers[0].since_unix, 1,
+            first(&status).since_unix,
+            1,
             "a changed peer keeps its first-seen time"
         );
         record_peer_event(
@@ -829,7 +818,8 @@ mod tests {
             &PeerEvent::Snapshot(vec![peer(2, 9), peer(4, 4)]),
         );
         assert_eq!(
-            status.peers[0].since_unix, 1,
+            first(&status).since_unix,
+            1,
             "a snapshot keeps known peers' times"
         );
         assert_eq!(status.peers.len(), 2);

@@ -263,15 +263,17 @@ async fn offline_status(flags: &Flags) -> Result<crate::status::AgentStatus, Cli
             status.node.vtep_mac = value.vtep_mac.as_ref().map(lease::format_mac);
             continue;
         }
-        status.peers.push(PeerStatus {
-            subnet: subnet.to_string(),
-            public_ip: value.public_ip.to_string(),
-            backend: value.backend_type.clone(),
-            vtep_mac: value.vtep_mac.as_ref().map(lease::format_mac),
-            since_unix: 0,
-        });
+        status.peers.insert(
+            subnet,
+            PeerStatus {
+                subnet: subnet.to_string(),
+                public_ip: value.public_ip.to_string(),
+                backend: value.backend_type.clone(),
+                vtep_mac: value.vtep_mac.as_ref().map(lease::format_mac),
+                since_unix: 0,
+            },
+        );
     }
-    status.peers.sort_by(|a, b| a.subnet.cmp(&b.subnet));
     if let Ok(stats) = crate::dataplane::ebpf::read_pinned_stats(&flags.bpf_pin_dir) {
         status.datapath_counters = crate::dataplane::ebpf::counters_by_name(&stats);
         status.node.active_datapath = "ebpf".to_owned();

@@ -12,7 +12,7 @@ use axum::{Router, extract::State, http::StatusCode, routing::get};
 use tokio::{net::TcpListener, sync::watch};
 use tracing::info;
 
-use crate::status::{AgentStatus, render_prometheus};
+use crate::status::{AgentStatus, DataplaneWork, render_prometheus};
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen for /healthz on {addr}: {source}; pick another --healthz-ip/--healthz-port")]
@@ -23,6 +23,13 @@ pub struct HealthError {
 }
 
 type Shared = State<watch::Receiver<AgentStatus>>;
+
+/// The status with the process-wide work counters as they are at this moment.
+fn current(status: &watch::Receiver<AgentStatus>) -> AgentStatus {
+    let mut now = status.borrow().clone();
+    now.dataplane_work = DataplaneWork::now();
+    now
+}
 
 fn router(status: watch::Receiver<AgentStatus>) -> Router {
     Router::new()
@@ -43,7 +50,7 @@ fn router(status: watch::Receiver<AgentStatus>) -> Router {
         .route(
             "/status",
             get(|State(status): Shared| async move {
-                let json = serde_json::to_string(&*status.borrow())
+                let json = serde_json::to_string(&current(&status))
                     .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
                 ([("content-type", "application/json")], json)
             }),
@@ -53,7 +60,7 @@ fn router(status: watch::Receiver<AgentStatus>) -> Router {
             get(|State(status): Shared| async move {
                 (
                     [("content-type", "text/plain; version=0.0.4")],
-                    render_prometheus(&status.borrow()),
+                    render_prometheus(&current(&status)),
                 )
             }),
         )

@@ -8,6 +8,7 @@
 use std::{
     fmt,
     net::{IpAddr, Ipv4Addr},
+    sync::atomic::{AtomicU64, Ordering},
 };
 
 use futures_util::{Stream, StreamExt, TryStreamExt};
@@ -27,6 +28,7 @@ use rtnetlink::{
             RouteScope, RouteType,
         },
     },
+    sys::AsyncSocket,
 };
 use tracing::debug;
 
@@ -194,6 +196,50 @@ pub enum LinkEvent {
     Deleted { index: u32, name: String },
 }
 
+/// A change the kernel announced on the link, neighbour and IPv4 route multicast groups,
+/// reduced to what a dataplane needs to notice that state it owns was touched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KernelChange {
+    /// A link appeared or changed (flags, MTU, address...).
+    LinkChanged { index: u32 },
+    /// A link was deleted (its routes, neighbours and FDB entries went with it).
+    LinkDeleted { index: u32 },
+    /// A main-table IPv4 route was added or replaced.
+    RouteAdded(Route),
+    /// A main-table IPv4 route was deleted.
+    RouteDeleted(Route),
+    /// An IPv4 neighbour was deleted.
+    NeighbourDeleted { index: u32, ip: Ipv4Addr },
+    /// A bridge FDB entry was deleted.
+    FdbDeleted {
+        index: u32,
+        mac: MacAddr6,
+        dst: Option<Ipv4Addr>,
+    },
+    /// The socket's buffer overflowed: some changes were lost, so the dataplane must look at
+    /// everything once.
+    Overrun,
+}
+
+/// Every write request this process sent (routes, neighbours, FDB entries, links,
+/// addresses): `/metrics` shows it, and tests use it to prove that a resync which changes
+/// nothing writes nothing.
+static WRITES: AtomicU64 = AtomicU64::new(0);
+
+/// How many netlink write requests this process has sent so far.
+pub fn writes_total() -> u64 {
+    WRITES.load(Ordering::Relaxed)
+}
+
+fn count_write() {
+    WRITES.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Receive buffer for the change subscription: a first sync of 20,000 peers makes 60,000
+/// route/neighbour/FDB notifications in a burst; with the default ~200 KiB most would be
+/// lost, each loss costing a full check.
+const CHANGES_RCVBUF: usize = 8 << 20;
+
 /// A handle to rtnetlink. Cheap to clone; the connection runs as a tokio task that ends when
 /// the last handle is dropped.
 #[derive(Clone, Debug)]
@@ -268,6 +314,7 @@ impl Netlink {
     /// Creates a VXLAN device (`ip link add NAME type vxlan id VNI local LOCAL dev DEV
     /// dstport PORT [nolearning] [gbp]` with MTU and MAC set at creation).
     pub async fn create_vxlan(&self, spec: &VxlanSpec) -> Result<(), NetlinkError> {
+        count_write();
         let mut builder = LinkVxlan::new(&spec.name, spec.vni)
             .local(spec.local)
             .dev(spec.dev)
@@ -293,6 +340,7 @@ impl Netlink {
 
     /// Deletes a link; a link that is already gone is not an error.
     pub async fn delete_link(&self, index: u32) -> Result<(), NetlinkError> {
+        count_write();
         let result = self
             .handle
             .link()
@@ -305,6 +353,7 @@ impl Netlink {
 
     /// `ip link set dev INDEX up`.
     pub async fn set_link_up(&self, index: u32) -> Result<(), NetlinkError> {
+        count_write();
         self.handle
             .link()
             .set(LinkUnspec::new_with_index(index).up().build())
@@ -315,6 +364,7 @@ impl Netlink {
 
     /// `ip link set dev INDEX mtu MTU`.
     pub async fn set_link_mtu(&self, index: u32, mtu: u32) -> Result<(), NetlinkError> {
+        count_write();
         self.handle
             .link()
             .set(LinkUnspec::new_with_index(index).mtu(mtu).build())
@@ -344,6 +394,36 @@ impl Netlink {
                         name: link.name,
                     })
                 }
+                _ => None,
+            }
+        }))
+    }
+
+    /// A stream of changes on the link, neighbour (incl. FDB) and IPv4 route groups in this
+    /// namespace: how a dataplane learns at once that someone deleted its route, neighbour,
+    /// FDB entry or device, instead of dumping everything every second. The stream yields
+    /// [`KernelChange::Overrun`] when notifications were lost and ends if the socket fails.
+    pub fn kernel_changes() -> Result<impl Stream<Item = KernelChange> + Send, NetlinkError> {
+        let (mut connection, _handle, messages) = rtnetlink::new_multicast_connection(&[
+            MulticastGroup::Link,
+            MulticastGroup::Neigh,
+            MulticastGroup::Ipv4Route,
+        ])
+        .map_err(NetlinkError::Connect)?;
+        // SO_RCVBUFFORCE (we hold CAP_NET_ADMIN): SO_RCVBUF would be capped at rmem_max.
+        let socket = connection.socket_mut().socket_mut();
+        if let Err(err) = nix::sys::socket::setsockopt(
+            &socket,
+            nix::sys::socket::sockopt::RcvBufForce,
+            &CHANGES_RCVBUF,
+        ) {
+            debug!(error = %err, "cannot enlarge the netlink change socket's buffer; overruns cost full checks");
+        }
+        tokio::spawn(connection);
+        Ok(messages.filter_map(|(message, _)| async move {
+            match message.payload {
+                NetlinkPayload::Overrun(_) => Some(KernelChange::Overrun),
+                NetlinkPayload::InnerMessage(inner) => kernel_change(inner),
                 _ => None,
             }
         }))
@@ -435,6 +515,7 @@ impl Netlink {
 
     /// Adds an IPv4 address; an address that is already there is not an error.
     pub async fn add_address(&self, index: u32, address: Ipv4Network) -> Result<(), NetlinkError> {
+        count_write();
         let result = self
             .handle
             .address()
@@ -456,6 +537,7 @@ impl Netlink {
         index: u32,
         address: Ipv4Network,
     ) -> Result<(), NetlinkError> {
+        count_write();
         let mut message = AddressMessage::default();
         message.header.family = AddressFamily::Inet;
         message.header.index = index;
@@ -508,6 +590,7 @@ impl Netlink {
     /// Adds or replaces a route in the main table (`ip route replace`), proto boot like
     /// `ip route add` and flannel.
     pub async fn replace_route(&self, route: &Route) -> Result<(), NetlinkError> {
+        count_write();
         self.handle
             .route()
             .add(route_message(route))
@@ -519,6 +602,7 @@ impl Netlink {
 
     /// Adds a route; fails with EEXIST when one for the destination exists.
     pub async fn add_route(&self, route: &Route) -> Result<(), NetlinkError> {
+        count_write();
         self.handle
             .route()
             .add(route_message(route))
@@ -529,6 +613,7 @@ impl Netlink {
 
     /// Deletes a route; one that is already gone is not an error.
     pub async fn delete_route(&self, route: &Route) -> Result<(), NetlinkError> {
+        count_write();
         let mut message = route_message(route);
         // Match any protocol/scope so we can delete what the kernel reports back to us.
         message.header.protocol = RouteProtocol::Unspec;
@@ -614,13 +699,7 @@ impl Netlink {
         Ok(messages
             .iter()
             .filter_map(|message| {
-                let ip = message
-                    .attributes
-                    .iter()
-                    .find_map(|attribute| match attribute {
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
-                        _ => None,
-                    })?;
+                let ip = neighbour_ip(message)?;
                 Some(Neighbour {
                     index,
                     ip,
@@ -638,6 +717,7 @@ impl Netlink {
         ip: Ipv4Addr,
         mac: MacAddr6,
     ) -> Result<(), NetlinkError> {
+        count_write();
         self.handle
             .neighbours()
             .add(index, IpAddr::V4(ip))
@@ -654,6 +734,7 @@ impl Netlink {
 
     /// `ip neigh del IP dev INDEX`; one that is already gone is not an error.
     pub async fn delete_neighbour(&self, index: u32, ip: Ipv4Addr) -> Result<(), NetlinkError> {
+        count_write();
         let mut message = NeighbourMessage::default();
         message.header.family = AddressFamily::Inet;
         message.header.ifindex = index;
@@ -685,21 +766,7 @@ impl Netlink {
                 Some(FdbEntry {
                     index,
                     mac: neighbour_mac(message)?,
-                    // For AF_BRIDGE the crate cannot know NDA_DST's family: 4 bytes is IPv4.
-                    dst: message
-                        .attributes
-                        .iter()
-                        .find_map(|attribute| match attribute {
-                            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
-                                Some(*ip)
-                            }
-                            NeighbourAttribute::Destination(NeighbourAddress::Other(bytes)) => {
-                                <[u8; 4]>::try_from(bytes.as_slice())
-                                    .ok()
-                                    .map(Ipv4Addr::from)
-                            }
-                            _ => None,
-                        }),
+                    dst: fdb_dst(message),
                     permanent: is_permanent(message.header.state),
                     own: message.header.flags.contains(NeighbourFlags::Own),
                 })
@@ -714,6 +781,7 @@ impl Netlink {
         mac: MacAddr6,
         dst: Ipv4Addr,
     ) -> Result<(), NetlinkError> {
+        count_write();
         self.handle
             .neighbours()
             .add_bridge(index, mac.as_bytes())
@@ -735,6 +803,7 @@ impl Netlink {
         mac: MacAddr6,
         dst: Option<Ipv4Addr>,
     ) -> Result<(), NetlinkError> {
+        count_write();
         let mut message = NeighbourMessage::default();
         message.header.family = AddressFamily::Bridge;
         message.header.ifindex = index;
@@ -768,6 +837,69 @@ pub struct RouteLookup {
     pub oif: Option<u32>,
     pub gateway: Option<Ipv4Addr>,
     pub source: Option<Ipv4Addr>,
+}
+
+fn kernel_change(message: RouteNetlinkMessage) -> Option<KernelChange> {
+    let main_unicast_v4 = |route: &RouteMessage| {
+        route.header.address_family == AddressFamily::Inet
+            && route_table(route) == u32::from(RouteHeader::RT_TABLE_MAIN)
+            && route.header.kind == RouteType::Unicast
+    };
+    match message {
+        RouteNetlinkMessage::NewLink(link) => Some(KernelChange::LinkChanged {
+            index: link.header.index,
+        }),
+        RouteNetlinkMessage::DelLink(link) => Some(KernelChange::LinkDeleted {
+            index: link.header.index,
+        }),
+        RouteNetlinkMessage::NewRoute(route) if main_unicast_v4(&route) => {
+            Some(KernelChange::RouteAdded(route_from_message(&route)))
+        }
+        RouteNetlinkMessage::DelRoute(route) if main_unicast_v4(&route) => {
+            Some(KernelChange::RouteDeleted(route_from_message(&route)))
+        }
+        RouteNetlinkMessage::DelNeighbour(neighbour) => {
+            let index = neighbour.header.ifindex;
+            match neighbour.header.family {
+                AddressFamily::Inet => {
+                    neighbour_ip(&neighbour).map(|ip| KernelChange::NeighbourDeleted { index, ip })
+                }
+                AddressFamily::Bridge => Some(KernelChange::FdbDeleted {
+                    index,
+                    mac: neighbour_mac(&neighbour)?,
+                    dst: fdb_dst(&neighbour),
+                }),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+fn neighbour_ip(message: &NeighbourMessage) -> Option<Ipv4Addr> {
+    message
+        .attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+            _ => None,
+        })
+}
+
+/// An FDB entry's NDA_DST. For AF_BRIDGE the crate cannot know its family: 4 bytes is IPv4.
+fn fdb_dst(message: &NeighbourMessage) -> Option<Ipv4Addr> {
+    message
+        .attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+            NeighbourAttribute::Destination(NeighbourAddress::Other(bytes)) => {
+                <[u8; 4]>::try_from(bytes.as_slice())
+                    .ok()
+                    .map(Ipv4Addr::from)
+            }
+            _ => None,
+        })
 }
 
 fn ignore_not_found(result: Result<(), NetlinkError>) -> Result<(), NetlinkError> {

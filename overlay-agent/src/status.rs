@@ -3,7 +3,8 @@
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
-use serde::{Deserialize, Serialize};
+use ipnetwork::Ipv4Network;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A snapshot of the agent's state. The agent keeps the current one in a watch channel.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -13,9 +14,12 @@ pub struct AgentStatus {
     pub node: NodeStatus,
     pub etcd: EtcdStatus,
     /// Remote peers, sorted by subnet.
-    pub peers: Vec<PeerStatus>,
+    pub peers: PeerList,
     /// Peer events the dataplane has applied since start.
     pub events_applied: u64,
+    /// What keeping the datapath costs the kernel: filled in when the status is served.
+    #[serde(default)]
+    pub dataplane_work: DataplaneWork,
     /// Datapath counters by name (`overlay_common::stat::NAMES`); empty without eBPF.
     pub datapath_counters: BTreeMap<String, u64>,
 }
@@ -61,6 +65,91 @@ pub struct PeerStatus {
     pub vtep_mac: Option<String>,
     /// When this node first saw the peer (Unix seconds).
     pub since_unix: u64,
+}
+
+/// The peers by subnet: one event costs O(log n) at 20,000 peers, where a sorted list cost a
+/// re-sort. Serialized as the list of [`PeerStatus`] sorted by subnet.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerList(BTreeMap<Ipv4Network, PeerStatus>);
+
+impl PeerList {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The peers in subnet order.
+    pub fn iter(&self) -> impl Iterator<Item = &PeerStatus> {
+        self.0.values()
+    }
+
+    pub fn get(&self, subnet: &Ipv4Network) -> Option<&PeerStatus> {
+        self.0.get(subnet)
+    }
+
+    pub fn get_mut(&mut self, subnet: &Ipv4Network) -> Option<&mut PeerStatus> {
+        self.0.get_mut(subnet)
+    }
+
+    pub fn insert(&mut self, subnet: Ipv4Network, peer: PeerStatus) {
+        self.0.insert(subnet, peer);
+    }
+
+    pub fn remove(&mut self, subnet: &Ipv4Network) -> Option<PeerStatus> {
+        self.0.remove(subnet)
+    }
+}
+
+impl FromIterator<PeerStatus> for PeerList {
+    /// Peers whose subnet does not parse are left out (they cannot come from the agent).
+    fn from_iter<I: IntoIterator<Item = PeerStatus>>(peers: I) -> Self {
+        PeerList(
+            peers
+                .into_iter()
+                .filter_map(|peer| Some((peer.subnet.parse().ok()?, peer)))
+                .collect(),
+        )
+    }
+}
+
+impl Serialize for PeerList {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.values())
+    }
+}
+
+impl<'de> Deserialize<'de> for PeerList {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(Vec::<PeerStatus>::deserialize(deserializer)?
+            .into_iter()
+            .collect())
+    }
+}
+
+/// Counters of the work the dataplane task did, process-wide.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataplaneWork {
+    /// Netlink write requests sent (routes, neighbours, FDB entries, links, addresses).
+    pub netlink_writes: u64,
+    /// Peer snapshots (first sync and every re-list) applied to the datapath.
+    pub snapshots_applied: u64,
+    /// How long applying the last snapshot took, in microseconds.
+    pub last_snapshot_micros: u64,
+}
+
+impl DataplaneWork {
+    /// The counters as they are now.
+    pub fn now() -> Self {
+        let (snapshots_applied, last_snapshot_micros) = crate::dataplane::snapshot_stats();
+        DataplaneWork {
+            netlink_writes: crate::netlink::writes_total(),
+            snapshots_applied,
+            last_snapshot_micros,
+        }
+    }
 }
 
 impl AgentStatus {
@@ -133,7 +222,7 @@ pub fn render_prometheus(status: &AgentStatus) -> String {
         &[(String::new(), status.fell_back() as u64)],
     );
     let mut by_backend: BTreeMap<&str, u64> = BTreeMap::new();
-    for peer in &status.peers {
+    for peer in status.peers.iter() {
         *by_backend.entry(peer.backend.as_str()).or_default() += 1;
     }
     let peers: Vec<(String, u64)> = by_backend
@@ -163,6 +252,25 @@ pub fn render_prometheus(status: &AgentStatus) -> String {
         "counter",
         "Peer events applied to the datapath since start.",
         &[(String::new(), status.events_applied)],
+    );
+    let work = &status.dataplane_work;
+    metric(
+        "netlink_writes_total",
+        "counter",
+        "Netlink write requests sent (routes, neighbours, FDB entries, links, addresses).",
+        &[(String::new(), work.netlink_writes)],
+    );
+    metric(
+        "peer_snapshots_applied_total",
+        "counter",
+        "Peer snapshots (first sync and re-lists) applied to the datapath.",
+        &[(String::new(), work.snapshots_applied)],
+    );
+    metric(
+        "peer_snapshot_last_apply_microseconds",
+        "gauge",
+        "How long applying the last peer snapshot to the datapath took.",
+        &[(String::new(), work.last_snapshot_micros)],
     );
     let counters: Vec<(String, u64)> = status
         .datapath_counters
@@ -237,7 +345,7 @@ pub fn render_table(status: &AgentStatus) -> String {
         "  {:<18} {:<16} {:<8} {:<18} {}",
         "SUBNET", "PUBLIC-IP", "BACKEND", "VTEP-MAC", "SINCE(unix)"
     );
-    for peer in &status.peers {
+    for peer in status.peers.iter() {
         let _ = writeln!(
             out,
             "  {:<18} {:<16} {:<8} {:<18} {}",
@@ -275,7 +383,7 @@ mod tests {
                 active_datapath: "ebpf".into(),
                 ..NodeStatus::default()
             },
-            peers: vec![
+            peers: [
                 PeerStatus {
                     subnet: "10.5.7.0/24".into(),
                     backend: "vxlan".into(),
@@ -286,7 +394,9 @@ mod tests {
                     backend: "vxlan".into(),
                     ..PeerStatus::default()
                 },
-            ],
+            ]
+            .into_iter()
+            .collect(),
             datapath_counters: [("encap_packets".to_owned(), 42)].into_iter().collect(),
             ..AgentStatus::default()
         }

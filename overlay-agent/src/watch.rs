@@ -333,10 +333,7 @@ fn check_peer(
             peer.subnet
         ));
     }
-    if let Some(other) = peers
-        .keys()
-        .find(|other| **other != peer.subnet && other.overlaps(peer.subnet))
-    {
+    if let Some(other) = overlapping(peers, peer.subnet) {
         return Err(format!(
             "subnet {} overlaps the subnet {other} of another peer",
             peer.subnet
@@ -345,9 +342,73 @@ fn check_peer(
     Ok(())
 }
 
+/// Another held subnet that overlaps `subnet`: one containing it (one lookup per shorter
+/// prefix) or one inside it (a range of the map, which is ordered by network address). A
+/// linear scan cost O(n) per lease and made listing 20,000 leases quadratic. Subnets are
+/// normalized (no host bits), as lease keys are.
+fn overlapping(peers: &BTreeMap<Ipv4Network, Peer>, subnet: Ipv4Network) -> Option<Ipv4Network> {
+    let outer = (0..=subnet.prefix()).find_map(|prefix| {
+        let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+        let candidate =
+            Ipv4Network::new(Ipv4Addr::from(u32::from(subnet.network()) & mask), prefix).ok()?;
+        (candidate != subnet && peers.contains_key(&candidate)).then_some(candidate)
+    });
+    outer.or_else(|| {
+        let first = Ipv4Network::new(subnet.network(), 0).ok()?;
+        let last = Ipv4Network::new(subnet.broadcast(), 32).ok()?;
+        peers
+            .range(first..=last)
+            .map(|(other, _)| *other)
+            .find(|other| *other != subnet && subnet.contains(other.network()))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overlap_lookup_agrees_with_a_linear_scan() {
+        // Random subnets of 10.0.0.0/8 with prefixes 8..=32, against the obvious scan.
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut held = BTreeMap::new();
+        for _ in 0..3000 {
+            let prefix = 8 + (next() % 25) as u8;
+            let addr = Ipv4Addr::from(0x0a00_0000 | (next() as u32 & 0x00ff_ffff));
+            let net = Ipv4Network::new(addr, prefix).expect("net");
+            let subnet = Ipv4Network::new(net.network(), prefix).expect("normalized");
+            let linear = held
+                .keys()
+                .copied()
+                .find(|other: &Ipv4Network| *other != subnet && other.overlaps(subnet));
+            let fast = overlapping(&held, subnet);
+            assert_eq!(
+                fast.is_some(),
+                linear.is_some(),
+                "{subnet}: {fast:?} vs {linear:?}"
+            );
+            if let Some(other) = fast {
+                assert!(
+                    other.overlaps(subnet) && other != subnet,
+                    "{subnet} vs {other}"
+                );
+            }
+            if fast.is_none() && next() % 2 == 0 {
+                held.insert(subnet, peer(&subnet.to_string(), "192.168.1.1"));
+            }
+        }
+        assert!(
+            held.len() > 100,
+            "the test must hold many subnets ({})",
+            held.len()
+        );
+    }
 
     fn peer(subnet: &str, ip: &str) -> Peer {
         Peer {

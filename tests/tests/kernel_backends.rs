@@ -619,7 +619,8 @@ fn vxlan_direct_routing_uses_plain_routes_on_the_same_segment() {
             fdb(&ns, "flannel.1"),
             vec![format!("{MAC_B} dst 172.20.0.3 self permanent")]
         );
-        // Removing the direct peer removes its route; a stale direct route is swept.
+        // Removing the direct peer removes its route; a stale direct route is swept by the
+        // full check (the first snapshot sweeps leftovers, later ones only diff).
         ns.run(&[
             "ip",
             "route",
@@ -637,6 +638,7 @@ fn vxlan_direct_routing_uses_plain_routes_on_the_same_segment() {
         )]))
         .await
         .expect("second snapshot");
+        dp.maintain().await.expect("full check");
         assert_eq!(
             routes(&ns, "main"),
             vec![
@@ -1239,5 +1241,156 @@ fn host_gw_dataplanes_carry_pod_traffic() {
     });
     wait_until(Duration::from_secs(20), "pod 2 -> pod 1", || {
         pod2.ping_once(pod1.ip)
+    });
+}
+
+/// `n` vxlan peers 10.6.x.y/24... on distinct underlay addresses.
+fn many_peers(n: u32) -> Vec<Peer> {
+    (0..n)
+        .map(|i| Peer {
+            subnet: format!("10.5.{}.0/24", 10 + i).parse().expect("subnet"),
+            public_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 20, 0, 10)) + i),
+            vtep_mac: Some(MacAddr6::new(0x0a, 0x58, 0, 0, 0, i as u8)),
+        })
+        .collect()
+}
+
+#[test]
+fn vxlan_relist_that_changes_nothing_writes_nothing_and_a_change_writes_only_it() {
+    let ns = node_ns("krl", "192.168.100.1");
+    run_in(&ns, || async {
+        let uplink = uplink("eth0", None).await;
+        let (mut dp, _) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
+            .await
+            .expect("dataplane");
+        dp.activate(&lease("10.5.1.0/24", "192.168.100.1"))
+            .await
+            .expect("activate");
+        let mut peers = many_peers(200);
+        let before = overlay_agent::netlink::writes_total();
+        dp.apply(&PeerEvent::Snapshot(peers.clone()))
+            .await
+            .expect("first snapshot");
+        let first = overlay_agent::netlink::writes_total() - before;
+        // A neighbour, an FDB entry and a route per peer, all there (read back by iproute2).
+        assert_eq!(first, 600, "first snapshot writes");
+        assert_eq!(neighbours(&ns, "flannel.1").len(), 200);
+        assert_eq!(fdb(&ns, "flannel.1").len(), 200);
+        assert_eq!(
+            routes(&ns, "main")
+                .iter()
+                .filter(|r| r.contains("dev flannel.1"))
+                .count(),
+            200
+        );
+
+        let before = overlay_agent::netlink::writes_total();
+        dp.apply(&PeerEvent::Snapshot(peers.clone()))
+            .await
+            .expect("same snapshot again");
+        assert_eq!(
+            overlay_agent::netlink::writes_total() - before,
+            0,
+            "a re-list that changes nothing must not write"
+        );
+
+        // One peer moves to another node, one goes: only they are written.
+        peers[7].public_ip = "172.20.9.9".parse().expect("ip");
+        peers.remove(3);
+        let before = overlay_agent::netlink::writes_total();
+        dp.apply(&PeerEvent::Snapshot(peers.clone()))
+            .await
+            .expect("changed snapshot");
+        let writes = overlay_agent::netlink::writes_total() - before;
+        assert!(
+            (3..=7).contains(&writes),
+            "one changed and one removed peer should take a handful of writes, not {writes}"
+        );
+        let fdb = fdb(&ns, "flannel.1");
+        assert_eq!(fdb.len(), 199);
+        assert!(
+            fdb.iter()
+                .any(|e| e.ends_with("dst 172.20.9.9 self permanent")),
+            "{fdb:?}"
+        );
+    });
+}
+
+#[test]
+fn vxlan_hears_a_deleted_route_neighbour_or_fdb_entry_and_repairs_only_that() {
+    let ns = node_ns("kev", "192.168.100.1");
+    run_in(&ns, || async {
+        let uplink = uplink("eth0", None).await;
+        let (mut dp, _) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
+            .await
+            .expect("dataplane");
+        dp.activate(&lease("10.5.1.0/24", "192.168.100.1"))
+            .await
+            .expect("activate");
+        dp.apply(&PeerEvent::Snapshot(many_peers(50)))
+            .await
+            .expect("snapshot");
+        let programmed = (
+            neighbours(&ns, "flannel.1"),
+            fdb(&ns, "flannel.1"),
+            routes(&ns, "main"),
+        );
+        // Drain the notifications of our own programming.
+        while tokio::time::timeout(Duration::from_millis(200), dp.kernel_changed())
+            .await
+            .is_ok()
+        {}
+        dp.maintain_changes().await.expect("quiet");
+
+        for deletion in [
+            vec!["ip", "route", "del", "10.5.20.0/24"],
+            vec!["ip", "neigh", "del", "10.5.30.0", "dev", "flannel.1"],
+            vec![
+                "bridge",
+                "fdb",
+                "del",
+                "0a:58:00:00:00:28",
+                "dev",
+                "flannel.1",
+                "dst",
+                "172.20.0.50",
+                "self",
+            ],
+        ] {
+            ns.run(&deletion);
+            // Notifications only (without them this times out: nothing here polls). Earlier
+            // repairs' own notifications may come first, so handle them until it is back.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            let before = overlay_agent::netlink::writes_total();
+            let state = || {
+                (
+                    neighbours(&ns, "flannel.1"),
+                    fdb(&ns, "flannel.1"),
+                    routes(&ns, "main"),
+                )
+            };
+            while state() != programmed {
+                tokio::time::timeout_at(deadline, dp.kernel_changed())
+                    .await
+                    .unwrap_or_else(|_| {
+                        panic!("not repaired from notifications after {deletion:?}")
+                    });
+                dp.maintain_changes().await.expect("repair");
+            }
+            let writes = overlay_agent::netlink::writes_total() - before;
+            assert_eq!(
+                writes, 3,
+                "{deletion:?}: exactly that peer's neighbour, FDB entry and route are written again"
+            );
+            assert_eq!(
+                (
+                    neighbours(&ns, "flannel.1"),
+                    fdb(&ns, "flannel.1"),
+                    routes(&ns, "main")
+                ),
+                programmed,
+                "after {deletion:?}"
+            );
+        }
     });
 }

@@ -13,7 +13,7 @@
 //! unpins the old links, and resyncs peers by mark-and-sweep, so traffic never stops.
 
 use std::{
-    collections::{BTreeMap, HashMap as StdHashMap},
+    collections::{BTreeMap, HashMap as StdHashMap, HashSet},
     io,
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -59,6 +59,9 @@ const POD_LINK_PREFIX: &str = "link_pod_";
 /// often every peer's is re-checked.
 const NEXTHOPS_PER_PASS: usize = 512;
 const NEXTHOP_RECHECK: std::time::Duration = std::time::Duration::from_secs(60);
+/// A peer address with no underlay route yet is looked up again after this long (not every
+/// pass: 20,000 unroutable peers would cost a core's percent in lookups).
+const NEXTHOP_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The fast-path pieces (`--ebpf-fast-path`); learning and anti-spoofing always run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -536,8 +539,13 @@ pub struct EbpfDataplane<K: Dataplane> {
     pods: BTreeMap<u32, PodVeth>,
     /// The desired peers (what the control plane last said), by subnet.
     peers: BTreeMap<Ipv4Network, Peer>,
-    /// Underlay next hop per peer address, and when it was resolved.
-    nexthops: StdHashMap<Ipv4Addr, (Ipv4Addr, std::time::Instant)>,
+    /// How many desired vxlan peers use each underlay address (PEER_SOURCES' lease_count).
+    source_counts: StdHashMap<Ipv4Addr, u32>,
+    /// Underlay next hop per peer address (None: no route yet), and when it was looked up.
+    nexthops: StdHashMap<Ipv4Addr, (Option<Ipv4Addr>, std::time::Instant)>,
+    /// Whether a snapshot has been applied since start (the first one also sweeps the maps
+    /// of entries a previous run left).
+    synced: bool,
     /// Whether R3 may decapsulate GSO VXLAN (the kernel accepts DECAP_L4_UDP).
     decap_l4_udp: bool,
     /// Mark-and-sweep generation written into map entries.
@@ -614,7 +622,9 @@ impl<K: Dataplane> EbpfDataplane<K> {
             vxlan_ifindex: None,
             pods: BTreeMap::new(),
             peers: BTreeMap::new(),
+            source_counts: StdHashMap::new(),
             nexthops: StdHashMap::new(),
+            synced: false,
             decap_l4_udp,
             generation: 0,
         };
@@ -1068,7 +1078,8 @@ impl<K: Dataplane> EbpfDataplane<K> {
             nexthop_ip: self
                 .nexthops
                 .get(&peer.public_ip)
-                .map_or([0; 4], |(hop, _)| hop.octets()),
+                .and_then(|(hop, _)| *hop)
+                .map_or([0; 4], |hop| hop.octets()),
         };
         self.maps
             .peers
@@ -1086,35 +1097,41 @@ impl<K: Dataplane> EbpfDataplane<K> {
     async fn resolve_nexthops(&mut self) -> Result<(), EbpfError> {
         let now = std::time::Instant::now();
         let mut due: Vec<Ipv4Addr> = self
-            .peers
-            .values()
-            .filter(|p| p.vtep_mac.is_some())
-            .map(|p| p.public_ip)
+            .source_counts
+            .keys()
             .filter(|ip| {
-                self.nexthops
-                    .get(ip)
-                    .is_none_or(|(_, when)| now.duration_since(*when) > NEXTHOP_RECHECK)
+                self.nexthops.get(ip).is_none_or(|(hop, when)| {
+                    let after = if hop.is_some() {
+                        NEXTHOP_RECHECK
+                    } else {
+                        NEXTHOP_RETRY
+                    };
+                    now.duration_since(*when) > after
+                })
             })
+            .copied()
             .collect();
         due.sort_unstable();
-        due.dedup();
         due.truncate(NEXTHOPS_PER_PASS);
-        let mut changed = Vec::new();
+        let mut changed = HashSet::new();
         for ip in due {
             let hop = match self.netlink.route_get(ip).await {
-                Ok(lookup) => lookup.gateway.unwrap_or(ip),
+                Ok(lookup) => Some(lookup.gateway.unwrap_or(ip)),
                 Err(err) => {
                     debug!(peer = %ip, error = %err, "no underlay route to a peer yet");
-                    continue;
+                    None
                 }
             };
             let previous = self.nexthops.insert(ip, (hop, now));
-            if previous.map(|(old, _)| old) != Some(hop) {
-                changed.push(ip);
+            if previous.and_then(|(old, _)| old) != hop {
+                changed.insert(ip);
             }
         }
-        self.nexthops
-            .retain(|ip, _| self.peers.values().any(|p| p.public_ip == *ip));
+        let sources = &self.source_counts;
+        self.nexthops.retain(|ip, _| sources.contains_key(ip));
+        if changed.is_empty() {
+            return Ok(());
+        }
         let peers: Vec<Peer> = self
             .peers
             .values()
@@ -1129,10 +1146,23 @@ impl<K: Dataplane> EbpfDataplane<K> {
 
     /// How many desired peers use `ip` as their underlay address.
     fn source_count(&self, ip: Ipv4Addr) -> u32 {
-        self.peers
-            .values()
-            .filter(|p| p.public_ip == ip && p.vtep_mac.is_some())
-            .count() as u32
+        self.source_counts.get(&ip).copied().unwrap_or(0)
+    }
+
+    /// Counts `peer` in (`add`) or out of the users of its underlay address.
+    fn count_source(&mut self, peer: &Peer, add: bool) {
+        if peer.vtep_mac.is_none() {
+            return;
+        }
+        let count = self.source_counts.entry(peer.public_ip).or_insert(0);
+        if add {
+            *count += 1;
+        } else {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.source_counts.remove(&peer.public_ip);
+            }
+        }
     }
 
     /// Writes (count > 0) or deletes (count == 0) the PEER_SOURCES entry of `ip`.
@@ -1175,6 +1205,10 @@ impl<K: Dataplane> EbpfDataplane<K> {
 
     fn upsert(&mut self, peer: &Peer) -> Result<(), EbpfError> {
         let previous = self.peers.insert(peer.subnet, peer.clone());
+        if let Some(previous) = &previous {
+            self.count_source(previous, false);
+        }
+        self.count_source(peer, true);
         if peer.vtep_mac.is_none() {
             // Not a vxlan lease: the kernel dataplane handles it.
             self.remove_peer_entry(peer.subnet)?;
@@ -1192,66 +1226,89 @@ impl<K: Dataplane> EbpfDataplane<K> {
         // Stop sending first, then stop accepting.
         self.remove_peer_entry(subnet)?;
         if let Some(previous) = previous {
+            self.count_source(&previous, false);
             self.write_source(previous.public_ip)?;
         }
         Ok(())
     }
 
-    /// Mark and sweep: upsert the desired set with a new generation, then delete whatever the
-    /// maps hold that is not in it (entries from before a restart included). Never clears.
+    /// Brings the maps to the snapshot: writes the peers that are new or changed, removes
+    /// the ones it no longer lists, and rewrites the sources whose count changed. A re-list
+    /// that changes nothing writes nothing. The first snapshot after start writes every
+    /// peer and sweeps whatever the maps hold that is not in it (a previous run's entries).
     fn snapshot(&mut self, peers: &[Peer]) -> Result<(), EbpfError> {
-        self.generation = self.generation.wrapping_add(1);
+        let previous = std::mem::take(&mut self.peers);
+        let previous_counts = std::mem::take(&mut self.source_counts);
         self.peers = peers.iter().map(|p| (p.subnet, p.clone())).collect();
         for peer in peers {
-            self.write_peer(peer)?;
+            self.count_source(peer, true);
         }
+        let first = !self.synced;
+        for peer in peers {
+            if !first && previous.get(&peer.subnet) == Some(peer) {
+                continue;
+            }
+            if peer.vtep_mac.is_none() {
+                self.remove_peer_entry(peer.subnet)?;
+            } else {
+                self.write_peer(peer)?;
+            }
+        }
+        let gone: Vec<Ipv4Network> = previous
+            .keys()
+            .filter(|s| !self.peers.contains_key(*s))
+            .copied()
+            .collect();
+        for subnet in gone {
+            self.remove_peer_entry(subnet)?;
+        }
+        let recount: Vec<Ipv4Addr> = previous_counts
+            .iter()
+            .filter(|(ip, count)| self.source_counts.get(*ip) != Some(*count))
+            .map(|(ip, _)| *ip)
+            .collect();
+        for ip in recount {
+            self.write_source(ip)?;
+        }
+        if first {
+            self.sweep_peer_maps()?;
+            self.synced = true;
+        }
+        Ok(())
+    }
+
+    /// Deletes PEERS and PEER_SOURCES entries no desired peer accounts for.
+    fn sweep_peer_maps(&mut self) -> Result<(), EbpfError> {
         let stale_peers: Vec<Key<PeerSubnet>> = self
             .maps
             .peers
-            .iter()
+            .keys()
             .filter_map(Result::ok)
-            .filter(|(_, v)| v.generation != self.generation)
-            .map(|(k, _)| k)
+            .filter(|key| {
+                let subnet = Ipv4Network::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8);
+                subnet.map_or(true, |subnet| {
+                    self.peers.get(&subnet).is_none_or(|p| p.vtep_mac.is_none())
+                })
+            })
             .collect();
         for key in stale_peers {
-            let subnet = Ipv4Network::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8);
-            debug!(?subnet, "sweeping stale peer");
-            match absent_ok(self.maps.peers.remove(&key)) {
-                Ok(()) => {}
-                Err(source) => {
-                    return Err(EbpfError::Map {
-                        what: "sweeping a stale peer".into(),
-                        map: map_names::PEERS,
-                        source: Box::new(source),
-                    });
-                }
-            }
+            debug!(subnet = ?Ipv4Addr::from(key.data()), prefix = key.prefix_len(), "sweeping stale peer");
+            absent_ok(self.maps.peers.remove(&key))
+                .map_err(map_err("sweeping a stale peer", map_names::PEERS))?;
         }
-        let desired: StdHashMap<[u8; 4], ()> = self
-            .peers
-            .values()
-            .filter(|p| p.vtep_mac.is_some())
-            .map(|p| (p.public_ip.octets(), ()))
-            .collect();
         let stale_sources: Vec<[u8; 4]> = self
             .maps
             .sources
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| !desired.contains_key(k))
+            .filter(|k| !self.source_counts.contains_key(&Ipv4Addr::from(*k)))
             .collect();
         for key in stale_sources {
             debug!(source = %Ipv4Addr::from(key), "sweeping stale peer source");
-            match absent_ok(self.maps.sources.remove(&key)) {
-                Ok(()) => {}
-                Err(source) => {
-                    return Err(EbpfError::Map {
-                        what: "sweeping a stale peer source".into(),
-                        map: map_names::PEER_SOURCES,
-                        source: Box::new(source),
-                    });
-                }
-            }
+            absent_ok(self.maps.sources.remove(&key)).map_err(map_err(
+                "sweeping a stale peer source",
+                map_names::PEER_SOURCES,
+            ))?;
         }
         Ok(())
     }
@@ -1284,6 +1341,19 @@ impl<K: Dataplane> Dataplane for EbpfDataplane<K> {
 
     async fn maintain(&mut self) -> Result<(), DataplaneError> {
         self.kernel.maintain().await?;
+        self.sync_devices().await?;
+        self.resolve_nexthops().await?;
+        Ok(())
+    }
+
+    async fn kernel_changed(&mut self) {
+        self.kernel.kernel_changed().await
+    }
+
+    async fn maintain_changes(&mut self) -> Result<(), DataplaneError> {
+        self.kernel.maintain_changes().await?;
+        // Pods come and go without notifications we could see here (their addresses live
+        // in their namespaces), and this costs the same at any number of peers.
         self.sync_devices().await?;
         self.resolve_nexthops().await?;
         Ok(())

@@ -9,18 +9,20 @@
 //! (so nothing floods and nothing is learned).
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     net::Ipv4Addr,
 };
 
+use futures_util::{StreamExt, stream};
 use ipnetwork::Ipv4Network;
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::{DataplaneError, LeaseAttrs, LocalLease};
 use crate::{
     config::BackendConfig,
     iface::Uplink,
-    netlink::{Link, Netlink, NetlinkError, Route, VxlanSpec},
+    netlink::{KernelChange, Link, Netlink, NetlinkError, Route, VxlanSpec},
     peer::{MacAddr6, Peer, PeerEvent},
 };
 
@@ -91,6 +93,43 @@ pub struct VxlanDataplane {
     lease: Option<LocalLease>,
     /// What we have programmed per peer subnet: the desired state `maintain` restores.
     peers: BTreeMap<Ipv4Network, Programmed>,
+    /// The kernel's change notifications (None if the subscription failed or broke: then
+    /// every tick is a full check, as before there were events).
+    changes: Option<mpsc::UnboundedReceiver<KernelChange>>,
+    /// Changes received but not yet looked at.
+    pending: Vec<KernelChange>,
+    /// Whether the first snapshot's sweep of leftovers (from before a restart) has run.
+    swept: bool,
+}
+
+/// How many netlink requests a bulk programming pass keeps in flight: enough for the kernel
+/// to work back to back instead of waiting for our round trips, well below what fills the
+/// socket's receive buffer with acknowledgements.
+const REQUESTS_IN_FLIGHT: usize = 128;
+
+/// Subscribes to the kernel's link, neighbour and route notifications and forwards them to
+/// a channel the dataplane task drains (the stream itself is not `Unpin`).
+fn subscribe_changes() -> Option<mpsc::UnboundedReceiver<KernelChange>> {
+    match Netlink::kernel_changes() {
+        Ok(changes) => {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                let mut changes = std::pin::pin!(changes);
+                while let Some(change) = changes.next().await {
+                    if tx.send(change).is_err() {
+                        return;
+                    }
+                }
+                // The socket failed: one last full check, then the receiver sees the end.
+                let _ = tx.send(KernelChange::Overrun);
+            });
+            Some(rx)
+        }
+        Err(err) => {
+            warn!(error = %err, "cannot subscribe to netlink change notifications; checking all datapath state every second instead");
+            None
+        }
+    }
 }
 
 impl VxlanDataplane {
@@ -132,6 +171,9 @@ impl VxlanDataplane {
             vtep_mac: random_vtep_mac(),
             lease: None,
             peers: BTreeMap::new(),
+            changes: subscribe_changes(),
+            pending: Vec::new(),
+            swept: false,
         };
         dataplane.ensure_device(true).await?;
         let attrs = dataplane.lease_attrs();
@@ -250,8 +292,10 @@ impl VxlanDataplane {
         Ok(true)
     }
 
-    /// Our address on the device and the device up.
-    async fn program_device(&self, lease: &LocalLease) -> Result<(), DataplaneError> {
+    /// Our address on the device and the device up. Returns true when it had to repair
+    /// either: a device that was down lost its routes (the kernel flushes them without a
+    /// notification), so its peers need a full check.
+    async fn program_device(&self, lease: &LocalLease) -> Result<bool, DataplaneError> {
         let name = &self.settings.name;
         let index = self.device_index;
         let wanted = Ipv4Network::new(lease.subnet.network(), 32).expect("/32 is valid");
@@ -272,11 +316,13 @@ impl VxlanDataplane {
                     stale.address
                 )))?;
         }
+        let mut repaired = false;
         if !present.iter().any(|a| a.address == wanted) {
             self.netlink
                 .add_address(index, wanted)
                 .await
                 .map_err(netlink_error(format!("adding {wanted} to {name}")))?;
+            repaired = true;
         }
         // Only write when needed: this runs every maintenance tick, and a no-op write would
         // still wake every listener of link events.
@@ -291,8 +337,9 @@ impl VxlanDataplane {
                 .set_link_up(index)
                 .await
                 .map_err(netlink_error(format!("setting {name} up")))?;
+            repaired = true;
         }
-        Ok(())
+        Ok(repaired)
     }
 
     /// DirectRouting: is the peer's PublicIP on the uplink's own segment (the kernel routes
@@ -498,15 +545,42 @@ impl VxlanDataplane {
         Ok(())
     }
 
-    /// Mark-and-sweep: upsert every peer of the snapshot, then delete whatever this backend
-    /// owns that is not in it: routes, neighbours and FDB entries on our device, and (with
+    /// Mark-and-sweep: program every peer of the snapshot that is new or changed, then
+    /// delete whatever this backend owns that is not in it. A peer programmed as the
+    /// snapshot says is not written again (a re-list that changes nothing writes nothing;
+    /// state someone deleted meanwhile is `maintain`'s job). The first snapshot also sweeps
+    /// the kernel for leftovers: routes, neighbours and FDB entries on our device, and (with
     /// DirectRouting) direct routes into the cluster network on the uplink. Nothing else.
+    /// Later sweeps belong to the full check: three dumps per re-list would cost ~60 ms at
+    /// 20,000 peers, and a re-list cannot create leftovers (removed peers are diffed).
     async fn snapshot(&mut self, peers: &[Peer]) -> Result<(), DataplaneError> {
         let mut errors = Vec::new();
+        let mut fresh = Vec::new();
         for peer in peers {
-            if let Err(err) = self.upsert(peer).await {
-                errors.push(err);
+            if self
+                .lease
+                .as_ref()
+                .is_some_and(|lease| lease.subnet == peer.subnet)
+            {
+                continue;
             }
+            match self.desired(peer).await {
+                Ok(programmed) => match self.peers.get(&peer.subnet) {
+                    Some(previous) if *previous == programmed => {}
+                    Some(_) => {
+                        if let Err(err) = self.upsert(peer).await {
+                            errors.push(err);
+                        }
+                    }
+                    None => fresh.push((peer.subnet, programmed)),
+                },
+                Err(err) => errors.push(err),
+            }
+        }
+        if !fresh.is_empty() {
+            let count = fresh.len();
+            errors.extend(self.program_batch(fresh).await);
+            info!(peers = count, "peers programmed");
         }
         let gone = super::stale_subnets(self.peers.keys(), peers);
         for subnet in gone {
@@ -514,10 +588,101 @@ impl VxlanDataplane {
                 errors.push(err);
             }
         }
-        if let Err(err) = self.sweep().await {
-            errors.push(err);
+        if !self.swept {
+            match self.sweep().await {
+                Ok(()) => self.swept = true,
+                Err(err) => errors.push(err),
+            }
         }
         combine_errors("resync", errors)
+    }
+
+    /// Programs many peers that hold nothing yet (first sync, a re-created device) with
+    /// requests in flight together, in flannel's order per peer: every neighbour, then every
+    /// FDB entry, then every route; a peer whose earlier step failed is not routed. Records
+    /// the peers that succeeded and returns the failures.
+    async fn program_batch(
+        &mut self,
+        batch: Vec<(Ipv4Network, Programmed)>,
+    ) -> Vec<DataplaneError> {
+        let device = self.device_index;
+        let mut failed = BTreeSet::new();
+        let mut errors = Vec::new();
+        // Owned inputs and a handle clone per request: futures that borrow trip the
+        // compiler's Send check for the spawned dataplane task.
+        let vxlan: Vec<(Ipv4Network, Ipv4Addr, MacAddr6, Ipv4Addr)> = batch
+            .iter()
+            .filter_map(|(subnet, programmed)| match *programmed {
+                Programmed::Vxlan {
+                    gateway,
+                    vtep_mac,
+                    public_ip,
+                } => Some((*subnet, gateway, vtep_mac, public_ip)),
+                Programmed::Direct { .. } => None,
+            })
+            .collect();
+        let neighbours = stream::iter(vxlan.clone())
+            .map(|(subnet, gateway, vtep_mac, _)| {
+                let netlink = self.netlink.clone();
+                async move {
+                    let result = netlink.replace_neighbour(device, gateway, vtep_mac).await;
+                    (subnet, result, "programming the neighbour of peer")
+                }
+            })
+            .buffer_unordered(REQUESTS_IN_FLIGHT)
+            .collect::<Vec<_>>()
+            .await;
+        let fdb = stream::iter(vxlan)
+            .map(|(subnet, _, vtep_mac, public_ip)| {
+                let netlink = self.netlink.clone();
+                async move {
+                    let result = netlink.replace_fdb(device, vtep_mac, public_ip).await;
+                    (subnet, result, "programming the FDB entry of peer")
+                }
+            })
+            .buffer_unordered(REQUESTS_IN_FLIGHT)
+            .collect::<Vec<_>>()
+            .await;
+        for (subnet, result, what) in neighbours.into_iter().chain(fdb) {
+            if let Err(err) = result {
+                failed.insert(subnet);
+                errors.push(netlink_error(format!("{what} {subnet}"))(err));
+            }
+        }
+        let routes: Vec<(Ipv4Network, Route)> = batch
+            .iter()
+            .filter(|(subnet, _)| !failed.contains(subnet))
+            .map(|(subnet, programmed)| {
+                let route = match *programmed {
+                    Programmed::Vxlan { gateway, .. } => self.vxlan_route(*subnet, gateway),
+                    Programmed::Direct { public_ip } => self.direct_route(*subnet, public_ip),
+                };
+                (*subnet, route)
+            })
+            .collect();
+        let routed = stream::iter(routes)
+            .map(|(subnet, route)| {
+                let netlink = self.netlink.clone();
+                async move { (subnet, netlink.replace_route(&route).await) }
+            })
+            .buffer_unordered(REQUESTS_IN_FLIGHT)
+            .collect::<Vec<_>>()
+            .await;
+        for (subnet, result) in routed {
+            if let Err(err) = result {
+                failed.insert(subnet);
+                errors.push(netlink_error(format!(
+                    "programming the route to peer {subnet}"
+                ))(err));
+            }
+        }
+        for (subnet, programmed) in batch {
+            if !failed.contains(&subnet) {
+                debug!(%subnet, ?programmed, "peer added");
+                self.peers.insert(subnet, programmed);
+            }
+        }
+        errors
     }
 
     /// Deletes kernel state on our device (and our direct routes) that no peer accounts for:
@@ -613,65 +778,186 @@ impl VxlanDataplane {
         combine_errors("sweeping stale state", errors)
     }
 
-    /// Re-programs every peer whose route, neighbour or FDB entry is missing.
-    async fn restore_peers(&self, everything: bool) -> Result<(), DataplaneError> {
+    /// Re-programs every peer whose route, neighbour or FDB entry is missing (`everything`:
+    /// every peer, without looking; the device was re-created). One dump of each kind and a
+    /// hash lookup per peer.
+    async fn restore_peers(&mut self, everything: bool) -> Result<(), DataplaneError> {
+        if everything {
+            let batch: Vec<(Ipv4Network, Programmed)> =
+                std::mem::take(&mut self.peers).into_iter().collect();
+            return combine_errors("restoring peers", self.program_batch(batch).await);
+        }
         let device = self.device_index;
-        let (routes, neighbours, fdb) = if everything {
-            (Vec::new(), Vec::new(), Vec::new())
-        } else {
-            (
-                self.netlink
-                    .routes()
-                    .await
-                    .map_err(netlink_error("listing routes"))?,
-                self.netlink
-                    .neighbours(device)
-                    .await
-                    .map_err(netlink_error("listing neighbours"))?,
-                self.netlink
-                    .fdb_entries(device)
-                    .await
-                    .map_err(netlink_error("listing FDB entries"))?,
-            )
-        };
-        let has_route = |wanted: &Route| {
-            routes.iter().any(|listed| {
-                listed.route.destination == wanted.destination
-                    && listed.route.gateway == wanted.gateway
-                    && listed.route.oif == wanted.oif
+        let routes: HashSet<(Ipv4Network, Option<Ipv4Addr>, Option<u32>)> = self
+            .netlink
+            .routes()
+            .await
+            .map_err(netlink_error("listing routes"))?
+            .into_iter()
+            .map(|listed| {
+                (
+                    listed.route.destination,
+                    listed.route.gateway,
+                    listed.route.oif,
+                )
             })
-        };
+            .collect();
+        let neighbours: HashSet<(Ipv4Addr, Option<MacAddr6>)> = self
+            .netlink
+            .neighbours(device)
+            .await
+            .map_err(netlink_error("listing neighbours"))?
+            .into_iter()
+            .map(|n| (n.ip, n.mac))
+            .collect();
+        let fdb: HashSet<(MacAddr6, Option<Ipv4Addr>)> = self
+            .netlink
+            .fdb_entries(device)
+            .await
+            .map_err(netlink_error("listing FDB entries"))?
+            .into_iter()
+            .map(|e| (e.mac, e.dst))
+            .collect();
+        let has_route =
+            |wanted: &Route| routes.contains(&(wanted.destination, wanted.gateway, wanted.oif));
+        let broken: Vec<Ipv4Network> = self
+            .peers
+            .iter()
+            .filter(|(subnet, programmed)| match **programmed {
+                Programmed::Vxlan {
+                    gateway,
+                    vtep_mac,
+                    public_ip,
+                } => {
+                    !has_route(&self.vxlan_route(**subnet, gateway))
+                        || !neighbours.contains(&(gateway, Some(vtep_mac)))
+                        || !fdb.contains(&(vtep_mac, Some(public_ip)))
+                }
+                Programmed::Direct { public_ip } => {
+                    !has_route(&self.direct_route(**subnet, public_ip))
+                }
+            })
+            .map(|(subnet, _)| *subnet)
+            .collect();
+        self.reprogram(broken).await
+    }
+
+    /// Programs these peers again as we hold them (their state was found missing).
+    async fn reprogram(&self, subnets: Vec<Ipv4Network>) -> Result<(), DataplaneError> {
         let mut errors = Vec::new();
-        for (subnet, programmed) in &self.peers {
-            let intact = !everything
-                && match *programmed {
-                    Programmed::Vxlan {
-                        gateway,
-                        vtep_mac,
-                        public_ip,
-                    } => {
-                        has_route(&self.vxlan_route(*subnet, gateway))
-                            && neighbours
-                                .iter()
-                                .any(|n| n.ip == gateway && n.mac == Some(vtep_mac))
-                            && fdb
-                                .iter()
-                                .any(|e| e.mac == vtep_mac && e.dst == Some(public_ip))
-                    }
-                    Programmed::Direct { public_ip } => {
-                        has_route(&self.direct_route(*subnet, public_ip))
-                    }
-                };
-            if !intact {
-                if !everything {
-                    warn!(%subnet, "state for peer was missing (deleted by someone?); restoring it");
-                }
-                if let Err(err) = self.program(*subnet, *programmed, None).await {
-                    errors.push(err);
-                }
+        for subnet in subnets {
+            let Some(programmed) = self.peers.get(&subnet).copied() else {
+                continue;
+            };
+            warn!(%subnet, "state for peer was missing (deleted by someone?); restoring it");
+            if let Err(err) = self.program(subnet, programmed, None).await {
+                errors.push(err);
             }
         }
         combine_errors("restoring peers", errors)
+    }
+
+    /// Moves whatever notifications have arrived into `pending`, without waiting.
+    fn drain_changes(&mut self) {
+        let Some(changes) = &mut self.changes else {
+            return;
+        };
+        loop {
+            match changes.try_recv() {
+                Ok(change) => self.pending.push(change),
+                Err(mpsc::error::TryRecvError::Empty) => return,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    warn!(
+                        "netlink change notifications stopped; checking all datapath state every second instead"
+                    );
+                    self.changes = None;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Looks at the notifications since the last call and repairs exactly what they say was
+    /// deleted. A change on our device or the uplink, a lost notification, or no
+    /// subscription at all means a full check.
+    async fn apply_changes(&mut self) -> Result<(), DataplaneError> {
+        self.drain_changes();
+        let mut full = self.changes.is_none();
+        let device = self.device_index;
+        let uplink = self.uplink.index;
+        let mut broken = BTreeSet::new();
+        let mut deleted_fdb = HashSet::new();
+        for change in std::mem::take(&mut self.pending) {
+            match change {
+                KernelChange::LinkChanged { index } | KernelChange::LinkDeleted { index }
+                    if index == device || index == uplink =>
+                {
+                    full = true
+                }
+                KernelChange::RouteDeleted(route)
+                    if (route.oif == Some(device) || route.oif == Some(uplink))
+                        && self.peers.contains_key(&route.destination) =>
+                {
+                    broken.insert(route.destination);
+                }
+                KernelChange::NeighbourDeleted { index, ip } if index == device => {
+                    // A peer's gateway is its subnet's network address.
+                    let first = Ipv4Network::new(ip, 0).expect("prefix 0 is valid");
+                    let last = Ipv4Network::new(ip, 32).expect("prefix 32 is valid");
+                    broken.extend(
+                        self.peers
+                            .range(first..=last)
+                            .filter(|(subnet, programmed)| {
+                                matches!(programmed, Programmed::Vxlan { gateway, .. } if *gateway == ip && subnet.network() == ip)
+                            })
+                            .map(|(subnet, _)| *subnet),
+                    );
+                }
+                KernelChange::FdbDeleted { index, mac, dst } if index == device => {
+                    deleted_fdb.insert((mac, dst));
+                }
+                KernelChange::Overrun => full = true,
+                _ => {}
+            }
+        }
+        if full {
+            return self.maintain_fully().await;
+        }
+        if !deleted_fdb.is_empty() {
+            broken.extend(
+                self.peers
+                    .iter()
+                    .filter_map(|(subnet, programmed)| match programmed {
+                        Programmed::Vxlan {
+                            vtep_mac,
+                            public_ip,
+                            ..
+                        } if deleted_fdb.contains(&(*vtep_mac, Some(*public_ip))) => Some(*subnet),
+                        _ => None,
+                    }),
+            );
+        }
+        self.reprogram(broken.into_iter().collect()).await
+    }
+
+    /// The full check: the device, our address on it, and every peer's entries.
+    async fn maintain_fully(&mut self) -> Result<(), DataplaneError> {
+        // Everything is looked at now; earlier notifications add nothing.
+        self.drain_changes();
+        self.pending.clear();
+        let recreated = self.ensure_device(false).await?;
+        if recreated {
+            warn!(device = %self.settings.name, "vxlan device was missing or changed; re-created it with the same MAC, re-programming peers");
+        }
+        if let Some(lease) = self.lease.clone() {
+            self.program_device(&lease).await?;
+        }
+        self.restore_peers(recreated).await?;
+        if self.swept {
+            // Leftovers that appeared since (a stale route someone added on our device).
+            self.sweep().await?;
+        }
+        Ok(())
     }
 }
 
@@ -702,14 +988,26 @@ impl super::Dataplane for VxlanDataplane {
     }
 
     async fn maintain(&mut self) -> Result<(), DataplaneError> {
-        let recreated = self.ensure_device(false).await?;
-        if recreated {
-            warn!(device = %self.settings.name, "vxlan device was missing or changed; re-created it with the same MAC, re-programming peers");
+        self.maintain_fully().await
+    }
+
+    async fn kernel_changed(&mut self) {
+        match &mut self.changes {
+            Some(changes) => match changes.recv().await {
+                Some(change) => self.pending.push(change),
+                None => {
+                    warn!(
+                        "netlink change notifications stopped; checking all datapath state every second instead"
+                    );
+                    self.changes = None;
+                }
+            },
+            None => std::future::pending().await,
         }
-        if let Some(lease) = self.lease.clone() {
-            self.program_device(&lease).await?;
-        }
-        self.restore_peers(recreated).await
+    }
+
+    async fn maintain_changes(&mut self) -> Result<(), DataplaneError> {
+        self.apply_changes().await
     }
 }
 

@@ -1,15 +1,19 @@
 //! `bench --control-plane`: N peer leases in etcd (flannel's key/JSON format), then for each
-//! mode: time from agent start until all N peers are in the datapath, latency from one etcd
-//! write to the datapath holding it (adds and removals), and the agent's peak RSS and CPU.
+//! mode: time from agent start until all N peers are in the datapath; the agent's CPU while
+//! nothing changes; a re-list that changes nothing (etcd restarted under the agent: how long
+//! applying the snapshot took and how many netlink writes it made, read from /metrics);
+//! latency from one etcd write to the datapath holding it (adds and removals); the agent's
+//! CPU under 10 lease changes per second; and its peak RSS.
 //!
 //! One node namespace and etcd per N; the leases are written once and the modes take turns
 //! on them (interleaved rounds), with the node cleaned between runs.
 
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use overlay_tests::topology::{Cluster, ClusterOptions, Node, UnderlayKind};
+use overlay_tests::topology::{Cluster, ClusterOptions, UnderlayKind};
 use overlay_tests::try_wait_until;
 use serde::Serialize;
 
@@ -25,6 +29,10 @@ use super::{MetricDef, Progress};
 const NETWORK: &str = "10.0.0.0/8";
 /// Lease changes use subnets from this index on, far from the N leases and the agent's own.
 const CHANGE_BASE: u32 = 40_000;
+/// Lease changes of the 10-per-second CPU window use subnets from this index on.
+const CHURN_BASE: u32 = 50_000;
+/// Where the agent serves /metrics inside the node namespace.
+const HEALTHZ_PORT: u16 = 9876;
 /// A change not in the datapath by then counts as lost (at 10,000 peers a debug-built agent
 /// was seen taking 4-7 s per change).
 const CHANGE_LIMIT: Duration = Duration::from_secs(30);
@@ -37,6 +45,8 @@ pub struct Settings {
     /// (said in the notes) instead of an endless run.
     pub change_budget_secs: u64,
     pub rounds: u32,
+    /// Seconds of each CPU window (idle, and 10 changes per second).
+    pub cpu_window_secs: u64,
 }
 
 /// The i-th /24 of 10.0.0.0/8 (i >= 1; i = 0 is below flannel's default SubnetMin).
@@ -68,7 +78,18 @@ fn defs_for(n: usize) -> Vec<MetricDef> {
         d("change_p99", "Lease change to datapath p99", "ms"),
         d("peak_rss", "Agent peak RSS", "MiB"),
         d("cpu_sync", "Agent CPU until synced", "CPU-s"),
-        d("cpu_total", "Agent CPU, sync + changes", "CPU-s"),
+        d("cpu_idle", "Agent CPU with no changes, % of a core", "%"),
+        d(
+            "cpu_churn",
+            "Agent CPU at 10 lease changes/s, % of a core",
+            "%",
+        ),
+        d("relist", "Re-list with nothing changed, applying it", "ms"),
+        d(
+            "relist_writes",
+            "Re-list with nothing changed, netlink writes",
+            "writes",
+        ),
     ]
 }
 
@@ -104,12 +125,7 @@ pub fn run(
             ETCD_PREFIX,
             &format!(r#"{{"Network":"{NETWORK}","SubnetLen":24,"Backend":{{"Type":"vxlan"}}}}"#),
         );
-        // etcd listens on the fabric namespace's loopback too.
-        let stream = cluster
-            .fabric
-            .enter(|| TcpStream::connect(("127.0.0.1", 2379)))
-            .context("connect to etcd inside the fabric namespace")?;
-        let mut etcd = EtcdHttp::new(stream)?;
+        let mut etcd = connect_etcd(&cluster)?;
         let t = Instant::now();
         let leases: Vec<(String, String)> = (1..=n as u32).map(lease).collect();
         etcd.put_many(&leases)?;
@@ -129,9 +145,7 @@ pub fn run(
                     "N={n} round {round}/{} {mode}: starting the agent",
                     s.rounds
                 ));
-                let node = &cluster.nodes[0];
-                let endpoint = cluster.etcd_endpoint();
-                match one_run(node, &endpoint, &mut etcd, n, mode, s, progress, notes) {
+                match one_run(&mut cluster, &mut etcd, n, mode, s, progress, notes) {
                     Ok((values, lost)) => {
                         if let Some(lost) = lost {
                             let msg = format!("N={n} round {round} {mode}: {lost}");
@@ -180,13 +194,8 @@ impl Datapath {
 
 /// One agent run; returns values in [`defs_for`] order, and what went wrong with lease
 /// changes that never reached the datapath (the other values still stand).
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one run needs the node, etcd, the settings and the report sinks"
-)]
 fn one_run(
-    node: &Node,
-    endpoint: &str,
+    cluster: &mut Cluster,
     etcd: &mut EtcdHttp,
     n: usize,
     mode: &str,
@@ -195,13 +204,17 @@ fn one_run(
     notes: &mut Vec<String>,
 ) -> Result<(Vec<f64>, Option<String>)> {
     let changes = settings.changes;
-    let args = node.agent_args(endpoint, mode);
+    let endpoint = cluster.etcd_endpoint();
+    let node = &cluster.nodes[0];
+    let mut args = node.agent_args(&endpoint, mode);
+    args.push(format!("--healthz-port={HEALTHZ_PORT}"));
     let start = Instant::now();
     let mut agent = BenchAgent::spawn(&node.ns, &args, AGENT_ENV)?;
     let pid = agent.pid();
+    let ns_name = node.ns.name().to_string();
     let mut dp = match mode {
         "ebpf" => Datapath::Map(PeerMap::new(&node.pin_dir, Some(pid))),
-        _ => Datapath::Routes(node.ns.name().to_string()),
+        _ => Datapath::Routes(ns_name.clone()),
     };
     let limit = Duration::from_secs(60) + Duration::from_millis(20) * n as u32;
     let sync = loop {
@@ -234,13 +247,48 @@ fn one_run(
         "    {n} peers in the datapath {:.2} s after start (agent CPU {cpu_sync:.2} s)",
         sync.as_secs_f64()
     ));
-    if !try_wait_until(Duration::from_secs(30), || node.subnet_env().is_some()) {
+    if !try_wait_until(Duration::from_secs(30), || {
+        cluster.nodes[0].subnet_env().is_some()
+    }) {
         bail!("no subnet file after 30 s");
     }
 
+    // Idle: nothing changes in etcd; what the agent spends keeping n peers.
+    let window = Duration::from_secs(settings.cpu_window_secs);
+    let cpu_idle = cpu_percent_over(pid, window, || Ok(()))?;
+    progress.line(&format!(
+        "    idle for {window:?}: agent CPU {cpu_idle:.2}% of a core"
+    ));
+
+    // A re-list that changes nothing: etcd restarts, the agent's watch breaks, it lists
+    // again and applies the same n peers.
+    let metrics = |what: &str| -> Result<Metrics> { Metrics::fetch(&cluster.nodes[0].ns, what) };
+    let before = metrics("before the etcd restart")?;
+    cluster.etcd_mut().restart();
+    *etcd = connect_etcd(cluster)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let after = loop {
+        let now = Metrics::fetch(&cluster.nodes[0].ns, "after the etcd restart")?;
+        if now.snapshots > before.snapshots {
+            break now;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the agent did not list its peers again within 60 s of the etcd restart; log tail:\n{}",
+                tail(&agent.log())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let relist_ms = after.last_snapshot_micros as f64 / 1e3;
+    let relist_writes = (after.netlink_writes - before.netlink_writes) as f64;
+    progress.line(&format!(
+        "    re-list after an etcd restart: applied in {relist_ms:.1} ms with {relist_writes} netlink writes"
+    ));
+
     let monitor = match mode {
         "ebpf" => None,
-        _ => Some(RouteMonitor::start(node.ns.name())?),
+        _ => Some(RouteMonitor::start(&ns_name)?),
     };
     let mut lat_ms = Vec::new();
     let mut failures = Vec::new();
@@ -286,8 +334,29 @@ fn one_run(
             }
         }
     }
+    drop(monitor);
+
+    // Churn: 10 lease changes per second (an add, then its removal), paced, not timed.
+    let mut j = 0u32;
+    let mut next = Instant::now();
+    let cpu_churn = cpu_percent_over(pid, window, || {
+        if Instant::now() >= next {
+            let (key, value) = lease(CHURN_BASE + j / 2);
+            if j.is_multiple_of(2) {
+                etcd.put(&key, &value)?;
+            } else {
+                etcd.delete(&key)?;
+            }
+            j += 1;
+            next += Duration::from_millis(100);
+        }
+        Ok(())
+    })?;
+    progress.line(&format!(
+        "    {j} lease changes in {window:?}: agent CPU {cpu_churn:.2}% of a core"
+    ));
+
     let rss = process_peak_rss(pid)? as f64 / (1024.0 * 1024.0);
-    let cpu_total = process_cpu_seconds(pid)?;
     agent.signal(libc::SIGTERM);
     if !try_wait_until(Duration::from_secs(10), || !agent.is_running()) {
         agent.kill();
@@ -302,13 +371,87 @@ fn one_run(
     });
     let (p50, p99) = (percentile(&lat_ms, 0.5), percentile(&lat_ms, 0.99));
     progress.line(&format!(
-        "    {} changes: p50 {p50:.2} ms, p99 {p99:.2} ms; peak RSS {rss:.1} MiB, CPU {cpu_total:.2} s",
+        "    {} changes: p50 {p50:.2} ms, p99 {p99:.2} ms; peak RSS {rss:.1} MiB",
         lat_ms.len()
     ));
     Ok((
-        vec![sync.as_secs_f64(), p50, p99, rss, cpu_sync, cpu_total],
+        vec![
+            sync.as_secs_f64(),
+            p50,
+            p99,
+            rss,
+            cpu_sync,
+            cpu_idle,
+            cpu_churn,
+            relist_ms,
+            relist_writes,
+        ],
         lost,
     ))
+}
+
+/// The v3 JSON gateway, reached from inside the fabric namespace (etcd listens on its
+/// loopback too).
+fn connect_etcd(cluster: &Cluster) -> Result<EtcdHttp> {
+    let stream = cluster
+        .fabric
+        .enter(|| TcpStream::connect(("127.0.0.1", 2379)))
+        .context("connect to etcd inside the fabric namespace")?;
+    EtcdHttp::new(stream)
+}
+
+/// The agent's CPU over `window` as a percentage of one core, calling `tick` every 10 ms
+/// meanwhile (to pace lease changes).
+fn cpu_percent_over(
+    pid: u32,
+    window: Duration,
+    mut tick: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    let cpu_before = process_cpu_seconds(pid)?;
+    let started = Instant::now();
+    while started.elapsed() < window {
+        tick()?;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let cpu = process_cpu_seconds(pid)? - cpu_before;
+    Ok(cpu / started.elapsed().as_secs_f64() * 100.0)
+}
+
+/// The agent's work counters from its /metrics.
+struct Metrics {
+    netlink_writes: u64,
+    snapshots: u64,
+    last_snapshot_micros: u64,
+}
+
+impl Metrics {
+    fn fetch(ns: &overlay_tests::netns::NetNs, what: &str) -> Result<Metrics> {
+        let text = ns
+            .enter(|| -> std::io::Result<String> {
+                let mut stream = TcpStream::connect(("127.0.0.1", HEALTHZ_PORT))?;
+                stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+                stream.write_all(
+                    b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+                )?;
+                let mut text = String::new();
+                stream.read_to_string(&mut text)?;
+                Ok(text)
+            })
+            .with_context(|| format!("read the agent's /metrics {what}"))?;
+        let value = |name: &str| -> Result<u64> {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+                .with_context(|| format!("no {name} in the agent's /metrics {what}"))?
+                .trim()
+                .parse()
+                .with_context(|| format!("{name} in the agent's /metrics {what}"))
+        };
+        Ok(Metrics {
+            netlink_writes: value("overlay_netlink_writes_total")?,
+            snapshots: value("overlay_peer_snapshots_applied_total")?,
+            last_snapshot_micros: value("overlay_peer_snapshot_last_apply_microseconds")?,
+        })
+    }
 }
 
 /// Polls the map every 100 us until `subnet` is present (or absent); when it changed.

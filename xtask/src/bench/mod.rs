@@ -264,7 +264,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 if args.quick {
                     vec![200]
                 } else {
-                    vec![1000, 10_000]
+                    vec![1000, 10_000, 20_000]
                 }
             }),
             changes: args.changes.unwrap_or(if args.quick { 40 } else { 400 }),
@@ -272,6 +272,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 .change_budget
                 .unwrap_or(if args.quick { 30 } else { 180 }),
             rounds,
+            cpu_window_secs: if args.quick { 10 } else { 30 },
         };
         let (defs, samples) =
             control_plane::run(&settings, &modes, &progress, &mut errors, &mut notes)?;
