@@ -366,6 +366,11 @@ fn plugin_pods_reach_pods_on_another_node() {
         || a.ping_once(b.ip),
     );
     assert!(b.ping_once(a.ip), "and back");
+    // The eBPF node knows its pod (the notice, or the poll since).
+    let map = cluster.nodes[0].pin_dir.join("OVL_ENDPOINTS");
+    wait_until(LONG, "the eBPF node's pod in ENDPOINTS", || {
+        pinned_endpoints(&map).contains(&a.ip)
+    });
 }
 
 /// With the netlink poll slowed to an hour, only the plugin's notice can put a new pod
