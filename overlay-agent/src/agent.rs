@@ -223,7 +223,19 @@ pub async fn run_node<D: dataplane::Dataplane, S: KvStore>(
     let (cmd_tx, cmd_rx) = mpsc::channel::<DataplaneCommand>(256);
     let (dp_ready_tx, dp_ready_rx) = watch::channel(false);
     let backend = config.backend.kind;
-    let dataplane_task = dataplane::run_dataplane(setup.dataplane, cmd_rx, dp_ready_tx);
+    let dataplane_task = dataplane::run_dataplane_every(
+        setup.dataplane,
+        cmd_rx,
+        dp_ready_tx,
+        Duration::from_secs(flags.maintain_interval),
+    );
+    // Not fatal when it cannot listen: the dataplane still learns pods from netlink.
+    let cni_notices = flags.cni_socket_path().and_then(|path| {
+        crate::cni::agent_socket::serve(&path, cmd_tx.clone())
+            .inspect_err(|err| warn!(socket = %path.display(), error = %err, "cannot serve CNI plugin notices; new pods reach the fast path on the next netlink poll"))
+            .ok()
+    });
+    let _stop_notices = AbortOnDrop(cni_notices);
     let control = control_loop(
         flags,
         &opts,
@@ -243,6 +255,17 @@ pub async fn run_node<D: dataplane::Dataplane, S: KvStore>(
         () = dataplane_task => {
             error!(backend = %backend, "the dataplane task ended");
             Err(AgentError::DataplaneStopped)
+        }
+    }
+}
+
+/// Stops a spawned task when the owner returns.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
         }
     }
 }

@@ -265,6 +265,21 @@ pub struct Flags {
     /// The pod bridge (default: the interface holding an address in our subnet).
     #[arg(long, global = true, env = "FLANNELD_BRIDGE")]
     pub bridge: Option<String>,
+    /// Unix socket where the `flannel` CNI plugin tells the agent about pods it adds and
+    /// deletes (default: overlay-agent.sock beside --subnet-file, where the plugin looks;
+    /// an empty value turns it off).
+    #[arg(long, global = true, env = "FLANNELD_CNI_SOCKET")]
+    pub cni_socket: Option<PathBuf>,
+    /// Seconds between the dataplane's netlink re-checks (pods, bridge, devices, next
+    /// hops). CNI notices and peer changes apply at once regardless.
+    #[arg(
+        long,
+        global = true,
+        env = "FLANNELD_MAINTAIN_INTERVAL",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub maintain_interval: u64,
 }
 
 impl Flags {
@@ -284,6 +299,17 @@ impl Flags {
             cafile: self.etcd_cafile.clone(),
             username: self.etcd_username.clone(),
             password: self.etcd_password.clone(),
+        }
+    }
+
+    /// Where to serve CNI plugin notices, if anywhere (`--cni-socket`).
+    pub fn cni_socket_path(&self) -> Option<PathBuf> {
+        match &self.cni_socket {
+            Some(path) if path.as_os_str().is_empty() => None,
+            Some(path) => Some(path.clone()),
+            None => Some(crate::cni::agent_socket::default_socket_path(
+                &self.subnet_file,
+            )),
         }
     }
 

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod bpffs;
 pub mod cli;
+pub mod cni;
 pub mod compat_flags;
 pub mod config;
 pub mod config_watch;

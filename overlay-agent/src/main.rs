@@ -40,7 +40,21 @@ fn init_logging(verbosity: u8) {
     }
 }
 
+/// Whether the binary runs as the CNI plugin: installed (copied or linked) as
+/// `/opt/cni/bin/flannel`, it must never parse flanneld's flags.
+fn invoked_as_cni_plugin() -> bool {
+    std::env::args_os()
+        .next()
+        .as_deref()
+        .map(std::path::Path::new)
+        .and_then(std::path::Path::file_name)
+        .is_some_and(|name| name == overlay_agent::cni::PLUGIN_NAME)
+}
+
 fn main() -> ExitCode {
+    if invoked_as_cni_plugin() {
+        return overlay_agent::cni::main();
+    }
     let cli = Cli::parse_args();
     init_logging(cli.flags.verbosity);
     match cli.flags.compat.check() {

@@ -5,6 +5,7 @@
 //! Fixtures panic with context instead of returning errors: a broken fixture is a failed test.
 
 pub mod agent;
+pub mod cni;
 pub mod etcd;
 pub mod netns;
 pub mod tls;

@@ -18,6 +18,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use overlay_tests::{
     agent::AgentProcess,
+    cni::CniRuntime,
     topology::{Cluster, Node},
 };
 
@@ -278,14 +279,22 @@ fn demo(args: &Args, abilities: &AgentAbilities, report: &mut Report) {
         }
     }
 
-    step("adding one pod per node behind cni0");
+    step(
+        "adding one pod per node with CNI ADD (the agent binary as `flannel`, the standard 10-flannel.conflist: flannel -> bridge cni0 + host-local, then portmap)",
+    );
+    let cni = CniRuntime::new();
     for node in cluster.nodes.iter_mut() {
-        let (Some(subnet), Some(mtu)) = (subnet_of(node), mtu_of(node)) else {
+        if subnet_of(node).is_none() {
             continue;
-        };
+        }
         let name = node.ns.name().to_owned();
-        let pod_ip = node.add_pod(&subnet, mtu).ip;
-        note(&format!("pod {pod_ip} on {name}"));
+        let conflist = cni.flannel_conflist("1.0.0", &node.subnet_file());
+        let (pod, result, _) = cni.add_pod(node, &conflist);
+        let gateway = result["ips"][0]["gateway"]
+            .as_str()
+            .unwrap_or("?")
+            .to_owned();
+        note(&format!("pod {} on {name} (gateway {gateway})", pod.ip));
     }
     for (node, node_report) in cluster.nodes.iter().zip(report.nodes.iter_mut()) {
         node_report.pod = node.pods.first().map(|pod| pod.ip.to_string());
@@ -449,10 +458,6 @@ fn util_agent() -> String {
 /// FLANNEL_SUBNET from the node's subnet file, once written.
 fn subnet_of(node: &Node) -> Option<String> {
     node.subnet_env()?.get("FLANNEL_SUBNET").cloned()
-}
-
-fn mtu_of(node: &Node) -> Option<u32> {
-    node.subnet_env()?.get("FLANNEL_MTU")?.parse().ok()
 }
 
 trait OutputText {

@@ -114,6 +114,11 @@ const PACKAGES: &[(&str, Provides, &str)] = &[
         "--ip-masq rules (nftables mode)",
     ),
     (
+        "containernetworking-plugins",
+        Provides::File("/usr/lib/cni/bridge"),
+        "the bridge/host-local/loopback/portmap CNI plugins the `flannel` plugin delegates to",
+    ),
+    (
         "systemd",
         Provides::Program("systemd-analyze"),
         "`systemd-analyze verify` of deploy/overlay-agent.service",

@@ -37,6 +37,7 @@ use tracing::{debug, info, warn};
 
 use super::{Dataplane, DataplaneError, LocalLease};
 use crate::{
+    cni::agent_socket::{PodNotice, PodNoticeReply, PodOp},
     iface::Uplink,
     netlink::{Link, Netlink},
     peer::{MacAddr6, Peer, PeerEvent},
@@ -537,6 +538,9 @@ pub struct EbpfDataplane<K: Dataplane> {
     vxlan_ifindex: Option<u32>,
     /// Pod veths with programs attached, by host ifindex.
     pods: BTreeMap<u32, PodVeth>,
+    /// Veths of pods a CNI DEL is tearing down (index -> name, MAC): left out of the pods
+    /// until they are gone, so the netlink poll cannot put the endpoint back meanwhile.
+    deleting: BTreeMap<u32, (String, Option<MacAddr6>)>,
     /// The desired peers (what the control plane last said), by subnet.
     peers: BTreeMap<Ipv4Network, Peer>,
     /// How many desired vxlan peers use each underlay address (PEER_SOURCES' lease_count).
@@ -621,6 +625,7 @@ impl<K: Dataplane> EbpfDataplane<K> {
             bridge: None,
             vxlan_ifindex: None,
             pods: BTreeMap::new(),
+            deleting: BTreeMap::new(),
             peers: BTreeMap::new(),
             source_counts: StdHashMap::new(),
             nexthops: StdHashMap::new(),
@@ -851,6 +856,13 @@ impl<K: Dataplane> EbpfDataplane<K> {
             let (Some(peer_index), Some(nsid)) = (link.peer_index, link.peer_netnsid) else {
                 continue;
             };
+            if self
+                .deleting
+                .get(&link.index)
+                .is_some_and(|(name, mac)| *name == link.name && *mac == link.mac)
+            {
+                continue;
+            }
             // Same veth as before (index and MAC unchanged): keep what its peer said.
             if let Some(known) = self
                 .pods
@@ -901,6 +913,10 @@ impl<K: Dataplane> EbpfDataplane<K> {
     /// that went away (or changed) are removed first, with their learned flows, so an IP a
     /// new pod receives is never delivered to by the old entry.
     async fn sync_pods(&mut self, lease: &LocalLease) -> Result<(), EbpfError> {
+        // A deleted pod's veth that is gone (or whose index now names another link).
+        self.deleting.retain(|index, (name, _)| {
+            nix::net::if_::if_nametoindex(name.as_str()).is_ok_and(|now| now == *index)
+        });
         let found = self.discover_pods(lease).await?;
         if found == self.pods {
             return Ok(());
@@ -965,6 +981,37 @@ impl<K: Dataplane> EbpfDataplane<K> {
             self.pods.insert(index, pod);
         }
         self.sweep_endpoints()
+    }
+
+    /// A CNI DEL is about to release `ips`: their endpoints and flows go now, and the veths
+    /// holding them (looked up afresh, so one the poll has not seen yet counts too) are
+    /// ignored until they are gone. Returns the veths set aside.
+    async fn forget_pods_holding(&mut self, ips: &[Ipv4Addr]) -> Result<Vec<String>, EbpfError> {
+        let Some(lease) = self.lease.clone() else {
+            return Ok(Vec::new());
+        };
+        let holders: Vec<(u32, PodVeth)> = self
+            .discover_pods(&lease)
+            .await?
+            .into_iter()
+            .filter(|(_, pod)| pod.pod_ips.iter().any(|ip| ips.contains(ip)))
+            .collect();
+        let mut names = Vec::new();
+        for (index, pod) in holders {
+            for ip in &pod.pod_ips {
+                self.remove_endpoint(*ip)?;
+            }
+            self.unpin_link(&format!("{POD_LINK_PREFIX}{}_ingress", pod.name))?;
+            self.unpin_link(&format!("{POD_LINK_PREFIX}{}_egress", pod.name))?;
+            self.pods.remove(&index);
+            info!(veth = %pod.name, ips = ?pod.pod_ips, "pod off the fast path (CNI DEL)");
+            self.deleting.insert(index, (pod.name.clone(), pod.mac));
+            names.push(pod.name);
+        }
+        for ip in ips {
+            self.remove_endpoint(*ip)?;
+        }
+        Ok(names)
     }
 
     /// Deletes an endpoint and every flow learned for it.
@@ -1357,5 +1404,51 @@ impl<K: Dataplane> Dataplane for EbpfDataplane<K> {
         self.sync_devices().await?;
         self.resolve_nexthops().await?;
         Ok(())
+    }
+
+    async fn pod_notice(&mut self, notice: &PodNotice) -> Result<PodNoticeReply, DataplaneError> {
+        if self.lease.is_none() {
+            return Ok(PodNoticeReply::not_applied(
+                "no lease yet: pods are picked up once the datapath is programmed",
+            ));
+        }
+        match notice.op {
+            PodOp::Add => {
+                // The whole pass, not just the pods: the first ADD may have made the bridge.
+                self.sync_devices().await?;
+                let known = self.endpoints();
+                let endpoints: Vec<Ipv4Addr> = notice
+                    .ips
+                    .iter()
+                    .filter(|ip| known.contains_key(ip))
+                    .copied()
+                    .collect();
+                let message = if endpoints.len() == notice.ips.len() {
+                    format!("on the fast path: {endpoints:?}")
+                } else {
+                    format!(
+                        "on the fast path: {endpoints:?} of {:?} (the rest is not behind the pod bridge {:?} in our subnet)",
+                        notice.ips,
+                        self.bridge.as_ref().map(|b| b.name.as_str())
+                    )
+                };
+                Ok(PodNoticeReply {
+                    applied: true,
+                    endpoints,
+                    message,
+                })
+            }
+            PodOp::Del => {
+                let veths = self.forget_pods_holding(&notice.ips).await?;
+                Ok(PodNoticeReply {
+                    applied: true,
+                    endpoints: Vec::new(),
+                    message: format!(
+                        "endpoints {:?} removed; veths {veths:?} ignored until they are gone",
+                        notice.ips
+                    ),
+                })
+            }
+        }
     }
 }

@@ -12,10 +12,13 @@ use std::{
 };
 
 use ipnetwork::Ipv4Network;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
-use crate::peer::{MacAddr6, Peer, PeerEvent};
+use crate::{
+    cni::agent_socket::{PodNotice, PodNoticeReply},
+    peer::{MacAddr6, Peer, PeerEvent},
+};
 
 pub mod ebpf;
 
@@ -80,6 +83,15 @@ pub trait Dataplane {
     async fn maintain_changes(&mut self) -> Result<(), DataplaneError> {
         self.maintain().await
     }
+    /// A CNI plugin's notice that a pod was just added or is about to be deleted. Only a
+    /// dataplane with per-pod state (eBPF endpoints) acts on it; the others learn nothing.
+    async fn pod_notice(&mut self, notice: &PodNotice) -> Result<PodNoticeReply, DataplaneError> {
+        let _ = notice;
+        Ok(PodNoticeReply::not_applied(format!(
+            "the {} datapath keeps no per-pod state",
+            self.name()
+        )))
+    }
 }
 
 /// The subnets a dataplane holds that a snapshot no longer lists: the "sweep" half of
@@ -117,6 +129,8 @@ pub fn snapshot_stats() -> (u64, u64) {
 pub enum DataplaneCommand {
     Activate(LocalLease),
     Peers(PeerEvent),
+    /// From the CNI plugin (via `cni::agent_socket`); the reply goes back to the plugin.
+    Pod(PodNotice, oneshot::Sender<PodNoticeReply>),
 }
 
 /// How often [`Dataplane::maintain_changes`] runs.
@@ -130,11 +144,21 @@ pub const FULL_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 /// repairs peer state), never fatal: a bad event must not take the node down.
 /// `ready` turns true after the first successful activation.
 pub async fn run_dataplane<D: Dataplane>(
+    dataplane: D,
+    commands: mpsc::Receiver<DataplaneCommand>,
+    ready: watch::Sender<bool>,
+) {
+    run_dataplane_every(dataplane, commands, ready, MAINTAIN_INTERVAL).await
+}
+
+/// [`run_dataplane`] with maintenance every `maintain_every` (`--maintain-interval`).
+pub async fn run_dataplane_every<D: Dataplane>(
     mut dataplane: D,
     mut commands: mpsc::Receiver<DataplaneCommand>,
     ready: watch::Sender<bool>,
+    maintain_every: Duration,
 ) {
-    let mut maintain = tokio::time::interval(MAINTAIN_INTERVAL);
+    let mut maintain = tokio::time::interval(maintain_every);
     maintain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_full_check = tokio::time::Instant::now();
     // The desired peers as the control plane last said (snapshot plus the events since), so
@@ -156,6 +180,14 @@ pub async fn run_dataplane<D: Dataplane>(
                         }
                         Err(err) => error!(dataplane = dataplane.name(), error = %err, "programming the datapath for our lease failed"),
                     },
+                    DataplaneCommand::Pod(notice, reply) => {
+                        let answer = dataplane.pod_notice(&notice).await.unwrap_or_else(|err| {
+                            warn!(dataplane = dataplane.name(), error = %err, "applying a CNI notice failed; the next maintenance pass catches up");
+                            PodNoticeReply::not_applied(format!("failed: {err}"))
+                        });
+                        // The plugin may have given up waiting: nothing to do then.
+                        let _ = reply.send(answer);
+                    }
                     DataplaneCommand::Peers(event) => {
                         let started = std::time::Instant::now();
                         if let Err(err) = dataplane.apply(&event).await {
