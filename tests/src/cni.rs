@@ -20,6 +20,9 @@ use crate::{
     unique_name,
 };
 
+/// How long a runtime waits for one plugin call.
+const PLUGIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Where Debian's `containernetworking-plugins` installs bridge, host-local, portmap...
 pub const DEBIAN_CNI_DIR: &str = "/usr/lib/cni";
 
@@ -206,7 +209,31 @@ impl CniRuntime {
             .expect("stdin")
             .write_all(stdin)
             .expect("write netconf");
-        Invocation::from_output(child.wait_with_output().expect("plugin output"))
+        // A plugin that does not answer (e.g. a stale agent binary that starts the daemon
+        // instead) fails the test in a minute instead of hanging it until nextest kills it
+        // without cleanup.
+        let pid = child.id();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let output = child.wait_with_output();
+            let _ = done_tx.send(());
+            output
+        });
+        if done_rx.recv_timeout(PLUGIN_TIMEOUT).is_err() {
+            // SAFETY: kill(2) on our own child, not yet reaped (the waiter still waits).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            let _ = waiter.join();
+            panic!(
+                "{} did not answer within {PLUGIN_TIMEOUT:?}",
+                program.display()
+            );
+        }
+        Invocation::from_output(
+            waiter
+                .join()
+                .expect("plugin waiter")
+                .expect("plugin output"),
+        )
     }
 
     /// A plugin's netconf inside `conflist`, as libcni builds it (the list's name and

@@ -227,6 +227,11 @@ fn demo(args: &Args, abilities: &AgentAbilities, report: &mut Report) {
     let mut agents = Vec::new();
     for (node, backend) in cluster.nodes.iter().zip(BACKENDS) {
         let mut agent_args = node.agent_args(&endpoint, backend);
+        // As kube-flannel runs flanneld. Without it subnet.env says FLANNEL_IPMASQ=false and
+        // the CNI plugin asks the bridge plugin to masquerade everything leaving the pod
+        // subnet, pod-to-pod traffic to other nodes included: NATed flows never take the
+        // eBPF fast path, and the far pod sees the node's address instead of ours.
+        agent_args.push("--ip-masq".into());
         if abilities.status_endpoint {
             agent_args.push("--healthz-ip=127.0.0.1".into());
             agent_args.push(format!("--healthz-port={HEALTHZ_PORT}"));
