@@ -124,6 +124,31 @@ pub fn snapshot_stats() -> (u64, u64) {
     )
 }
 
+/// Subscribes to the kernel's link, neighbour and route notifications and forwards them to
+/// a channel the dataplane task drains (the stream itself is not `Unpin`).
+pub(crate) fn subscribe_changes() -> Option<mpsc::UnboundedReceiver<crate::netlink::KernelChange>> {
+    match crate::netlink::Netlink::kernel_changes() {
+        Ok(changes) => {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                let mut changes = std::pin::pin!(changes);
+                while let Some(change) = futures_util::StreamExt::next(&mut changes).await {
+                    if tx.send(change).is_err() {
+                        return;
+                    }
+                }
+                // The socket failed: one last full check, then the receiver sees the end.
+                let _ = tx.send(crate::netlink::KernelChange::Overrun);
+            });
+            Some(rx)
+        }
+        Err(err) => {
+            warn!(error = %err, "cannot subscribe to netlink change notifications; checking all datapath state every second instead");
+            None
+        }
+    }
+}
+
 /// Commands for the dataplane task.
 #[derive(Debug)]
 pub enum DataplaneCommand {

@@ -107,30 +107,6 @@ pub struct VxlanDataplane {
 /// socket's receive buffer with acknowledgements.
 const REQUESTS_IN_FLIGHT: usize = 128;
 
-/// Subscribes to the kernel's link, neighbour and route notifications and forwards them to
-/// a channel the dataplane task drains (the stream itself is not `Unpin`).
-fn subscribe_changes() -> Option<mpsc::UnboundedReceiver<KernelChange>> {
-    match Netlink::kernel_changes() {
-        Ok(changes) => {
-            let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(async move {
-                let mut changes = std::pin::pin!(changes);
-                while let Some(change) = changes.next().await {
-                    if tx.send(change).is_err() {
-                        return;
-                    }
-                }
-                // The socket failed: one last full check, then the receiver sees the end.
-                let _ = tx.send(KernelChange::Overrun);
-            });
-            Some(rx)
-        }
-        Err(err) => {
-            warn!(error = %err, "cannot subscribe to netlink change notifications; checking all datapath state every second instead");
-            None
-        }
-    }
-}
 
 impl VxlanDataplane {
     /// Creates `flannel.<VNI>` on `uplink` as flannel does, or reuses an existing device
@@ -171,7 +147,7 @@ impl VxlanDataplane {
             vtep_mac: random_vtep_mac(),
             lease: None,
             peers: BTreeMap::new(),
-            changes: subscribe_changes(),
+            changes: super::subscribe_changes(),
             pending: Vec::new(),
             swept: false,
         };
