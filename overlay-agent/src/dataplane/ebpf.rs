@@ -28,6 +28,7 @@ use aya::{
         tc::TcAttachOptions,
     },
 };
+use futures_util::StreamExt;
 use ipnetwork::Ipv4Network;
 use overlay_common::{
     DatapathConfig, Endpoint, FlowKey, FlowState, PeerInfo, PeerSource, PeerSubnet, VXLAN_OVERHEAD,
@@ -56,9 +57,12 @@ const VXLAN_INGRESS_LINK_PIN: &str = "link_vxlan_ingress";
 const VXLAN_EGRESS_LINK_PIN: &str = "link_vxlan_egress";
 /// Pod veth links are pinned as `link_pod_<ifname>_{ingress,egress}`.
 const POD_LINK_PREFIX: &str = "link_pod_";
-/// How many peers' underlay next hops are (re-)resolved per maintenance pass, and how
-/// often every peer's is re-checked.
-const NEXTHOPS_PER_PASS: usize = 512;
+/// At most this many peers' underlay next hops are (re-)resolved per maintenance pass.
+const NEXTHOPS_PER_PASS: usize = 50_000;
+/// How often the next-hop table is scanned for due lookups when nothing asks for it sooner.
+const NEXTHOP_SCAN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+/// Next-hop lookups in flight at once.
+const LOOKUPS_IN_FLIGHT: usize = 128;
 /// Next hops are looked up again when an underlay route or the uplink changes (netlink
 /// notifications); this slow recheck is the safety net. Every minute was 333 lookups a
 /// second at 20,000 peers, about 2% of a core.
@@ -550,6 +554,10 @@ pub struct EbpfDataplane<K: Dataplane> {
     source_counts: StdHashMap<Ipv4Addr, u32>,
     /// Underlay next hop per peer address (None: no route yet), and when it was looked up.
     nexthops: StdHashMap<Ipv4Addr, (Option<Ipv4Addr>, std::time::Instant)>,
+    /// When the next-hop table is next scanned for lookups that are due (a scan of 20,000
+    /// peers every second was most of the idle CPU); a new peer or an underlay change
+    /// brings it forward.
+    nexthop_scan_at: std::time::Instant,
     /// Route and link notifications, to look next hops up again when the underlay changes.
     underlay_changes: Option<tokio::sync::mpsc::UnboundedReceiver<crate::netlink::KernelChange>>,
     /// Whether a snapshot has been applied since start (the first one also sweeps the maps
@@ -635,6 +643,7 @@ impl<K: Dataplane> EbpfDataplane<K> {
             source_counts: StdHashMap::new(),
             nexthops: StdHashMap::new(),
             underlay_changes: super::subscribe_changes(),
+            nexthop_scan_at: std::time::Instant::now(),
             synced: false,
             decap_l4_udp,
             generation: 0,
@@ -1150,10 +1159,15 @@ impl<K: Dataplane> EbpfDataplane<K> {
     async fn resolve_nexthops(&mut self) -> Result<(), EbpfError> {
         let now = std::time::Instant::now();
         if self.underlay_changed() {
-            // Everything is due: looked up again within a few passes.
+            // Everything is due: looked up again now.
             let due = now.checked_sub(NEXTHOP_RECHECK * 2).unwrap_or(now);
             self.nexthops.values_mut().for_each(|(_, when)| *when = due);
+            self.nexthop_scan_at = now;
         }
+        if now < self.nexthop_scan_at {
+            return Ok(());
+        }
+        self.nexthop_scan_at = now + NEXTHOP_SCAN_INTERVAL;
         let mut due: Vec<Ipv4Addr> = self
             .source_counts
             .keys()
@@ -1172,14 +1186,25 @@ impl<K: Dataplane> EbpfDataplane<K> {
         due.sort_unstable();
         due.truncate(NEXTHOPS_PER_PASS);
         let mut changed = HashSet::new();
-        for ip in due {
-            let hop = match self.netlink.route_get(ip).await {
-                Ok(lookup) => Some(lookup.gateway.unwrap_or(ip)),
-                Err(err) => {
-                    debug!(peer = %ip, error = %err, "no underlay route to a peer yet");
-                    None
+        // Many lookups in flight: a first sync of 20,000 peers resolves in well under a
+        // second instead of trickling in over a minute of passes.
+        let looked_up: Vec<(Ipv4Addr, Option<Ipv4Addr>)> = futures_util::stream::iter(due)
+            .map(|ip| {
+                let netlink = self.netlink.clone();
+                async move {
+                    match netlink.route_get(ip).await {
+                        Ok(lookup) => (ip, Some(lookup.gateway.unwrap_or(ip))),
+                        Err(err) => {
+                            debug!(peer = %ip, error = %err, "no underlay route to a peer yet");
+                            (ip, None)
+                        }
+                    }
                 }
-            };
+            })
+            .buffer_unordered(LOOKUPS_IN_FLIGHT)
+            .collect()
+            .await;
+        for (ip, hop) in looked_up {
             let previous = self.nexthops.insert(ip, (hop, now));
             if previous.and_then(|(old, _)| old) != hop {
                 changed.insert(ip);
@@ -1290,6 +1315,9 @@ impl<K: Dataplane> EbpfDataplane<K> {
 
     fn upsert(&mut self, peer: &Peer) -> Result<(), EbpfError> {
         let previous = self.peers.insert(peer.subnet, peer.clone());
+        if !self.nexthops.contains_key(&peer.public_ip) {
+            self.nexthop_scan_at = std::time::Instant::now();
+        }
         if let Some(previous) = &previous {
             self.count_source(previous, false);
         }
@@ -1329,6 +1357,9 @@ impl<K: Dataplane> EbpfDataplane<K> {
             self.count_source(peer, true);
         }
         let first = !self.synced;
+        if peers.iter().any(|p| !self.nexthops.contains_key(&p.public_ip)) {
+            self.nexthop_scan_at = std::time::Instant::now();
+        }
         for peer in peers {
             if !first && previous.get(&peer.subnet) == Some(peer) {
                 continue;

@@ -102,11 +102,17 @@ pub struct VxlanDataplane {
     swept: bool,
 }
 
+/// What the kernel holds of this backend's kinds of state, from one dump each.
+struct KernelState {
+    routes: Vec<crate::netlink::ListedRoute>,
+    neighbours: Vec<crate::netlink::Neighbour>,
+    fdb: Vec<crate::netlink::FdbEntry>,
+}
+
 /// How many netlink requests a bulk programming pass keeps in flight: enough for the kernel
 /// to work back to back instead of waiting for our round trips, well below what fills the
 /// socket's receive buffer with acknowledgements.
 const REQUESTS_IN_FLIGHT: usize = 128;
-
 
 impl VxlanDataplane {
     /// Creates `flannel.<VNI>` on `uplink` as flannel does, or reuses an existing device
@@ -565,8 +571,11 @@ impl VxlanDataplane {
             }
         }
         if !self.swept {
-            match self.sweep().await {
-                Ok(()) => self.swept = true,
+            match self.dump().await {
+                Ok(state) => match self.sweep(&state).await {
+                    Ok(()) => self.swept = true,
+                    Err(err) => errors.push(err),
+                },
                 Err(err) => errors.push(err),
             }
         }
@@ -663,7 +672,7 @@ impl VxlanDataplane {
 
     /// Deletes kernel state on our device (and our direct routes) that no peer accounts for:
     /// left over from before a restart, or from a peer removed while we were down.
-    async fn sweep(&self) -> Result<(), DataplaneError> {
+    async fn sweep(&self, state: &KernelState) -> Result<(), DataplaneError> {
         let device = self.device_index;
         let name = &self.settings.name;
         let mut errors = Vec::new();
@@ -689,12 +698,7 @@ impl VxlanDataplane {
             }
         }
 
-        let routes = self
-            .netlink
-            .routes()
-            .await
-            .map_err(netlink_error("listing routes for the resync"))?;
-        for listed in &routes {
+        for listed in &state.routes {
             let route = listed.route;
             let ours_on_device = route.oif == Some(device)
                 && listed.protocol != rtnetlink::packet_route::route::RouteProtocol::Kernel
@@ -717,59 +721,62 @@ impl VxlanDataplane {
             }
         }
 
-        match self.netlink.neighbours(device).await {
-            Ok(neighbours) => {
-                for neighbour in neighbours
-                    .iter()
-                    .filter(|n| n.permanent && !gateways.contains(&n.ip))
-                {
-                    info!(device = %name, ip = %neighbour.ip, "removing stale neighbour");
-                    if let Err(err) = self.netlink.delete_neighbour(device, neighbour.ip).await {
-                        errors.push(netlink_error(format!(
-                            "removing stale neighbour {}",
-                            neighbour.ip
-                        ))(err));
-                    }
-                }
+        for neighbour in state
+            .neighbours
+            .iter()
+            .filter(|n| n.permanent && !gateways.contains(&n.ip))
+        {
+            info!(device = %name, ip = %neighbour.ip, "removing stale neighbour");
+            if let Err(err) = self.netlink.delete_neighbour(device, neighbour.ip).await {
+                errors.push(netlink_error(format!(
+                    "removing stale neighbour {}",
+                    neighbour.ip
+                ))(err));
             }
-            Err(err) => errors.push(netlink_error(format!("listing neighbours of {name}"))(err)),
         }
-
-        match self.netlink.fdb_entries(device).await {
-            Ok(entries) => {
-                for entry in entries.iter().filter(|e| {
-                    e.own && e.permanent && e.dst.is_none_or(|dst| !fdb.contains(&(e.mac, dst)))
-                }) {
-                    info!(device = %name, mac = %entry.mac, dst = ?entry.dst, "removing stale FDB entry");
-                    if let Err(err) = self.netlink.delete_fdb(device, entry.mac, entry.dst).await {
-                        errors.push(netlink_error(format!(
-                            "removing stale FDB entry {}",
-                            entry.mac
-                        ))(err));
-                    }
-                }
+        for entry in state.fdb.iter().filter(|e| {
+            e.own && e.permanent && e.dst.is_none_or(|dst| !fdb.contains(&(e.mac, dst)))
+        }) {
+            info!(device = %name, mac = %entry.mac, dst = ?entry.dst, "removing stale FDB entry");
+            if let Err(err) = self.netlink.delete_fdb(device, entry.mac, entry.dst).await {
+                errors.push(netlink_error(format!(
+                    "removing stale FDB entry {}",
+                    entry.mac
+                ))(err));
             }
-            Err(err) => errors.push(netlink_error(format!("listing FDB entries of {name}"))(err)),
         }
         combine_errors("sweeping stale state", errors)
     }
 
-    /// Re-programs every peer whose route, neighbour or FDB entry is missing (`everything`:
-    /// every peer, without looking; the device was re-created). One dump of each kind and a
-    /// hash lookup per peer.
-    async fn restore_peers(&mut self, everything: bool) -> Result<(), DataplaneError> {
-        if everything {
-            let batch: Vec<(Ipv4Network, Programmed)> =
-                std::mem::take(&mut self.peers).into_iter().collect();
-            return combine_errors("restoring peers", self.program_batch(batch).await);
-        }
+    /// One dump of each kind this backend owns: routes, and our device's neighbours and FDB.
+    async fn dump(&self) -> Result<KernelState, DataplaneError> {
         let device = self.device_index;
-        let routes: HashSet<(Ipv4Network, Option<Ipv4Addr>, Option<u32>)> = self
-            .netlink
-            .routes()
-            .await
-            .map_err(netlink_error("listing routes"))?
-            .into_iter()
+        let name = &self.settings.name;
+        Ok(KernelState {
+            routes: self
+                .netlink
+                .routes()
+                .await
+                .map_err(netlink_error("listing routes"))?,
+            neighbours: self
+                .netlink
+                .neighbours(device)
+                .await
+                .map_err(netlink_error(format!("listing neighbours of {name}")))?,
+            fdb: self
+                .netlink
+                .fdb_entries(device)
+                .await
+                .map_err(netlink_error(format!("listing FDB entries of {name}")))?,
+        })
+    }
+
+    /// Re-programs every peer whose route, neighbour or FDB entry is missing from `state`
+    /// (a hash lookup per peer).
+    async fn restore_peers(&self, state: &KernelState) -> Result<(), DataplaneError> {
+        let routes: HashSet<(Ipv4Network, Option<Ipv4Addr>, Option<u32>)> = state
+            .routes
+            .iter()
             .map(|listed| {
                 (
                     listed.route.destination,
@@ -778,22 +785,10 @@ impl VxlanDataplane {
                 )
             })
             .collect();
-        let neighbours: HashSet<(Ipv4Addr, Option<MacAddr6>)> = self
-            .netlink
-            .neighbours(device)
-            .await
-            .map_err(netlink_error("listing neighbours"))?
-            .into_iter()
-            .map(|n| (n.ip, n.mac))
-            .collect();
-        let fdb: HashSet<(MacAddr6, Option<Ipv4Addr>)> = self
-            .netlink
-            .fdb_entries(device)
-            .await
-            .map_err(netlink_error("listing FDB entries"))?
-            .into_iter()
-            .map(|e| (e.mac, e.dst))
-            .collect();
+        let neighbours: HashSet<(Ipv4Addr, Option<MacAddr6>)> =
+            state.neighbours.iter().map(|n| (n.ip, n.mac)).collect();
+        let fdb: HashSet<(MacAddr6, Option<Ipv4Addr>)> =
+            state.fdb.iter().map(|e| (e.mac, e.dst)).collect();
         let has_route =
             |wanted: &Route| routes.contains(&(wanted.destination, wanted.gateway, wanted.oif));
         let broken: Vec<Ipv4Network> = self
@@ -928,10 +923,17 @@ impl VxlanDataplane {
         if let Some(lease) = self.lease.clone() {
             self.program_device(&lease).await?;
         }
-        self.restore_peers(recreated).await?;
+        if recreated {
+            // A new device holds nothing: program every peer, without looking.
+            let batch: Vec<(Ipv4Network, Programmed)> =
+                std::mem::take(&mut self.peers).into_iter().collect();
+            return combine_errors("restoring peers", self.program_batch(batch).await);
+        }
+        let state = self.dump().await?;
+        self.restore_peers(&state).await?;
         if self.swept {
             // Leftovers that appeared since (a stale route someone added on our device).
-            self.sweep().await?;
+            self.sweep(&state).await?;
         }
         Ok(())
     }
