@@ -40,14 +40,13 @@ const TCP_RST: u8 = 0x04;
 const TCP_PSH: u8 = 0x08;
 const TCP_ACK: u8 = 0x10;
 
+/// The UDP flow between local address `pod`:40000 and remote address `remote`:5000.
+fn udp_flow_of(pod: [u8; 4], remote: [u8; 4]) -> FlowKey {
+    flow_key(pod, remote, UDP_POD_PORT, UDP_REMOTE_PORT, IPPROTO_UDP)
+}
+
 fn udp_flow() -> FlowKey {
-    flow_key(
-        POD_IP,
-        REMOTE_POD,
-        UDP_POD_PORT,
-        UDP_REMOTE_PORT,
-        IPPROTO_UDP,
-    )
+    udp_flow_of(POD_IP, REMOTE_POD)
 }
 
 fn tcp_flow() -> FlowKey {
@@ -204,6 +203,69 @@ impl Harness {
     fn expect_pass(&mut self, program: &'static str, packet: &[u8], reason: u32, what: &str) {
         self.expect(program, packet, TC_ACT_UNSPEC, reason, what);
     }
+
+    /// Delivery (R1, R3) of `good` (a packet of the learned UDP flow, to our pod) judges the
+    /// flow's ingress direction: it must be fresh and learned through the endpoint's veth; the
+    /// egress direction does not matter (a one-way stream to the pod). Runs `good` under each
+    /// such flow state, expecting a redirect counted as `fast_reason` or a not-learned pass;
+    /// then with the flow forgotten; leaves the flow learned fresh.
+    fn expect_delivery_judges_the_ingress_direction(
+        &mut self,
+        prog: &'static str,
+        good: &[u8],
+        fast_reason: u32,
+    ) {
+        let stale = now_ns() - FLOW_FRESH_NS - 1_000_000_000;
+        for (what, state, fast) in [
+            (
+                "ingress stale",
+                FlowState {
+                    ingress_seen_ns: stale,
+                    ..fresh()
+                },
+                false,
+            ),
+            (
+                "ingress never seen",
+                FlowState {
+                    ingress_seen_ns: 0,
+                    ..fresh()
+                },
+                false,
+            ),
+            (
+                "learned through another veth",
+                fresh_via(OTHER_IFINDEX),
+                false,
+            ),
+            (
+                "egress stale",
+                FlowState {
+                    egress_seen_ns: stale,
+                    ..fresh()
+                },
+                true,
+            ),
+            (
+                "egress never seen (one-way flow)",
+                FlowState {
+                    egress_seen_ns: 0,
+                    ..fresh()
+                },
+                true,
+            ),
+        ] {
+            self.learn(udp_flow(), state);
+            if fast {
+                self.expect(prog, good, TC_ACT_REDIRECT, fast_reason, what);
+            } else {
+                self.expect_pass(prog, good, stat::KERNEL_NOT_LEARNED, what);
+            }
+        }
+        self.forget(udp_flow());
+        self.expect_pass(prog, good, stat::KERNEL_NOT_LEARNED, "never learned");
+        self.learn(udp_flow(), fresh());
+    }
 }
 
 fn moved(before: &[u64], after: &[u64]) -> Vec<(&'static str, u64)> {
@@ -267,16 +329,73 @@ fn pod_tcp(flags: u8) -> Vec<u8> {
     p
 }
 
-/// Remote pod 10.5.2.3:5000 -> our pod 10.5.1.2:40000, UDP "pong", as an IPv4 packet.
-fn remote_udp(tos: u8, ttl: u8) -> Vec<u8> {
+/// A UDP "pong" from the remote side's port 5000 to the pod side's 40000, `src` -> `dst`, as
+/// an IPv4 packet.
+fn pong(src: [u8; 4], dst: [u8; 4], tos: u8, ttl: u8) -> Vec<u8> {
     ipv4(
         tos,
         ttl,
         IPPROTO_UDP,
-        REMOTE_POD,
-        POD_IP,
+        src,
+        dst,
         &udp(UDP_REMOTE_PORT, UDP_POD_PORT, b"pong"),
     )
+}
+
+/// A UDP "ping" from the pod side's port 40000 to the remote side's 5000, `src` -> `dst`, as
+/// an IPv4 packet.
+fn ping(src: [u8; 4], dst: [u8; 4], ttl: u8) -> Vec<u8> {
+    ipv4(
+        0,
+        ttl,
+        IPPROTO_UDP,
+        src,
+        dst,
+        &udp(UDP_POD_PORT, UDP_REMOTE_PORT, b"ping"),
+    )
+}
+
+/// Remote pod 10.5.2.3:5000 -> our pod 10.5.1.2:40000, UDP "pong", as an IPv4 packet.
+fn remote_udp(tos: u8, ttl: u8) -> Vec<u8> {
+    pong(REMOTE_POD, POD_IP, tos, ttl)
+}
+
+/// An ICMP message of `icmp_type` (code 0, id 1, seq 1) from `src` to `dst` with `ttl`, in
+/// an Ethernet frame `dst_mac` <- `src_mac`.
+fn icmp_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    ttl: u8,
+    src: [u8; 4],
+    dst: [u8; 4],
+    icmp_type: u8,
+) -> Vec<u8> {
+    let mut f = eth(dst_mac, src_mac);
+    f.extend(ipv4(0, ttl, 1, src, dst, &[icmp_type, 0, 0, 0, 0, 1, 0, 1]));
+    f
+}
+
+/// `frame` with the (outer) IPv4 header checksum broken (`flip` xored into its first byte).
+fn bad_checksum_of(frame: &[u8], flip: u8) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[24] ^= flip;
+    f
+}
+
+/// `frame` with MF set in its (outer) IPv4 header: a first fragment.
+fn fragment_of(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[20] = 0x20;
+    fix_ip_checksum(&mut f, 14);
+    f
+}
+
+/// `frame` with its (outer) IPv4 total length one byte longer than the frame.
+fn length_beyond(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[17] += 1;
+    fix_ip_checksum(&mut f, 14);
+    f
 }
 
 /// Remote pod 10.5.2.3:80 -> our pod 10.5.1.2:40001, TCP with `flags`.
@@ -623,10 +742,7 @@ fn r2_pass_reasons() {
         ),
         ("our pod's address from another MAC", POD_IP, OTHER_POD_MAC),
     ] {
-        h.learn(
-            flow_key(src, REMOTE_POD, UDP_POD_PORT, UDP_REMOTE_PORT, IPPROTO_UDP),
-            fresh(),
-        );
+        h.learn(udp_flow_of(src, REMOTE_POD), fresh());
         let mut p = good.clone();
         p[6..12].copy_from_slice(&mac);
         p[26..30].copy_from_slice(&src);
@@ -640,10 +756,7 @@ fn r2_pass_reasons() {
         ("incomplete peer lease", INVALID_PEER_POD),
         ("a local address", OTHER_VETH_POD),
     ] {
-        h.learn(
-            flow_key(POD_IP, dst, UDP_POD_PORT, UDP_REMOTE_PORT, IPPROTO_UDP),
-            fresh(),
-        );
+        h.learn(udp_flow_of(POD_IP, dst), fresh());
         let mut p = good.clone();
         p[30..34].copy_from_slice(&dst);
         fix_ip_checksum(&mut p, 14);
@@ -776,22 +889,11 @@ fn r2_pass_reasons() {
     let mut multicast = good.clone();
     multicast[..6].copy_from_slice(&[0x01, 0x00, 0x5e, 0, 0, 1]);
     h.expect_pass(prog, &multicast, stat::KERNEL_NOT_OURS, "multicast");
-    let mut icmp = eth(BRIDGE_MAC, POD_MAC);
-    icmp.extend(ipv4(
-        0,
-        64,
-        1,
-        POD_IP,
-        REMOTE_POD,
-        &[8, 0, 0, 0, 0, 1, 0, 1],
-    ));
+    let icmp = icmp_frame(BRIDGE_MAC, POD_MAC, 64, POD_IP, REMOTE_POD, 8);
     h.expect_pass(prog, &icmp, stat::KERNEL_NOT_OURS, "ICMP");
-    let mut bad_checksum = good.clone();
-    bad_checksum[24] ^= 0x40;
+    let bad_checksum = bad_checksum_of(&good, 0x40);
     h.expect_pass(prog, &bad_checksum, stat::KERNEL_NOT_OURS, "bad checksum");
-    let mut bad_length = good.clone();
-    bad_length[17] += 1;
-    fix_ip_checksum(&mut bad_length, 14);
+    let bad_length = length_beyond(&good);
     h.expect_pass(
         prog,
         &bad_length,
@@ -888,13 +990,7 @@ fn r3_decap_of_a_flannel_frame_delivers_into_the_pod() {
         assert_eq!(out, delivered(&inner, POD_MAC));
     }
     h.learn(
-        flow_key(
-            OTHER_VETH_POD,
-            REMOTE_POD,
-            UDP_POD_PORT,
-            UDP_REMOTE_PORT,
-            IPPROTO_UDP,
-        ),
+        udp_flow_of(OTHER_VETH_POD, REMOTE_POD),
         fresh_via(OTHER_IFINDEX),
     );
     let inner = ipv4(
@@ -1058,9 +1154,7 @@ fn r3_pass_and_drop_reasons() {
     );
 
     // From the peer: fragments and options go to the kernel (it reassembles/parses).
-    let mut fragment = good.clone();
-    fragment[20] = 0x20;
-    fix_ip_checksum(&mut fragment, 14);
+    let fragment = fragment_of(&good);
     h.expect_pass(
         prog,
         &fragment,
@@ -1189,18 +1283,8 @@ fn r3_pass_and_drop_reasons() {
         ("unknown endpoint", UNKNOWN_POD),
         ("the gateway", [10, 5, 1, 1]),
     ] {
-        h.learn(
-            flow_key(dst, REMOTE_POD, UDP_POD_PORT, UDP_REMOTE_PORT, IPPROTO_UDP),
-            fresh(),
-        );
-        let inner = ipv4(
-            0,
-            64,
-            IPPROTO_UDP,
-            REMOTE_POD,
-            dst,
-            &udp(UDP_REMOTE_PORT, UDP_POD_PORT, b"pong"),
-        );
+        h.learn(udp_flow_of(dst, REMOTE_POD), fresh());
+        let inner = pong(REMOTE_POD, dst, 0, 64);
         h.expect_pass(
             prog,
             &vxlan_from(PEER_IP, 0, &inner, false),
@@ -1216,64 +1300,7 @@ fn r3_pass_and_drop_reasons() {
             &format!("TCP flags {flags:#04x}"),
         );
     }
-    // The ingress direction (the one delivery takes) must be fresh and learned through the
-    // endpoint's veth; the egress direction does not matter (a one-way stream to the pod).
-    let stale = now_ns() - FLOW_FRESH_NS - 1_000_000_000;
-    for (what, state, fast) in [
-        (
-            "ingress stale",
-            FlowState {
-                ingress_seen_ns: stale,
-                ..fresh()
-            },
-            false,
-        ),
-        (
-            "ingress never seen",
-            FlowState {
-                ingress_seen_ns: 0,
-                ..fresh()
-            },
-            false,
-        ),
-        (
-            "learned through another veth",
-            fresh_via(OTHER_IFINDEX),
-            false,
-        ),
-        (
-            "egress stale",
-            FlowState {
-                egress_seen_ns: stale,
-                ..fresh()
-            },
-            true,
-        ),
-        (
-            "egress never seen (one-way flow)",
-            FlowState {
-                egress_seen_ns: 0,
-                ..fresh()
-            },
-            true,
-        ),
-    ] {
-        h.learn(udp_flow(), state);
-        if fast {
-            h.expect(
-                prog,
-                &good,
-                TC_ACT_REDIRECT,
-                stat::FAST_RX_BEFORE_DECAP_PACKETS,
-                what,
-            );
-        } else {
-            h.expect_pass(prog, &good, stat::KERNEL_NOT_LEARNED, what);
-        }
-    }
-    h.forget(udp_flow());
-    h.expect_pass(prog, &good, stat::KERNEL_NOT_LEARNED, "never learned");
-    h.learn(udp_flow(), fresh());
+    h.expect_delivery_judges_the_ingress_direction(prog, &good, stat::FAST_RX_BEFORE_DECAP_PACKETS);
     let mut ttl1 = good.clone();
     ttl1[72] = 1;
     fix_ip_checksum(&mut ttl1, 64);
@@ -1514,53 +1541,24 @@ fn r1_pass_reasons() {
     options[17] += 4;
     fix_ip_checksum(&mut options, 14);
     h.expect_pass(prog, &options, stat::KERNEL_NOT_OURS, "IP options");
-    let mut icmp = eth(LOCAL_VTEP, PEER_VTEP);
-    icmp.extend(ipv4(
-        0,
-        64,
-        1,
-        REMOTE_POD,
-        POD_IP,
-        &[0, 0, 0, 0, 0, 1, 0, 1],
-    ));
+    let icmp = icmp_frame(LOCAL_VTEP, PEER_VTEP, 64, REMOTE_POD, POD_IP, 0);
     h.expect_pass(prog, &icmp, stat::KERNEL_NOT_OURS, "ICMP");
-    let mut bad_checksum = good.clone();
-    bad_checksum[24] ^= 0x20;
+    let bad_checksum = bad_checksum_of(&good, 0x20);
     h.expect_pass(prog, &bad_checksum, stat::KERNEL_NOT_OURS, "bad checksum");
-    let mut bad_length = good.clone();
-    bad_length[17] += 1;
-    fix_ip_checksum(&mut bad_length, 14);
+    let bad_length = length_beyond(&good);
     h.expect_pass(
         prog,
         &bad_length,
         stat::KERNEL_NOT_OURS,
         "total length > frame",
     );
-    let mut fragment = good.clone();
-    fragment[20] = 0x20;
-    fix_ip_checksum(&mut fragment, 14);
+    let fragment = fragment_of(&good);
     h.expect_pass(prog, &fragment, stat::KERNEL_FRAGMENT, "fragment");
     // (Test-run refuses IPv4 frames shorter than 14 + 20 bytes: no truncated-header case.)
     h.expect_pass(prog, &good[..36], stat::KERNEL_NOT_OURS, "no UDP ports");
 
-    let unknown = ipv4(
-        0,
-        64,
-        IPPROTO_UDP,
-        REMOTE_POD,
-        UNKNOWN_POD,
-        &udp(UDP_REMOTE_PORT, UDP_POD_PORT, b"pong"),
-    );
-    h.learn(
-        flow_key(
-            UNKNOWN_POD,
-            REMOTE_POD,
-            UDP_POD_PORT,
-            UDP_REMOTE_PORT,
-            IPPROTO_UDP,
-        ),
-        fresh(),
-    );
+    let unknown = pong(REMOTE_POD, UNKNOWN_POD, 0, 64);
+    h.learn(udp_flow_of(UNKNOWN_POD, REMOTE_POD), fresh());
     h.expect_pass(
         prog,
         &from_vxlan_device(&unknown),
@@ -1575,64 +1573,7 @@ fn r1_pass_reasons() {
             &format!("TCP flags {flags:#04x}"),
         );
     }
-    // The ingress direction (the one delivery takes) must be fresh and learned through the
-    // endpoint's veth; the egress direction does not matter (a one-way stream to the pod).
-    let stale = now_ns() - FLOW_FRESH_NS - 1_000_000_000;
-    for (what, state, fast) in [
-        (
-            "ingress stale",
-            FlowState {
-                ingress_seen_ns: stale,
-                ..fresh()
-            },
-            false,
-        ),
-        (
-            "ingress never seen",
-            FlowState {
-                ingress_seen_ns: 0,
-                ..fresh()
-            },
-            false,
-        ),
-        (
-            "learned through another veth",
-            fresh_via(OTHER_IFINDEX),
-            false,
-        ),
-        (
-            "egress stale",
-            FlowState {
-                egress_seen_ns: stale,
-                ..fresh()
-            },
-            true,
-        ),
-        (
-            "egress never seen (one-way flow)",
-            FlowState {
-                egress_seen_ns: 0,
-                ..fresh()
-            },
-            true,
-        ),
-    ] {
-        h.learn(udp_flow(), state);
-        if fast {
-            h.expect(
-                prog,
-                &good,
-                TC_ACT_REDIRECT,
-                stat::FAST_RX_AFTER_DECAP_PACKETS,
-                what,
-            );
-        } else {
-            h.expect_pass(prog, &good, stat::KERNEL_NOT_LEARNED, what);
-        }
-    }
-    h.forget(udp_flow());
-    h.expect_pass(prog, &good, stat::KERNEL_NOT_LEARNED, "never learned");
-    h.learn(udp_flow(), fresh());
+    h.expect_delivery_judges_the_ingress_direction(prog, &good, stat::FAST_RX_AFTER_DECAP_PACKETS);
     h.expect_pass(
         prog,
         &from_vxlan_device(&remote_udp(0, 1)),
@@ -1675,14 +1616,7 @@ fn vxlan_egress_learns_the_egress_tuple() {
     let prog = program_names::VXLAN_EGRESS;
     h.forget(udp_flow());
     // The kernel routed our pod's UDP packet into flannel.1 (TTL already 63).
-    let leaving = into_vxlan_device(&ipv4(
-        0,
-        63,
-        IPPROTO_UDP,
-        POD_IP,
-        REMOTE_POD,
-        &udp(UDP_POD_PORT, UDP_REMOTE_PORT, b"ping"),
-    ));
+    let leaving = into_vxlan_device(&ping(POD_IP, REMOTE_POD, 63));
     let before = now_ns();
     h.expect_pass(prog, &leaving, stat::KERNEL_LEARNED, "new flow");
     let after = now_ns();
@@ -1731,41 +1665,17 @@ fn vxlan_egress_learns_the_egress_tuple() {
         ("destination not a remote pod", POD_IP, [10, 96, 0, 10]),
         ("incomplete peer", POD_IP, INVALID_PEER_POD),
     ] {
-        let p = into_vxlan_device(&ipv4(
-            0,
-            63,
-            IPPROTO_UDP,
-            src,
-            dst,
-            &udp(UDP_POD_PORT, UDP_REMOTE_PORT, b"ping"),
-        ));
+        let p = into_vxlan_device(&ping(src, dst, 63));
         h.expect_pass(prog, &p, stat::KERNEL_NO_ENDPOINT, what);
         assert!(
-            h.flow(&flow_key(
-                src,
-                dst,
-                UDP_POD_PORT,
-                UDP_REMOTE_PORT,
-                IPPROTO_UDP
-            ))
-            .is_none(),
+            h.flow(&udp_flow_of(src, dst)).is_none(),
             "{what}: nothing learned"
         );
     }
     h.forget(udp_flow());
-    let mut fragment = leaving.clone();
-    fragment[20] = 0x20;
-    fix_ip_checksum(&mut fragment, 14);
+    let fragment = fragment_of(&leaving);
     h.expect_pass(prog, &fragment, stat::KERNEL_FRAGMENT, "fragment");
-    let mut icmp = eth(PEER_VTEP, LOCAL_VTEP);
-    icmp.extend(ipv4(
-        0,
-        63,
-        1,
-        POD_IP,
-        REMOTE_POD,
-        &[8, 0, 0, 0, 0, 1, 0, 1],
-    ));
+    let icmp = icmp_frame(PEER_VTEP, LOCAL_VTEP, 63, POD_IP, REMOTE_POD, 8);
     h.expect_pass(prog, &icmp, stat::KERNEL_NOT_OURS, "ICMP");
     let mut arp = leaving.clone();
     arp[12..14].copy_from_slice(&[0x08, 0x06]);
@@ -1839,14 +1749,7 @@ fn pod_egress_learns_the_ingress_tuple_and_veth() {
             POD_IP,
         ),
     ] {
-        let mut p = to_pod_veth(&ipv4(
-            0,
-            63,
-            IPPROTO_UDP,
-            src,
-            dst,
-            &udp(UDP_REMOTE_PORT, UDP_POD_PORT, b"pong"),
-        ));
+        let mut p = to_pod_veth(&pong(src, dst, 0, 63));
         // Frames to the destination's real MAC (only the checked property differs).
         if dst == OTHER_VETH_POD {
             p[..6].copy_from_slice(&OTHER_POD_MAC);
@@ -1857,21 +1760,12 @@ fn pod_egress_learns_the_ingress_tuple_and_veth() {
         }
         h.expect_pass(prog, &p, stat::KERNEL_NO_ENDPOINT, what);
         assert!(
-            h.flow(&flow_key(
-                dst,
-                src,
-                UDP_POD_PORT,
-                UDP_REMOTE_PORT,
-                IPPROTO_UDP
-            ))
-            .is_none(),
+            h.flow(&udp_flow_of(dst, src)).is_none(),
             "{what}: nothing learned"
         );
     }
     h.forget(udp_flow());
-    let mut fragment = arriving.clone();
-    fragment[20] = 0x20;
-    fix_ip_checksum(&mut fragment, 14);
+    let fragment = fragment_of(&arriving);
     h.expect_pass(prog, &fragment, stat::KERNEL_FRAGMENT, "fragment");
     h.set_config(DatapathConfig::default());
     h.expect_pass(prog, &arriving, stat::KERNEL_DISABLED, "unconfigured");
