@@ -27,66 +27,29 @@
 //! (default 1,000,000 run by each program; inputs test-run refuses are extra). Needs root and
 //! bpffs: fails loudly otherwise.
 
+mod bpf;
+
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
 use aya::{
-    Ebpf, TestRun, TestRunOptions,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    maps::lpm_trie::Key,
     programs::{LinkOrder, Program, ProgramError, TcAttachType, tc::TcAttachOptions},
 };
-use overlay_agent::dataplane::ebpf::{classifier, load};
+use bpf::*;
+use overlay_agent::dataplane::ebpf::classifier;
 use overlay_common::{
-    DatapathConfig, Endpoint, FLOW_FRESH_NS, FlowKey, FlowState, PeerInfo, PeerSource,
-    config_flags, map_names, peer_flags, program_names, stat,
+    DatapathConfig, Endpoint, FLOW_FRESH_NS, FlowKey, FlowState, config_flags, peer_flags,
+    program_names, stat,
 };
 use overlay_tests::{netns::NetNs, wait_until};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
-const TC_ACT_UNSPEC: u32 = -1i32 as u32;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
-
-const LOCAL_IP: [u8; 4] = [192, 168, 100, 1];
-const PEER_IP: [u8; 4] = [192, 168, 100, 2];
-/// A peer whose PeerInfo is not VALID (incomplete lease): never an encap target.
-const INVALID_PEER_IP: [u8; 4] = [192, 168, 100, 3];
-const STRANGER_IP: [u8; 4] = [192, 168, 100, 77];
-const NEXTHOP_IP: [u8; 4] = [192, 168, 100, 254];
-const LOCAL_VTEP: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
-const PEER_VTEP: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x02];
-const BRIDGE_MAC: [u8; 6] = [0x02, 0xaa, 0xaa, 0xaa, 0xaa, 0x01];
-const POD_MAC: [u8; 6] = [0x02, 0xbb, 0xbb, 0xbb, 0xbb, 0x02];
-const OTHER_POD_MAC: [u8; 6] = [0x02, 0xbb, 0xbb, 0xbb, 0xbb, 0x04];
-const UPLINK_MAC: [u8; 6] = [0x02, 0x11, 0x11, 0x11, 0x11, 0x01];
-const PEER_UPLINK_MAC: [u8; 6] = [0x02, 0x22, 0x22, 0x22, 0x22, 0x02];
-const SUBNET: [u8; 4] = [10, 5, 1, 0];
-const PEER_SUBNET: [u8; 4] = [10, 5, 2, 0];
-const INVALID_PEER_SUBNET: [u8; 4] = [10, 5, 3, 0];
-const PORT: u16 = 8472;
-const VNI: u32 = 1;
-const MAX_INNER: usize = 1450;
-
-/// Our pod, behind the veth test-run runs the program on (skb->dev is lo, ifindex 1).
-const POD_IP: [u8; 4] = [10, 5, 1, 2];
-const HERE: u32 = 1;
-/// A local pod behind another veth.
-const OTHER_VETH_POD: [u8; 4] = [10, 5, 1, 4];
-const OTHER_IFINDEX: u32 = 9;
-const UNKNOWN_POD: [u8; 4] = [10, 5, 1, 9];
-const REMOTE_POD: [u8; 4] = [10, 5, 2, 3];
 /// The mark every run starts with: delivery must clear it, anything else keep it.
 const MARK: u32 = 0x0000_4000;
-
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const ALL_FAST: u32 =
-    config_flags::FAST_RX_AFTER_DECAP | config_flags::FAST_TX | config_flags::FAST_RX_BEFORE_DECAP;
 
 /// The attachable programs this oracle knows.
 const FUZZED: [&str; 5] = [
@@ -203,84 +166,6 @@ const FLOWS: [FixedFlow; 8] = [
     },
 ];
 
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the fuzz loads BPF programs and must run as root (CAP_BPF, CAP_NET_ADMIN)"
-    );
-    let mounts = std::fs::read_to_string("/proc/mounts").expect("read /proc/mounts");
-    assert!(
-        mounts.lines().any(|l| {
-            let mut f = l.split_whitespace().skip(1);
-            f.next() == Some("/sys/fs/bpf") && f.next() == Some("bpf")
-        }),
-        "/sys/fs/bpf is not a bpf filesystem: run `mount -t bpf bpf /sys/fs/bpf`"
-    );
-}
-
-/// `CLOCK_MONOTONIC` in nanoseconds: what `bpf_ktime_get_ns` returns.
-fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we pass.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime");
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// A unique pin directory under /sys/fs/bpf, removed (with the pinned maps) on drop.
-struct PinDir(PathBuf);
-
-impl PinDir {
-    fn new() -> Self {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        Self(PathBuf::from(format!(
-            "/sys/fs/bpf/ovl-fuzz-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        )))
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn config(flags: u32) -> DatapathConfig {
-    DatapathConfig {
-        local_ip: LOCAL_IP,
-        subnet_addr: SUBNET,
-        subnet_mask: [255, 255, 255, 0],
-        gateway_ip: [10, 5, 1, 1],
-        vni: VNI,
-        uplink_ifindex: 1,
-        bridge_ifindex: 1,
-        vxlan_ifindex: 1,
-        max_inner_len: MAX_INNER as u32,
-        vtep_mac: LOCAL_VTEP,
-        udp_port_be: PORT.to_be(),
-        flags,
-        enabled: 1,
-    }
-}
-
-fn flow_key(pod: [u8; 4], remote: [u8; 4], pod_port: u16, remote_port: u16, proto: u8) -> FlowKey {
-    FlowKey {
-        pod_ip: pod,
-        remote_ip: remote,
-        pod_port_be: pod_port.to_be(),
-        remote_port_be: remote_port.to_be(),
-        protocol: proto,
-        _pad: [0; 3],
-    }
-}
-
 /// The local endpoints the fuzz's ENDPOINTS map holds: (host ifindex, pod MAC).
 fn endpoint_of(ip: [u8; 4]) -> Option<(u32, [u8; 6])> {
     match ip {
@@ -311,38 +196,14 @@ enum Learned {
     Unsure,
 }
 
-struct Harness {
-    ebpf: Ebpf,
-    config: Array<MapData, DatapathConfig>,
-    stats: PerCpuArray<MapData, u64>,
-    peers: LpmTrie<MapData, [u8; 4], PeerInfo>,
-    flows: HashMap<MapData, FlowKey, FlowState>,
-    _sources: HashMap<MapData, [u8; 4], PeerSource>,
-    endpoints: HashMap<MapData, [u8; 4], Endpoint>,
-    // Last: the maps must be closed before the directory goes.
-    _pin: PinDir,
-}
-
-fn peer_info(ip: [u8; 4], flags: u16, nexthop: [u8; 4]) -> PeerInfo {
-    PeerInfo {
-        underlay_ip: ip,
-        vtep_mac: PEER_VTEP,
-        flags,
-        generation: 1,
-        nexthop_ip: nexthop,
-    }
-}
-
 impl Harness {
     /// Loads the object (every program through the verifier), configures node 10.5.1.0/24
     /// (all fast paths on) with one valid peer 10.5.2.0/24 and one incomplete peer
     /// 10.5.3.0/24; only the valid peer's address may send VXLAN. Endpoints: our pod 10.5.1.2
     /// behind this veth, 10.5.1.4 behind another; flows: [`FLOWS`].
     fn new() -> Self {
-        require_root();
-        let pin = PinDir::new();
-        let mut ebpf = load(&pin.0).expect("every program loads and passes the verifier");
-        let mut names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_string()).collect();
+        let mut h = Self::load(NEXTHOP_IP);
+        let mut names: Vec<String> = h.ebpf.programs().map(|(n, _)| n.to_string()).collect();
         names.sort();
         let mut known: Vec<String> = OBJECT_PROGRAMS.iter().map(|s| s.to_string()).collect();
         known.sort();
@@ -350,73 +211,13 @@ impl Harness {
             names, known,
             "the object's programs changed: teach this fuzz's oracle about the new ones"
         );
-        for (name, program) in ebpf.programs() {
+        for (name, program) in h.ebpf.programs() {
             assert!(
                 matches!(program, Program::SchedClassifier(_)),
                 "{name}: only TC classifiers are fuzzed so far (no XDP program in the object)"
             );
             assert!(program.fd().is_ok(), "{name} was not loaded (verifier)");
         }
-        let mut config_map: Array<MapData, DatapathConfig> =
-            Array::try_from(ebpf.take_map(map_names::CONFIG).expect("config map")).expect("array");
-        config_map
-            .set(0, config(ALL_FAST), 0)
-            .expect("write config");
-        let mut peers: LpmTrie<MapData, [u8; 4], PeerInfo> =
-            LpmTrie::try_from(ebpf.take_map(map_names::PEERS).expect("peers map")).expect("lpm");
-        for (subnet, ip, flags) in [
-            (PEER_SUBNET, PEER_IP, peer_flags::VALID),
-            (INVALID_PEER_SUBNET, INVALID_PEER_IP, 0),
-        ] {
-            peers
-                .insert(&Key::new(24, subnet), peer_info(ip, flags, NEXTHOP_IP), 0)
-                .expect("insert peer");
-        }
-        let mut sources: HashMap<MapData, [u8; 4], PeerSource> =
-            HashMap::try_from(ebpf.take_map(map_names::PEER_SOURCES).expect("sources map"))
-                .expect("hash");
-        sources
-            .insert(
-                PEER_IP,
-                PeerSource {
-                    lease_count: 1,
-                    generation: 1,
-                },
-                0,
-            )
-            .expect("insert source");
-        let mut endpoints: HashMap<MapData, [u8; 4], Endpoint> =
-            HashMap::try_from(ebpf.take_map(map_names::ENDPOINTS).expect("endpoints map"))
-                .expect("hash");
-        for ip in [POD_IP, OTHER_VETH_POD] {
-            let (host_ifindex, pod_mac) = endpoint_of(ip).expect("endpoint");
-            endpoints
-                .insert(
-                    ip,
-                    Endpoint {
-                        host_ifindex,
-                        pod_mac,
-                        gateway_mac: BRIDGE_MAC,
-                        generation: 1,
-                    },
-                    0,
-                )
-                .expect("insert endpoint");
-        }
-        let flows = HashMap::try_from(ebpf.take_map(map_names::FLOWS).expect("flows map"))
-            .expect("lru hash");
-        let stats = PerCpuArray::try_from(ebpf.take_map(map_names::STATS).expect("stats map"))
-            .expect("percpu array");
-        let mut h = Self {
-            ebpf,
-            config: config_map,
-            stats,
-            peers,
-            flows,
-            _sources: sources,
-            endpoints,
-            _pin: pin,
-        };
         h.reset_flows();
         h
     }
@@ -447,7 +248,7 @@ impl Harness {
         self.peers
             .insert(
                 &Key::new(24, PEER_SUBNET),
-                peer_info(PEER_IP, peer_flags::VALID, nexthop),
+                peer(PEER_IP, peer_flags::VALID, nexthop),
                 0,
             )
             .expect("peer");
@@ -474,19 +275,6 @@ impl Harness {
         }
     }
 
-    fn stats(&self) -> [u64; stat::COUNT as usize] {
-        let mut out = [0u64; stat::COUNT as usize];
-        for (i, v) in out.iter_mut().enumerate() {
-            *v = self
-                .stats
-                .get(&(i as u32), 0)
-                .expect("read stat")
-                .iter()
-                .sum();
-        }
-        out
-    }
-
     /// One BPF_PROG_TEST_RUN with skb->mark = [`MARK`]: the verdict, the packet as the program
     /// left it (in `out`) and the mark afterwards.
     fn run(
@@ -496,62 +284,12 @@ impl Harness {
         gso_size: Option<u32>,
         out: &mut Vec<u8>,
     ) -> Result<(u32, u32), ProgramError> {
-        let prog = classifier(&mut self.ebpf, program).expect("program");
-        out.clear();
-        out.resize(packet.len() + 256, 0);
-        // struct __sk_buff (192 bytes); test-run accepts mark and gso_segs/gso_size among few
-        // fields, and gives them back.
-        let mut ctx = [0u8; 192];
-        ctx[8..12].copy_from_slice(&MARK.to_ne_bytes());
-        if let Some(gso) = gso_size {
-            ctx[164..168].copy_from_slice(&2u32.to_ne_bytes());
-            ctx[176..180].copy_from_slice(&gso.to_ne_bytes());
-        }
-        let mut ctx_out = [0u8; 192];
-        let result = prog.test_run(TestRunOptions {
-            data_in: Some(packet),
-            data_out: Some(&mut out[..]),
-            ctx_in: Some(&ctx),
-            ctx_out: Some(&mut ctx_out),
-            ..TestRunOptions::default()
-        })?;
-        out.truncate(result.data_size_out as usize);
-        let mark = u32::from_ne_bytes(ctx_out[8..12].try_into().expect("4 bytes"));
-        Ok((result.return_value, mark))
+        self.test_run(program, packet, MARK, gso_size, out)
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Packet building
-
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-fn ipv4_header(src: [u8; 4], dst: [u8; 4], proto: u8, ttl: u8, payload_len: usize) -> Vec<u8> {
-    let tot = (20 + payload_len) as u16;
-    let mut h = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, ttl, proto, 0, 0];
-    h[2..4].copy_from_slice(&tot.to_be_bytes());
-    h.extend_from_slice(&src);
-    h.extend_from_slice(&dst);
-    let c = checksum(&h);
-    h[10..12].copy_from_slice(&c.to_be_bytes());
-    h
-}
-
-fn eth(dst: [u8; 6], src: [u8; 6], proto: [u8; 2]) -> Vec<u8> {
-    let mut e = dst.to_vec();
-    e.extend_from_slice(&src);
-    e.extend_from_slice(&proto);
-    e
-}
 
 /// `pick!(rng, [(weight, value), ...])`: a weighted choice. A macro so that the values may
 /// themselves draw from `rng` (the table is built before the choice borrows it).
@@ -659,7 +397,7 @@ fn ip_packet(
             ],
         );
     }
-    let mut p = ipv4_header(src, dst, proto, ttl, l4.len());
+    let mut p = ipv4_header(0, 0x1234, ttl, proto, src, dst, l4.len());
     p[1] = tos;
     fix_ip_checksum(&mut p, 0);
     p.extend_from_slice(&l4);
@@ -715,7 +453,7 @@ fn pod_frame(rng: &mut StdRng, max: usize) -> Vec<u8> {
     );
     let dst = remote_dst(rng);
     let ports = flow_ports(rng);
-    let mut f = eth(dst_mac, src_mac, [0x08, 0x00]);
+    let mut f = eth(dst_mac, src_mac);
     f.extend(ip_packet(rng, src, dst, ports, max - 34));
     f
 }
@@ -733,7 +471,7 @@ fn routed_frame(rng: &mut StdRng, max: usize) -> Vec<u8> {
     );
     let dst = remote_dst(rng);
     let ports = flow_ports(rng);
-    let mut f = eth(PEER_VTEP, LOCAL_VTEP, [0x08, 0x00]);
+    let mut f = eth(PEER_VTEP, LOCAL_VTEP);
     f.extend(ip_packet(rng, src, dst, ports, max - 34));
     f
 }
@@ -752,7 +490,7 @@ fn remote_to_local(rng: &mut StdRng, max_payload: usize) -> Vec<u8> {
 /// What the kernel vxlan device hands its ingress after decapsulation (R1's input).
 fn decapsulated_frame(rng: &mut StdRng, max: usize) -> Vec<u8> {
     let dst_mac = pick!(rng, [(18, LOCAL_VTEP), (1, BRIDGE_MAC), (1, [0xff; 6])],);
-    let mut f = eth(dst_mac, PEER_VTEP, [0x08, 0x00]);
+    let mut f = eth(dst_mac, PEER_VTEP);
     f.extend(remote_to_local(rng, max - 34));
     f
 }
@@ -760,27 +498,14 @@ fn decapsulated_frame(rng: &mut StdRng, max: usize) -> Vec<u8> {
 /// What the kernel delivers to the pod through its host veth (the ingress learner's input).
 fn delivered_frame(rng: &mut StdRng, max: usize) -> Vec<u8> {
     let dst_mac = pick!(rng, [(18, POD_MAC), (2, OTHER_POD_MAC), (1, rng.random())],);
-    let mut f = eth(dst_mac, BRIDGE_MAC, [0x08, 0x00]);
+    let mut f = eth(dst_mac, BRIDGE_MAC);
     f.extend(remote_to_local(rng, max - 34));
     f
 }
 
-/// The UDP checksum over the IPv4 pseudo header.
-fn udp_checksum(src: [u8; 4], dst: [u8; 4], segment: &[u8]) -> u16 {
-    let mut pseudo = src.to_vec();
-    pseudo.extend_from_slice(&dst);
-    pseudo.extend_from_slice(&[0, IPPROTO_UDP]);
-    pseudo.extend_from_slice(&(segment.len() as u16).to_be_bytes());
-    pseudo.extend_from_slice(segment);
-    match checksum(&pseudo) {
-        0 => 0xffff,
-        c => c,
-    }
-}
-
 /// VXLAN as a flannel node sends it, from a peer or not, for us or not.
 fn vxlan_frame(rng: &mut StdRng, max: usize) -> Vec<u8> {
-    let mut inner = eth(
+    let mut inner = eth_typed(
         pick!(rng, [(30, LOCAL_VTEP), (1, BRIDGE_MAC), (1, [0xff; 6])]),
         PEER_VTEP,
         pick!(
@@ -819,10 +544,10 @@ fn vxlan_frame(rng: &mut StdRng, max: usize) -> Vec<u8> {
         let c = udp_checksum(src, dst, &udp);
         udp[6..8].copy_from_slice(&c.to_be_bytes());
     }
-    let mut outer = ipv4_header(src, dst, 17, 64, udp.len());
+    let mut outer = ipv4_header(0, 0x1234, 64, 17, src, dst, udp.len());
     outer[1] = pick!(rng, [(8, 0u8), (1, 1), (1, 2), (2, 3)]);
     fix_ip_checksum(&mut outer, 0);
-    let mut f = eth(UPLINK_MAC, PEER_UPLINK_MAC, [0x08, 0x00]);
+    let mut f = eth(UPLINK_MAC, PEER_UPLINK_MAC);
     f.extend(outer);
     f.extend(udp);
     f
@@ -832,16 +557,16 @@ fn vxlan_frame(rng: &mut StdRng, max: usize) -> Vec<u8> {
 fn other_l2(rng: &mut StdRng, max: usize) -> Vec<u8> {
     let kind = rng.random_range(0..4);
     let mut f = match kind {
-        0 => eth([0xff; 6], PEER_UPLINK_MAC, [0x08, 0x06]),
-        1 => eth(UPLINK_MAC, PEER_UPLINK_MAC, [0x86, 0xdd]),
+        0 => eth_typed([0xff; 6], PEER_UPLINK_MAC, [0x08, 0x06]),
+        1 => eth_typed(UPLINK_MAC, PEER_UPLINK_MAC, [0x86, 0xdd]),
         2 => {
             // 802.1Q-tagged VXLAN from a peer.
-            let mut f = eth(UPLINK_MAC, PEER_UPLINK_MAC, [0x81, 0x00]);
+            let mut f = eth_typed(UPLINK_MAC, PEER_UPLINK_MAC, [0x81, 0x00]);
             f.extend_from_slice(&[0, 5, 0x08, 0x00]);
             f.extend(vxlan_frame(rng, max - 4).split_off(14));
             return f;
         }
-        _ => eth(UPLINK_MAC, PEER_UPLINK_MAC, rng.random()),
+        _ => eth_typed(UPLINK_MAC, PEER_UPLINK_MAC, rng.random()),
     };
     let len = rng.random_range(0..=max.min(200) - 14);
     let mut body = vec![0u8; len];
@@ -872,20 +597,6 @@ fn random_bytes(rng: &mut StdRng, max: usize) -> Vec<u8> {
 
 /// Offsets where headers start in a VXLAN frame (and where truncation is most interesting).
 const BOUNDARIES: [usize; 9] = [0, 12, 14, 34, 42, 50, 64, 84, 92];
-
-/// Recomputes the IPv4 header checksum at `off` if the header is there and parseable.
-fn fix_ip_checksum(p: &mut [u8], off: usize) {
-    if p.len() < off + 20 || p[off] >> 4 != 4 {
-        return;
-    }
-    let ihl = usize::from(p[off] & 0x0f) * 4;
-    if ihl < 20 || p.len() < off + ihl {
-        return;
-    }
-    p[off + 10..off + 12].copy_from_slice(&[0, 0]);
-    let c = checksum(&p[off..off + ihl]);
-    p[off + 10..off + 12].copy_from_slice(&c.to_be_bytes());
-}
 
 /// Offset of the inner IPv4 header when the outer header has no options.
 const INNER_IP: usize = 64;
@@ -1130,10 +841,10 @@ fn generate(rng: &mut StdRng, max: usize) -> Case {
         let target = pick!(
             rng,
             [
-                (2, MAX_INNER + 14),
-                (2, MAX_INNER + 15),
-                (1, MAX_INNER + 64),
-                (1, MAX_INNER + 65),
+                (2, MAX_INNER as usize + 14),
+                (2, MAX_INNER as usize + 15),
+                (1, MAX_INNER as usize + 64),
+                (1, MAX_INNER as usize + 65),
                 (2, rng.random_range(1500..=max)),
                 (1, max),
             ],
@@ -1273,7 +984,7 @@ fn encap_allowed(h: &Harness, p: &[u8], gso: Option<u32>, flags: u32) -> Result<
         return Err("fragment".into());
     }
     let gso = gso.unwrap_or(0);
-    if gso == 0 && p.len() - 14 > MAX_INNER {
+    if gso == 0 && p.len() - 14 > MAX_INNER as usize {
         return Err("larger than the underlay MTU".into());
     }
     let (proto, sport, dport, tcp_flags) = l4_at(p, p[23], 34)?;
@@ -1299,7 +1010,7 @@ fn encap_allowed(h: &Harness, p: &[u8], gso: Option<u32>, flags: u32) -> Result<
         if proto == IPPROTO_UDP {
             return Err("UDP GSO".into());
         }
-        if gso as usize + 20 + usize::from(p[34 + 12] >> 4) * 4 > MAX_INNER {
+        if gso as usize + 20 + usize::from(p[34 + 12] >> 4) * 4 > MAX_INNER as usize {
             return Err("GSO segments larger than the underlay MTU".into());
         }
     }
@@ -1530,13 +1241,11 @@ fn check_delivery_output(
     ce: bool,
     mark: u32,
 ) -> Result<(), String> {
-    let mut expected = eth(pod_mac, BRIDGE_MAC, [0x08, 0x00]);
-    expected.extend_from_slice(inner);
-    expected[14 + 8] -= 1;
+    let mut expected = delivered(inner, pod_mac);
     if ce {
         expected[15] |= 3;
+        fix_ip_checksum(&mut expected, 14);
     }
-    fix_ip_checksum(&mut expected, 14);
     if out != expected {
         return Err(format!(
             "delivery: frame not as routed into the pod (ce {ce}): {:02x?}",
@@ -2067,19 +1776,17 @@ fn udp_in_datagrams(ns: &NetNs) -> u64 {
 fn vxlan_payload(vtep_mac: [u8; 6], data: &[u8]) -> Vec<u8> {
     let mut p = vec![0x08, 0, 0, 0];
     p.extend_from_slice(&(VNI << 8).to_be_bytes());
-    p.extend(eth(vtep_mac, PEER_VTEP, [0x08, 0x00]));
+    p.extend(eth(vtep_mac, PEER_VTEP));
     p.extend(ipv4_header(
+        0,
+        0x1234,
+        64,
+        17,
         [10, 5, 2, 3],
         [10, 5, 1, 2],
-        17,
-        64,
         8 + data.len(),
     ));
-    p.extend_from_slice(&5000u16.to_be_bytes());
-    p.extend_from_slice(&7777u16.to_be_bytes());
-    p.extend_from_slice(&((8 + data.len()) as u16).to_be_bytes());
-    p.extend_from_slice(&[0, 0]);
-    p.extend_from_slice(data);
+    p.extend(udp(5000, 7777, data));
     p
 }
 

@@ -15,48 +15,16 @@
 //! - learned flows are fresh when their timestamps are recent `CLOCK_MONOTONIC` values (what
 //!   `bpf_ktime_get_ns` returns).
 
-use std::{
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
-};
+mod bpf;
 
-use aya::{
-    Ebpf, TestRun, TestRunOptions,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
-};
-use overlay_agent::dataplane::ebpf::{classifier, load, probe_decap_l4_udp};
+use aya::maps::lpm_trie::Key;
+use bpf::*;
+use overlay_agent::dataplane::ebpf::probe_decap_l4_udp;
 use overlay_common::{
-    DatapathConfig, Endpoint, FLOW_FRESH_NS, FlowKey, FlowState, PeerInfo, PeerSource,
-    config_flags, map_names, peer_flags, program_names, stat,
+    DatapathConfig, Endpoint, FLOW_FRESH_NS, FlowKey, FlowState, PeerSource, config_flags,
+    peer_flags, program_names, stat,
 };
 
-const TC_ACT_UNSPEC: u32 = -1i32 as u32;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
-
-const LOCAL_IP: [u8; 4] = [192, 168, 100, 1];
-const PEER_IP: [u8; 4] = [192, 168, 100, 2];
-/// The peer's underlay next hop (a gateway), as the agent resolves it.
-const NEXTHOP_IP: [u8; 4] = [192, 168, 100, 254];
-const STRANGER_IP: [u8; 4] = [192, 168, 100, 77];
-const LOCAL_VTEP: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
-const PEER_VTEP: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x02];
-const BRIDGE_MAC: [u8; 6] = [0x02, 0xaa, 0xaa, 0xaa, 0xaa, 0x01];
-const POD_MAC: [u8; 6] = [0x02, 0xbb, 0xbb, 0xbb, 0xbb, 0x02];
-const OTHER_POD_MAC: [u8; 6] = [0x02, 0xbb, 0xbb, 0xbb, 0xbb, 0x04];
-const UPLINK_MAC: [u8; 6] = [0x02, 0x11, 0x11, 0x11, 0x11, 0x01];
-const PEER_UPLINK_MAC: [u8; 6] = [0x02, 0x22, 0x22, 0x22, 0x22, 0x02];
-
-/// Our pod, behind the veth the program runs on (test-run's device, ifindex 1).
-const POD_IP: [u8; 4] = [10, 5, 1, 2];
-const HERE: u32 = 1;
-/// A local pod behind another veth.
-const OTHER_VETH_POD: [u8; 4] = [10, 5, 1, 4];
-const OTHER_IFINDEX: u32 = 9;
-/// An address in our subnet no endpoint has.
-const UNKNOWN_POD: [u8; 4] = [10, 5, 1, 9];
-/// A pod on the peer node (10.5.2.0/24).
-const REMOTE_POD: [u8; 4] = [10, 5, 2, 3];
 /// A pod of an incomplete (not VALID) peer lease (10.5.3.0/24).
 const INVALID_PEER_POD: [u8; 4] = [10, 5, 3, 4];
 /// An address no peer has.
@@ -66,113 +34,19 @@ const UDP_POD_PORT: u16 = 40000;
 const UDP_REMOTE_PORT: u16 = 5000;
 const TCP_POD_PORT: u16 = 40001;
 const TCP_REMOTE_PORT: u16 = 80;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_PSH: u8 = 0x08;
 const TCP_ACK: u8 = 0x10;
 
-const MAX_INNER: u32 = 1450;
-const ALL_FAST: u32 =
-    config_flags::FAST_RX_AFTER_DECAP | config_flags::FAST_TX | config_flags::FAST_RX_BEFORE_DECAP;
-
-// struct __sk_buff as test-run takes it in ctx_in / gives it back in ctx_out.
-const SKB_LEN: usize = 192;
-const SKB_MARK_OFF: usize = 8;
-const SKB_GSO_SEGS_OFF: usize = 164;
-const SKB_GSO_SIZE_OFF: usize = 176;
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "these tests load BPF programs and must run as root (CAP_BPF, CAP_NET_ADMIN)"
-    );
-    let mounts = std::fs::read_to_string("/proc/mounts").expect("read /proc/mounts");
-    assert!(
-        mounts
-            .lines()
-            .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")
-                && l.split_whitespace().nth(2) == Some("bpf")),
-        "/sys/fs/bpf is not a bpf filesystem: run `mount -t bpf bpf /sys/fs/bpf`"
-    );
-}
-
-/// `CLOCK_MONOTONIC` in nanoseconds: what `bpf_ktime_get_ns` returns.
-fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we pass.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime");
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// A unique pin directory under /sys/fs/bpf, removed (with the pinned maps) on drop.
-struct PinDir(PathBuf);
-
-impl PinDir {
-    fn new() -> Self {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock")
-            .subsec_nanos();
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        Self(PathBuf::from(format!(
-            "/sys/fs/bpf/ovl-pkt-test-{}-{n}-{nanos}",
-            std::process::id()
-        )))
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn config(flags: u32) -> DatapathConfig {
-    DatapathConfig {
-        local_ip: LOCAL_IP,
-        subnet_addr: [10, 5, 1, 0],
-        subnet_mask: [255, 255, 255, 0],
-        gateway_ip: [10, 5, 1, 1],
-        vni: 1,
-        uplink_ifindex: 1,
-        bridge_ifindex: 1,
-        vxlan_ifindex: 1,
-        max_inner_len: MAX_INNER,
-        vtep_mac: LOCAL_VTEP,
-        udp_port_be: 8472u16.to_be(),
-        flags,
-        enabled: 1,
-    }
-}
-
-fn flow_key(pod: [u8; 4], remote: [u8; 4], pod_port: u16, remote_port: u16, proto: u8) -> FlowKey {
-    FlowKey {
-        pod_ip: pod,
-        remote_ip: remote,
-        pod_port_be: pod_port.to_be(),
-        remote_port_be: remote_port.to_be(),
-        protocol: proto,
-        _pad: [0; 3],
-    }
+/// The UDP flow between local address `pod`:40000 and remote address `remote`:5000.
+fn udp_flow_of(pod: [u8; 4], remote: [u8; 4]) -> FlowKey {
+    flow_key(pod, remote, UDP_POD_PORT, UDP_REMOTE_PORT, IPPROTO_UDP)
 }
 
 fn udp_flow() -> FlowKey {
-    flow_key(
-        POD_IP,
-        REMOTE_POD,
-        UDP_POD_PORT,
-        UDP_REMOTE_PORT,
-        IPPROTO_UDP,
-    )
+    udp_flow_of(POD_IP, REMOTE_POD)
 }
 
 fn tcp_flow() -> FlowKey {
@@ -226,113 +100,16 @@ struct Outcome {
     mark: u32,
 }
 
-struct Harness {
-    ebpf: Ebpf,
-    config: Array<MapData, DatapathConfig>,
-    peers: LpmTrie<MapData, [u8; 4], PeerInfo>,
-    sources: HashMap<MapData, [u8; 4], PeerSource>,
-    endpoints: HashMap<MapData, [u8; 4], Endpoint>,
-    flows: HashMap<MapData, FlowKey, FlowState>,
-    stats: PerCpuArray<MapData, u64>,
-    // Last: the maps must be closed before the directory goes (drop order is field order).
-    _pin: PinDir,
-}
-
-fn peer(underlay: [u8; 4], flags: u16, nexthop: [u8; 4]) -> PeerInfo {
-    PeerInfo {
-        underlay_ip: underlay,
-        vtep_mac: PEER_VTEP,
-        flags,
-        generation: 1,
-        nexthop_ip: nexthop,
-    }
-}
-
 impl Harness {
     /// Programs loaded, configured as node 10.5.1.0/24 (all fast paths on) with one valid
     /// peer 10.5.2.0/24 (next hop resolved) and one incomplete lease 10.5.3.0/24; our pod
     /// 10.5.1.2 behind this veth, pod 10.5.1.4 behind another; the UDP and the TCP flow
     /// between our pod and 10.5.2.3 learned just now.
     fn new() -> Self {
-        require_root();
-        let pin = PinDir::new();
-        let mut ebpf = load(&pin.0).expect("programs load and pass the verifier");
-        let mut config_map: Array<MapData, DatapathConfig> =
-            Array::try_from(ebpf.take_map(map_names::CONFIG).expect("config map")).expect("array");
-        config_map
-            .set(0, config(ALL_FAST), 0)
-            .expect("write config");
-        let mut peers: LpmTrie<MapData, [u8; 4], PeerInfo> =
-            LpmTrie::try_from(ebpf.take_map(map_names::PEERS).expect("peers map")).expect("lpm");
-        peers
-            .insert(
-                &Key::new(24, [10, 5, 2, 0]),
-                peer(PEER_IP, peer_flags::VALID, NEXTHOP_IP),
-                0,
-            )
-            .expect("insert peer");
-        peers
-            .insert(
-                &Key::new(24, [10, 5, 3, 0]),
-                peer([192, 168, 100, 3], 0, [0; 4]),
-                0,
-            )
-            .expect("insert incomplete peer");
-        let mut sources: HashMap<MapData, [u8; 4], PeerSource> =
-            HashMap::try_from(ebpf.take_map(map_names::PEER_SOURCES).expect("sources map"))
-                .expect("hash");
-        sources
-            .insert(
-                PEER_IP,
-                PeerSource {
-                    lease_count: 1,
-                    generation: 1,
-                },
-                0,
-            )
-            .expect("insert source");
-        let mut endpoints: HashMap<MapData, [u8; 4], Endpoint> =
-            HashMap::try_from(ebpf.take_map(map_names::ENDPOINTS).expect("endpoints map"))
-                .expect("hash");
-        for (ip, ifindex, mac) in [
-            (POD_IP, HERE, POD_MAC),
-            (OTHER_VETH_POD, OTHER_IFINDEX, OTHER_POD_MAC),
-        ] {
-            endpoints
-                .insert(
-                    ip,
-                    Endpoint {
-                        host_ifindex: ifindex,
-                        pod_mac: mac,
-                        gateway_mac: BRIDGE_MAC,
-                        generation: 1,
-                    },
-                    0,
-                )
-                .expect("insert endpoint");
-        }
-        let flows: HashMap<MapData, FlowKey, FlowState> =
-            HashMap::try_from(ebpf.take_map(map_names::FLOWS).expect("flows map"))
-                .expect("lru hash");
-        let stats = PerCpuArray::try_from(ebpf.take_map(map_names::STATS).expect("stats map"))
-            .expect("percpu array");
-        let mut h = Self {
-            ebpf,
-            config: config_map,
-            peers,
-            sources,
-            endpoints,
-            flows,
-            stats,
-            _pin: pin,
-        };
+        let mut h = Self::load([0; 4]);
         h.learn(udp_flow(), fresh());
         h.learn(tcp_flow(), fresh());
         h
-    }
-
-    fn set_config(&mut self, cfg: DatapathConfig) {
-        self.config.set(0, cfg, 0).expect("write config");
     }
 
     fn learn(&mut self, key: FlowKey, state: FlowState) {
@@ -347,32 +124,12 @@ impl Harness {
         self.flows.get(key, 0).ok()
     }
 
-    fn stats(&self) -> Vec<u64> {
-        (0..stat::COUNT)
-            .map(|i| self.stats.get(&i, 0).expect("read stat").iter().sum())
-            .collect()
-    }
-
     /// Runs `program` on `packet` with the given skb fields; returns the verdict, the packet
     /// as the program left it, and the skb mark afterwards.
     fn run(&mut self, program: &'static str, packet: &[u8], ctx: Ctx) -> Outcome {
-        let prog = classifier(&mut self.ebpf, program).expect("program");
-        let mut out = vec![0u8; packet.len() + 256];
-        let mut skb_in = [0u8; SKB_LEN];
-        skb_in[SKB_MARK_OFF..SKB_MARK_OFF + 4].copy_from_slice(&ctx.mark.to_ne_bytes());
-        if let Some(gso) = ctx.gso_size {
-            skb_in[SKB_GSO_SEGS_OFF..SKB_GSO_SEGS_OFF + 4].copy_from_slice(&2u32.to_ne_bytes());
-            skb_in[SKB_GSO_SIZE_OFF..SKB_GSO_SIZE_OFF + 4].copy_from_slice(&gso.to_ne_bytes());
-        }
-        let mut skb_out = [0u8; SKB_LEN];
-        let result = prog
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                ctx_in: Some(&skb_in),
-                ctx_out: Some(&mut skb_out),
-                ..TestRunOptions::default()
-            })
+        let mut out = Vec::new();
+        let (verdict, mark) = self
+            .test_run(program, packet, ctx.mark, ctx.gso_size, &mut out)
             .unwrap_or_else(|e| {
                 panic!(
                     "BPF_PROG_TEST_RUN of {program} on a {}-byte packet (gso_size {:?}): {e:?}",
@@ -380,16 +137,7 @@ impl Harness {
                     ctx.gso_size
                 )
             });
-        out.truncate(result.data_size_out as usize);
-        Outcome {
-            verdict: result.return_value,
-            out,
-            mark: u32::from_ne_bytes(
-                skb_out[SKB_MARK_OFF..SKB_MARK_OFF + 4]
-                    .try_into()
-                    .expect("4 bytes"),
-            ),
-        }
+        Outcome { verdict, out, mark }
     }
 
     /// Runs and checks: the verdict, that exactly counter `reason` moved (by one; plus the
@@ -455,6 +203,69 @@ impl Harness {
     fn expect_pass(&mut self, program: &'static str, packet: &[u8], reason: u32, what: &str) {
         self.expect(program, packet, TC_ACT_UNSPEC, reason, what);
     }
+
+    /// Delivery (R1, R3) of `good` (a packet of the learned UDP flow, to our pod) judges the
+    /// flow's ingress direction: it must be fresh and learned through the endpoint's veth; the
+    /// egress direction does not matter (a one-way stream to the pod). Runs `good` under each
+    /// such flow state, expecting a redirect counted as `fast_reason` or a not-learned pass;
+    /// then with the flow forgotten; leaves the flow learned fresh.
+    fn expect_delivery_judges_the_ingress_direction(
+        &mut self,
+        prog: &'static str,
+        good: &[u8],
+        fast_reason: u32,
+    ) {
+        let stale = now_ns() - FLOW_FRESH_NS - 1_000_000_000;
+        for (what, state, fast) in [
+            (
+                "ingress stale",
+                FlowState {
+                    ingress_seen_ns: stale,
+                    ..fresh()
+                },
+                false,
+            ),
+            (
+                "ingress never seen",
+                FlowState {
+                    ingress_seen_ns: 0,
+                    ..fresh()
+                },
+                false,
+            ),
+            (
+                "learned through another veth",
+                fresh_via(OTHER_IFINDEX),
+                false,
+            ),
+            (
+                "egress stale",
+                FlowState {
+                    egress_seen_ns: stale,
+                    ..fresh()
+                },
+                true,
+            ),
+            (
+                "egress never seen (one-way flow)",
+                FlowState {
+                    egress_seen_ns: 0,
+                    ..fresh()
+                },
+                true,
+            ),
+        ] {
+            self.learn(udp_flow(), state);
+            if fast {
+                self.expect(prog, good, TC_ACT_REDIRECT, fast_reason, what);
+            } else {
+                self.expect_pass(prog, good, stat::KERNEL_NOT_LEARNED, what);
+            }
+        }
+        self.forget(udp_flow());
+        self.expect_pass(prog, good, stat::KERNEL_NOT_LEARNED, "never learned");
+        self.learn(udp_flow(), fresh());
+    }
 }
 
 fn moved(before: &[u64], after: &[u64]) -> Vec<(&'static str, u64)> {
@@ -470,50 +281,11 @@ fn moved(before: &[u64], after: &[u64]) -> Vec<(&'static str, u64)> {
 // ---------------------------------------------------------------------------------------------
 // Packet building
 
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// Recomputes the checksum of the IPv4 header at `off` (from scratch, not incrementally).
-fn fix_ip_checksum(p: &mut [u8], off: usize) {
-    let ihl = usize::from(p[off] & 0x0f) * 4;
-    p[off + 10..off + 12].copy_from_slice(&[0, 0]);
-    let c = checksum(&p[off..off + ihl]);
-    p[off + 10..off + 12].copy_from_slice(&c.to_be_bytes());
-}
-
-fn eth(dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
-    let mut e = dst.to_vec();
-    e.extend_from_slice(&src);
-    e.extend_from_slice(&[0x08, 0x00]);
-    e
-}
-
-/// An option-less IPv4 header (checksum computed) followed by `payload`.
+/// An option-less IPv4 header (id 0x4321, DF, checksum computed) followed by `payload`.
 fn ipv4(tos: u8, ttl: u8, proto: u8, src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
-    let mut h = vec![0x45, tos, 0, 0, 0x43, 0x21, 0x40, 0x00, ttl, proto, 0, 0];
-    h[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
-    h.extend_from_slice(&src);
-    h.extend_from_slice(&dst);
-    fix_ip_checksum(&mut h, 0);
+    let mut h = ipv4_header(tos, 0x4321, ttl, proto, src, dst, payload.len());
     h.extend_from_slice(payload);
     h
-}
-
-fn udp(sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
-    let mut u = sport.to_be_bytes().to_vec();
-    u.extend_from_slice(&dport.to_be_bytes());
-    u.extend_from_slice(&((8 + data.len()) as u16).to_be_bytes());
-    u.extend_from_slice(&[0, 0]);
-    u.extend_from_slice(data);
-    u
 }
 
 /// A TCP segment (20-byte header, 4 bytes of data; the checksum is not the programs' business).
@@ -557,16 +329,73 @@ fn pod_tcp(flags: u8) -> Vec<u8> {
     p
 }
 
-/// Remote pod 10.5.2.3:5000 -> our pod 10.5.1.2:40000, UDP "pong", as an IPv4 packet.
-fn remote_udp(tos: u8, ttl: u8) -> Vec<u8> {
+/// A UDP "pong" from the remote side's port 5000 to the pod side's 40000, `src` -> `dst`, as
+/// an IPv4 packet.
+fn pong(src: [u8; 4], dst: [u8; 4], tos: u8, ttl: u8) -> Vec<u8> {
     ipv4(
         tos,
         ttl,
         IPPROTO_UDP,
-        REMOTE_POD,
-        POD_IP,
+        src,
+        dst,
         &udp(UDP_REMOTE_PORT, UDP_POD_PORT, b"pong"),
     )
+}
+
+/// A UDP "ping" from the pod side's port 40000 to the remote side's 5000, `src` -> `dst`, as
+/// an IPv4 packet.
+fn ping(src: [u8; 4], dst: [u8; 4], ttl: u8) -> Vec<u8> {
+    ipv4(
+        0,
+        ttl,
+        IPPROTO_UDP,
+        src,
+        dst,
+        &udp(UDP_POD_PORT, UDP_REMOTE_PORT, b"ping"),
+    )
+}
+
+/// Remote pod 10.5.2.3:5000 -> our pod 10.5.1.2:40000, UDP "pong", as an IPv4 packet.
+fn remote_udp(tos: u8, ttl: u8) -> Vec<u8> {
+    pong(REMOTE_POD, POD_IP, tos, ttl)
+}
+
+/// An ICMP message of `icmp_type` (code 0, id 1, seq 1) from `src` to `dst` with `ttl`, in
+/// an Ethernet frame `dst_mac` <- `src_mac`.
+fn icmp_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    ttl: u8,
+    src: [u8; 4],
+    dst: [u8; 4],
+    icmp_type: u8,
+) -> Vec<u8> {
+    let mut f = eth(dst_mac, src_mac);
+    f.extend(ipv4(0, ttl, 1, src, dst, &[icmp_type, 0, 0, 0, 0, 1, 0, 1]));
+    f
+}
+
+/// `frame` with the (outer) IPv4 header checksum broken (`flip` xored into its first byte).
+fn bad_checksum_of(frame: &[u8], flip: u8) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[24] ^= flip;
+    f
+}
+
+/// `frame` with MF set in its (outer) IPv4 header: a first fragment.
+fn fragment_of(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[20] = 0x20;
+    fix_ip_checksum(&mut f, 14);
+    f
+}
+
+/// `frame` with its (outer) IPv4 total length one byte longer than the frame.
+fn length_beyond(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[17] += 1;
+    fix_ip_checksum(&mut f, 14);
+    f
 }
 
 /// Remote pod 10.5.2.3:80 -> our pod 10.5.1.2:40001, TCP with `flags`.
@@ -579,19 +408,6 @@ fn remote_tcp(flags: u8) -> Vec<u8> {
         POD_IP,
         &tcp(TCP_REMOTE_PORT, TCP_POD_PORT, flags),
     )
-}
-
-/// The UDP checksum over the IPv4 pseudo header.
-fn udp_checksum(src: [u8; 4], dst: [u8; 4], segment: &[u8]) -> u16 {
-    let mut pseudo = src.to_vec();
-    pseudo.extend_from_slice(&dst);
-    pseudo.extend_from_slice(&[0, IPPROTO_UDP]);
-    pseudo.extend_from_slice(&(segment.len() as u16).to_be_bytes());
-    pseudo.extend_from_slice(segment);
-    match checksum(&pseudo) {
-        0 => 0xffff,
-        c => c,
-    }
 }
 
 /// VXLAN from the peer node, as its flannel.1 sends it: outer Ethernet (our uplink MAC),
@@ -657,16 +473,6 @@ fn flannel_frame_delivered() -> Vec<u8> {
         0x13, 0x88, 0x9c, 0x40, 0x00, 0x0c, 0x00, 0x00, b'p', b'o', b'n', b'g',
     ]);
     p
-}
-
-/// The frame delivered into the pod for an inner IPv4 packet: pod MAC <- bridge MAC, TTL - 1,
-/// checksum recomputed from scratch.
-fn delivered(inner_ip: &[u8], pod_mac: [u8; 6]) -> Vec<u8> {
-    let mut f = eth(pod_mac, BRIDGE_MAC);
-    f.extend_from_slice(inner_ip);
-    f[14 + 8] -= 1;
-    fix_ip_checksum(&mut f, 14);
-    f
 }
 
 /// What the kernel vxlan device hands its ingress after decapsulation (R1's input).
@@ -936,10 +742,7 @@ fn r2_pass_reasons() {
         ),
         ("our pod's address from another MAC", POD_IP, OTHER_POD_MAC),
     ] {
-        h.learn(
-            flow_key(src, REMOTE_POD, UDP_POD_PORT, UDP_REMOTE_PORT, IPPROTO_UDP),
-            fresh(),
-        );
+        h.learn(udp_flow_of(src, REMOTE_POD), fresh());
         let mut p = good.clone();
         p[6..12].copy_from_slice(&mac);
         p[26..30].copy_from_slice(&src);
@@ -953,10 +756,7 @@ fn r2_pass_reasons() {
         ("incomplete peer lease", INVALID_PEER_POD),
         ("a local address", OTHER_VETH_POD),
     ] {
-        h.learn(
-            flow_key(POD_IP, dst, UDP_POD_PORT, UDP_REMOTE_PORT, IPPROTO_UDP),
-            fresh(),
-        );
+        h.learn(udp_flow_of(POD_IP, dst), fresh());
         let mut p = good.clone();
         p[30..34].copy_from_slice(&dst);
         fix_ip_checksum(&mut p, 14);
@@ -1089,22 +889,11 @@ fn r2_pass_reasons() {
     let mut multicast = good.clone();
     multicast[..6].copy_from_slice(&[0x01, 0x00, 0x5e, 0, 0, 1]);
     h.expect_pass(prog, &multicast, stat::KERNEL_NOT_OURS, "multicast");
-    let mut icmp = eth(BRIDGE_MAC, POD_MAC);
-    icmp.extend(ipv4(
-        0,
-        64,
-        1,
-        POD_IP,
-        REMOTE_POD,
-        &[8, 0, 0, 0, 0, 1, 0, 1],
-    ));
+    let icmp = icmp_frame(BRIDGE_MAC, POD_MAC, 64, POD_IP, REMOTE_POD, 8);
     h.expect_pass(prog, &icmp, stat::KERNEL_NOT_OURS, "ICMP");
-    let mut bad_checksum = good.clone();
-    bad_checksum[24] ^= 0x40;
+    let bad_checksum = bad_checksum_of(&good, 0x40);
     h.expect_pass(prog, &bad_checksum, stat::KERNEL_NOT_OURS, "bad checksum");
-    let mut bad_length = good.clone();
-    bad_length[17] += 1;
-    fix_ip_checksum(&mut bad_length, 14);
+    let bad_length = length_beyond(&good);
     h.expect_pass(
         prog,
         &bad_length,
@@ -1201,13 +990,7 @@ fn r3_decap_of_a_flannel_frame_delivers_into_the_pod() {
         assert_eq!(out, delivered(&inner, POD_MAC));
     }
     h.learn(
-        flow_key(
-            OTHER_VETH_POD,
-            REMOTE_POD,
-            UDP_POD_PORT,
-            UDP_REMOTE_PORT,
-            IPPROTO_UDP,
-        ),
+        udp_flow_of(OTHER_VETH_POD, REMOTE_POD),
         fresh_via(OTHER_IFINDEX),
     );
     let inner = ipv4(
@@ -1371,9 +1154,7 @@ fn r3_pass_and_drop_reasons() {
     );
 
     // From the peer: fragments and options go to the kernel (it reassembles/parses).
-    let mut fragment = good.clone();
-    fragment[20] = 0x20;
-    fix_ip_checksum(&mut fragment, 14);
+    let fragment = fragment_of(&good);
     h.expect_pass(
         prog,
         &fragment,
@@ -1502,18 +1283,8 @@ fn r3_pass_and_drop_reasons() {
         ("unknown endpoint", UNKNOWN_POD),
         ("the gateway", [10, 5, 1, 1]),
     ] {
-        h.learn(
-            flow_key(dst, REMOTE_POD, UDP_POD_PORT, UDP_REMOTE_PORT, IPPROTO_UDP),
-            fresh(),
-        );
-        let inner = ipv4(
-            0,
-            64,
-            IPPROTO_UDP,
-            REMOTE_POD,
-            dst,
-            &udp(UDP_REMOTE_PORT, UDP_POD_PORT, b"pong"),
-        );
+        h.learn(udp_flow_of(dst, REMOTE_POD), fresh());
+        let inner = pong(REMOTE_POD, dst, 0, 64);
         h.expect_pass(
             prog,
             &vxlan_from(PEER_IP, 0, &inner, false),
@@ -1529,64 +1300,7 @@ fn r3_pass_and_drop_reasons() {
             &format!("TCP flags {flags:#04x}"),
         );
     }
-    // The ingress direction (the one delivery takes) must be fresh and learned through the
-    // endpoint's veth; the egress direction does not matter (a one-way stream to the pod).
-    let stale = now_ns() - FLOW_FRESH_NS - 1_000_000_000;
-    for (what, state, fast) in [
-        (
-            "ingress stale",
-            FlowState {
-                ingress_seen_ns: stale,
-                ..fresh()
-            },
-            false,
-        ),
-        (
-            "ingress never seen",
-            FlowState {
-                ingress_seen_ns: 0,
-                ..fresh()
-            },
-            false,
-        ),
-        (
-            "learned through another veth",
-            fresh_via(OTHER_IFINDEX),
-            false,
-        ),
-        (
-            "egress stale",
-            FlowState {
-                egress_seen_ns: stale,
-                ..fresh()
-            },
-            true,
-        ),
-        (
-            "egress never seen (one-way flow)",
-            FlowState {
-                egress_seen_ns: 0,
-                ..fresh()
-            },
-            true,
-        ),
-    ] {
-        h.learn(udp_flow(), state);
-        if fast {
-            h.expect(
-                prog,
-                &good,
-                TC_ACT_REDIRECT,
-                stat::FAST_RX_BEFORE_DECAP_PACKETS,
-                what,
-            );
-        } else {
-            h.expect_pass(prog, &good, stat::KERNEL_NOT_LEARNED, what);
-        }
-    }
-    h.forget(udp_flow());
-    h.expect_pass(prog, &good, stat::KERNEL_NOT_LEARNED, "never learned");
-    h.learn(udp_flow(), fresh());
+    h.expect_delivery_judges_the_ingress_direction(prog, &good, stat::FAST_RX_BEFORE_DECAP_PACKETS);
     let mut ttl1 = good.clone();
     ttl1[72] = 1;
     fix_ip_checksum(&mut ttl1, 64);
@@ -1827,53 +1541,24 @@ fn r1_pass_reasons() {
     options[17] += 4;
     fix_ip_checksum(&mut options, 14);
     h.expect_pass(prog, &options, stat::KERNEL_NOT_OURS, "IP options");
-    let mut icmp = eth(LOCAL_VTEP, PEER_VTEP);
-    icmp.extend(ipv4(
-        0,
-        64,
-        1,
-        REMOTE_POD,
-        POD_IP,
-        &[0, 0, 0, 0, 0, 1, 0, 1],
-    ));
+    let icmp = icmp_frame(LOCAL_VTEP, PEER_VTEP, 64, REMOTE_POD, POD_IP, 0);
     h.expect_pass(prog, &icmp, stat::KERNEL_NOT_OURS, "ICMP");
-    let mut bad_checksum = good.clone();
-    bad_checksum[24] ^= 0x20;
+    let bad_checksum = bad_checksum_of(&good, 0x20);
     h.expect_pass(prog, &bad_checksum, stat::KERNEL_NOT_OURS, "bad checksum");
-    let mut bad_length = good.clone();
-    bad_length[17] += 1;
-    fix_ip_checksum(&mut bad_length, 14);
+    let bad_length = length_beyond(&good);
     h.expect_pass(
         prog,
         &bad_length,
         stat::KERNEL_NOT_OURS,
         "total length > frame",
     );
-    let mut fragment = good.clone();
-    fragment[20] = 0x20;
-    fix_ip_checksum(&mut fragment, 14);
+    let fragment = fragment_of(&good);
     h.expect_pass(prog, &fragment, stat::KERNEL_FRAGMENT, "fragment");
     // (Test-run refuses IPv4 frames shorter than 14 + 20 bytes: no truncated-header case.)
     h.expect_pass(prog, &good[..36], stat::KERNEL_NOT_OURS, "no UDP ports");
 
-    let unknown = ipv4(
-        0,
-        64,
-        IPPROTO_UDP,
-        REMOTE_POD,
-        UNKNOWN_POD,
-        &udp(UDP_REMOTE_PORT, UDP_POD_PORT, b"pong"),
-    );
-    h.learn(
-        flow_key(
-            UNKNOWN_POD,
-            REMOTE_POD,
-            UDP_POD_PORT,
-            UDP_REMOTE_PORT,
-            IPPROTO_UDP,
-        ),
-        fresh(),
-    );
+    let unknown = pong(REMOTE_POD, UNKNOWN_POD, 0, 64);
+    h.learn(udp_flow_of(UNKNOWN_POD, REMOTE_POD), fresh());
     h.expect_pass(
         prog,
         &from_vxlan_device(&unknown),
@@ -1888,64 +1573,7 @@ fn r1_pass_reasons() {
             &format!("TCP flags {flags:#04x}"),
         );
     }
-    // The ingress direction (the one delivery takes) must be fresh and learned through the
-    // endpoint's veth; the egress direction does not matter (a one-way stream to the pod).
-    let stale = now_ns() - FLOW_FRESH_NS - 1_000_000_000;
-    for (what, state, fast) in [
-        (
-            "ingress stale",
-            FlowState {
-                ingress_seen_ns: stale,
-                ..fresh()
-            },
-            false,
-        ),
-        (
-            "ingress never seen",
-            FlowState {
-                ingress_seen_ns: 0,
-                ..fresh()
-            },
-            false,
-        ),
-        (
-            "learned through another veth",
-            fresh_via(OTHER_IFINDEX),
-            false,
-        ),
-        (
-            "egress stale",
-            FlowState {
-                egress_seen_ns: stale,
-                ..fresh()
-            },
-            true,
-        ),
-        (
-            "egress never seen (one-way flow)",
-            FlowState {
-                egress_seen_ns: 0,
-                ..fresh()
-            },
-            true,
-        ),
-    ] {
-        h.learn(udp_flow(), state);
-        if fast {
-            h.expect(
-                prog,
-                &good,
-                TC_ACT_REDIRECT,
-                stat::FAST_RX_AFTER_DECAP_PACKETS,
-                what,
-            );
-        } else {
-            h.expect_pass(prog, &good, stat::KERNEL_NOT_LEARNED, what);
-        }
-    }
-    h.forget(udp_flow());
-    h.expect_pass(prog, &good, stat::KERNEL_NOT_LEARNED, "never learned");
-    h.learn(udp_flow(), fresh());
+    h.expect_delivery_judges_the_ingress_direction(prog, &good, stat::FAST_RX_AFTER_DECAP_PACKETS);
     h.expect_pass(
         prog,
         &from_vxlan_device(&remote_udp(0, 1)),
@@ -1988,14 +1616,7 @@ fn vxlan_egress_learns_the_egress_tuple() {
     let prog = program_names::VXLAN_EGRESS;
     h.forget(udp_flow());
     // The kernel routed our pod's UDP packet into flannel.1 (TTL already 63).
-    let leaving = into_vxlan_device(&ipv4(
-        0,
-        63,
-        IPPROTO_UDP,
-        POD_IP,
-        REMOTE_POD,
-        &udp(UDP_POD_PORT, UDP_REMOTE_PORT, b"ping"),
-    ));
+    let leaving = into_vxlan_device(&ping(POD_IP, REMOTE_POD, 63));
     let before = now_ns();
     h.expect_pass(prog, &leaving, stat::KERNEL_LEARNED, "new flow");
     let after = now_ns();
@@ -2044,41 +1665,17 @@ fn vxlan_egress_learns_the_egress_tuple() {
         ("destination not a remote pod", POD_IP, [10, 96, 0, 10]),
         ("incomplete peer", POD_IP, INVALID_PEER_POD),
     ] {
-        let p = into_vxlan_device(&ipv4(
-            0,
-            63,
-            IPPROTO_UDP,
-            src,
-            dst,
-            &udp(UDP_POD_PORT, UDP_REMOTE_PORT, b"ping"),
-        ));
+        let p = into_vxlan_device(&ping(src, dst, 63));
         h.expect_pass(prog, &p, stat::KERNEL_NO_ENDPOINT, what);
         assert!(
-            h.flow(&flow_key(
-                src,
-                dst,
-                UDP_POD_PORT,
-                UDP_REMOTE_PORT,
-                IPPROTO_UDP
-            ))
-            .is_none(),
+            h.flow(&udp_flow_of(src, dst)).is_none(),
             "{what}: nothing learned"
         );
     }
     h.forget(udp_flow());
-    let mut fragment = leaving.clone();
-    fragment[20] = 0x20;
-    fix_ip_checksum(&mut fragment, 14);
+    let fragment = fragment_of(&leaving);
     h.expect_pass(prog, &fragment, stat::KERNEL_FRAGMENT, "fragment");
-    let mut icmp = eth(PEER_VTEP, LOCAL_VTEP);
-    icmp.extend(ipv4(
-        0,
-        63,
-        1,
-        POD_IP,
-        REMOTE_POD,
-        &[8, 0, 0, 0, 0, 1, 0, 1],
-    ));
+    let icmp = icmp_frame(PEER_VTEP, LOCAL_VTEP, 63, POD_IP, REMOTE_POD, 8);
     h.expect_pass(prog, &icmp, stat::KERNEL_NOT_OURS, "ICMP");
     let mut arp = leaving.clone();
     arp[12..14].copy_from_slice(&[0x08, 0x06]);
@@ -2152,14 +1749,7 @@ fn pod_egress_learns_the_ingress_tuple_and_veth() {
             POD_IP,
         ),
     ] {
-        let mut p = to_pod_veth(&ipv4(
-            0,
-            63,
-            IPPROTO_UDP,
-            src,
-            dst,
-            &udp(UDP_REMOTE_PORT, UDP_POD_PORT, b"pong"),
-        ));
+        let mut p = to_pod_veth(&pong(src, dst, 0, 63));
         // Frames to the destination's real MAC (only the checked property differs).
         if dst == OTHER_VETH_POD {
             p[..6].copy_from_slice(&OTHER_POD_MAC);
@@ -2170,21 +1760,12 @@ fn pod_egress_learns_the_ingress_tuple_and_veth() {
         }
         h.expect_pass(prog, &p, stat::KERNEL_NO_ENDPOINT, what);
         assert!(
-            h.flow(&flow_key(
-                dst,
-                src,
-                UDP_POD_PORT,
-                UDP_REMOTE_PORT,
-                IPPROTO_UDP
-            ))
-            .is_none(),
+            h.flow(&udp_flow_of(dst, src)).is_none(),
             "{what}: nothing learned"
         );
     }
     h.forget(udp_flow());
-    let mut fragment = arriving.clone();
-    fragment[20] = 0x20;
-    fix_ip_checksum(&mut fragment, 14);
+    let fragment = fragment_of(&arriving);
     h.expect_pass(prog, &fragment, stat::KERNEL_FRAGMENT, "fragment");
     h.set_config(DatapathConfig::default());
     h.expect_pass(prog, &arriving, stat::KERNEL_DISABLED, "unconfigured");
