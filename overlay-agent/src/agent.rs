@@ -15,8 +15,13 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::{
-    bpffs,
-    config::{BackendType, NetworkConfig},
+    cli::flags::Flags,
+    control::config::{BackendType, NetworkConfig},
+    control::etcd::{self, EtcdError, EtcdOptions},
+    control::lease::{HeldLease, LEASE_TTL, LeaseError, Lessor, format_mac},
+    control::store::{EtcdApi, KvStore, Store},
+    control::subnet_file::{SubnetEnv, SubnetFileError},
+    control::watch::{PeerRules, PeerWatcher},
     dataplane::{
         self, DataplaneCommand, DataplaneError, LeaseAttrs, LocalLease,
         ebpf::{
@@ -26,24 +31,21 @@ use crate::{
         host_gw::HostGwDataplane,
         vxlan::VxlanDataplane,
     },
-    etcd::{self, EtcdError, EtcdOptions},
-    flags::Flags,
-    forward, health, iface,
-    lease::{HeldLease, LEASE_TTL, LeaseError, Lessor, format_mac},
-    masq, notify,
+    observe::health,
+    observe::status::{AgentStatus, PeerStatus},
+    os::bpffs,
+    os::forward,
+    os::iface,
+    os::masq,
+    os::notify,
     peer::PeerEvent,
-    status::{AgentStatus, PeerStatus},
-    store::{EtcdApi, KvStore, Store},
-    subnet_file::{SubnetEnv, SubnetFileError},
-    watch::{PeerRules, PeerWatcher},
 };
 
 /// How often a missing or invalid config (or an unreachable etcd) is re-checked.
 pub const CONFIG_RECHECK: Duration = Duration::from_secs(2);
 /// How often a failed lease acquisition (e.g. out of subnets) is retried.
 pub const LEASE_RETRY: Duration = Duration::from_secs(5);
-/// VXLAN over IPv4 costs 50 bytes (outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14).
-pub const VXLAN_OVERHEAD: u32 = 50;
+use overlay_common::VXLAN_OVERHEAD;
 
 /// Why the agent stopped.
 #[derive(Debug, thiserror::Error)]
@@ -156,14 +158,14 @@ pub async fn wait_for_config<S: KvStore>(
                      `overlay-agent --etcd-api=v2 --etcd-prefix={} config set '{}'` \
                      or `ETCDCTL_API=2 etcdctl set {key} '<json>'`; re-checking every {CONFIG_RECHECK:?}",
                     opts.prefix,
-                    crate::config::EXAMPLE_CONFIG
+                    crate::control::config::EXAMPLE_CONFIG
                 )),
                 None => problems.report(format!(
                     "no network config at {key} in etcd (v3 API; etcdctl v2's `mk`/`set` write elsewhere): \
                      write one with `overlay-agent --etcd-prefix={} config set '{}'` \
                      or `ETCDCTL_API=3 etcdctl put {key} '<json>'`; re-checking every {CONFIG_RECHECK:?}",
                     opts.prefix,
-                    crate::config::EXAMPLE_CONFIG
+                    crate::control::config::EXAMPLE_CONFIG
                 )),
                 Some(kv) => {
                     let text = String::from_utf8_lossy(&kv.value);
@@ -236,20 +238,17 @@ pub async fn run_node<D: dataplane::Dataplane, S: KvStore>(
             .ok()
     });
     let _stop_notices = AbortOnDrop(cni_notices);
-    let control = control_loop(
+    let control = ControlLoop {
         flags,
-        &opts,
+        opts: &opts,
         client,
         config,
-        setup.attrs,
-        setup.public_ip,
-        setup.pod_mtu,
-        lease_ttl,
+        public_ip: setup.public_ip,
+        pod_mtu: setup.pod_mtu,
         cmd_tx,
-        dp_ready_rx,
         status,
-        &mut shutdown,
-    );
+    }
+    .run(setup.attrs, lease_ttl, dp_ready_rx, &mut shutdown);
     tokio::select! {
         result = control => result,
         () = dataplane_task => {
@@ -270,200 +269,266 @@ impl Drop for AbortOnDrop {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn control_loop<S: KvStore>(
-    flags: &Flags,
-    opts: &EtcdOptions,
+/// The control loop's inputs: this node, its config and where its work goes.
+struct ControlLoop<'a, S: KvStore> {
+    flags: &'a Flags,
+    opts: &'a EtcdOptions,
     client: S,
     config: NetworkConfig,
-    attrs: LeaseAttrs,
     public_ip: Ipv4Addr,
     pod_mtu: u32,
-    lease_ttl: Duration,
     cmd_tx: mpsc::Sender<DataplaneCommand>,
-    mut dp_ready: watch::Receiver<bool>,
     status: watch::Sender<AgentStatus>,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Result<(), AgentError> {
-    status.send_modify(|s| {
-        s.node.public_ip = public_ip.to_string();
-        s.node.vtep_mac = match &attrs {
-            LeaseAttrs::Vxlan { vtep_mac, .. } => Some(format_mac(vtep_mac)),
-            LeaseAttrs::HostGw => None,
+}
+
+/// The tasks that run beside the control loop while it holds a lease.
+struct SideTasks {
+    keeper: tokio::task::JoinHandle<()>,
+    watcher: tokio::task::JoinHandle<()>,
+    config_watcher: tokio::task::JoinHandle<()>,
+    masq: Option<tokio::task::JoinHandle<()>>,
+    forward: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for SideTasks {
+    fn drop(&mut self) {
+        self.keeper.abort();
+        self.watcher.abort();
+        self.config_watcher.abort();
+        for task in [self.masq.take(), self.forward.take()]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
+        }
+    }
+}
+
+impl<S: KvStore> ControlLoop<'_, S> {
+    /// Lease, datapath, rules, subnet.env and READY=1 in flanneld's order, then follows
+    /// lease changes and peer events until shutdown.
+    async fn run(
+        self,
+        attrs: LeaseAttrs,
+        lease_ttl: Duration,
+        dp_ready: watch::Receiver<bool>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), AgentError> {
+        self.status.send_modify(|s| {
+            s.node.public_ip = self.public_ip.to_string();
+            s.node.vtep_mac = match &attrs {
+                LeaseAttrs::Vxlan { vtep_mac, .. } => Some(format_mac(vtep_mac)),
+                LeaseAttrs::HostGw => None,
+            };
+            s.etcd.connected = true;
+            s.etcd.api = self.client.api().to_string();
+        });
+        let mut lessor = Lessor::new(
+            self.client.clone(),
+            self.opts.clone(),
+            self.config.clone(),
+            self.public_ip,
+            attrs,
+        )
+        .with_ttl(lease_ttl);
+        let Some(held) = self.acquire(&mut lessor, shutdown).await else {
+            return Ok(());
         };
-        s.etcd.connected = true;
-        s.etcd.api = client.api().to_string();
-    });
-    // The previous run's subnet, to keep pod addresses stable across restarts.
-    let previous = match SubnetEnv::read(&flags.subnet_file) {
-        Ok(prev) => prev.map(|p| p.subnet),
-        Err(err) => {
-            warn!(error = %err, "ignoring the previous subnet file");
-            None
-        }
-    };
-    let mut lessor = Lessor::new(
-        client.clone(),
-        opts.clone(),
-        config.clone(),
-        public_ip,
-        attrs,
-    )
-    .with_ttl(lease_ttl);
-    let mut problems = ProblemLog::default();
-    let held = loop {
-        match lessor.acquire(previous).await {
-            Ok(held) => {
-                problems.resolved("subnet lease acquired after earlier failures");
-                break held;
-            }
-            Err(err) => problems.report(format!("{err}; retrying every {LEASE_RETRY:?}")),
-        }
-        if wait_or_shutdown(LEASE_RETRY, shutdown).await {
+        info!(subnet = %held.subnet, public_ip = %self.public_ip, "holding subnet lease");
+        self.publish_lease(&held);
+        if !self.wait_for_datapath(&held, dp_ready, shutdown).await? {
             return Ok(());
         }
-    };
-    info!(subnet = %held.subnet, public_ip = %public_ip, "holding subnet lease");
-    let publish_lease = |held: &HeldLease| {
+        // flanneld installs its masquerade rules before it writes subnet.env.
+        if self.flags.ip_masq
+            && let Err(err) = masq::apply(self.config.network, held.subnet).await
+        {
+            warn!(error = %err, "installing the ip-masq rules failed; retrying every {:?}", self.flags.iptables_resync());
+        }
+        let masq = self.start_masq(held.subnet);
+        let forward = start_forward_rules(self.flags, self.config.network).await;
+        if let Err(err) = self.subnet_env(&held).write(&self.flags.subnet_file) {
+            for task in [masq, forward].into_iter().flatten() {
+                task.abort();
+            }
+            return Err(err.into());
+        }
+        info!(path = %self.flags.subnet_file.display(), "wrote the subnet file");
+        notify::ready();
+        self.status.send_modify(|s| s.ready = true);
+        self.follow(lessor, held, masq, forward, shutdown).await
+    }
+
+    /// Takes a lease (the previous run's subnet when it is still ours), retrying until
+    /// shutdown; None on shutdown.
+    async fn acquire(
+        &self,
+        lessor: &mut Lessor<S>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<HeldLease> {
+        // The previous run's subnet, to keep pod addresses stable across restarts.
+        let previous = match SubnetEnv::read(&self.flags.subnet_file) {
+            Ok(prev) => prev.map(|p| p.subnet),
+            Err(err) => {
+                warn!(error = %err, "ignoring the previous subnet file");
+                None
+            }
+        };
+        let mut problems = ProblemLog::default();
+        loop {
+            match lessor.acquire(previous).await {
+                Ok(held) => {
+                    problems.resolved("subnet lease acquired after earlier failures");
+                    return Some(held);
+                }
+                Err(err) => problems.report(format!("{err}; retrying every {LEASE_RETRY:?}")),
+            }
+            if wait_or_shutdown(LEASE_RETRY, shutdown).await {
+                return None;
+            }
+        }
+    }
+
+    /// Asks the dataplane to program our lease and waits until it has (READY=1 only then);
+    /// false on shutdown.
+    async fn wait_for_datapath(
+        &self,
+        held: &HeldLease,
+        mut dp_ready: watch::Receiver<bool>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<bool, AgentError> {
+        self.activate(held).await?;
+        // The dataplane retries failed activations itself; we only say that we wait.
+        let mut waited = Duration::ZERO;
+        while !*dp_ready.borrow_and_update() {
+            tokio::select! {
+                changed = dp_ready.changed() => if changed.is_err() { return Err(AgentError::DataplaneStopped) },
+                _ = tokio::time::sleep(Duration::from_secs(10)) => {
+                    waited += Duration::from_secs(10);
+                    warn!(waited = ?waited, "still waiting for the datapath to be programmed for our lease");
+                    self.activate(held).await?;
+                }
+                _ = shutdown.changed() => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Follows our lease (re-programs, rewrites subnet.env and the masquerade rules when it
+    /// changes) and passes peer events on to the dataplane, keeping the status's peer list.
+    async fn follow(
+        &self,
+        lessor: Lessor<S>,
+        held: HeldLease,
+        masq: Option<tokio::task::JoinHandle<()>>,
+        forward: Option<tokio::task::JoinHandle<()>>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), AgentError> {
+        let (held_tx, mut held_rx) = watch::channel(held.clone());
+        let (own_tx, own_rx) = watch::channel(held.subnet);
+        // The watcher's events pass through here on their way to the dataplane.
+        let (peer_tx, mut peer_rx) = mpsc::channel::<DataplaneCommand>(256);
+        let mut tasks = SideTasks {
+            keeper: tokio::spawn(lessor.keep(held.clone(), self.flags.renew_margin(), held_tx)),
+            watcher: tokio::spawn(
+                PeerWatcher::new(
+                    self.client.clone(),
+                    self.opts.clone(),
+                    PeerRules {
+                        backend: self.config.backend.kind.lease_backend(),
+                        network: self.config.network,
+                        own_public_ip: self.public_ip,
+                    },
+                    own_rx,
+                    peer_tx,
+                )
+                .with_status(self.status.clone())
+                .run(),
+            ),
+            config_watcher: tokio::spawn(crate::control::config_watch::watch_config(
+                self.client.clone(),
+                self.opts.clone(),
+                self.config.clone(),
+                self.flags.backend,
+            )),
+            masq,
+            forward,
+        };
+        loop {
+            tokio::select! {
+                changed = held_rx.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    let held = held_rx.borrow_and_update().clone();
+                    info!(subnet = %held.subnet, "our lease changed; reprogramming and rewriting the subnet file");
+                    self.publish_lease(&held);
+                    self.activate(&held).await?;
+                    if let Some(task) = tasks.masq.take() {
+                        task.abort();
+                    }
+                    tasks.masq = self.start_masq(held.subnet);
+                    if let Err(err) = self.subnet_env(&held).write(&self.flags.subnet_file) {
+                        error!(error = %err, "rewriting the subnet file failed");
+                    }
+                    own_tx.send_replace(held.subnet);
+                }
+                command = peer_rx.recv() => {
+                    let Some(command) = command else { return Ok(()) };
+                    if let DataplaneCommand::Peers(event) = &command {
+                        self.status.send_modify(|s| record_peer_event(s, event));
+                    }
+                    if self.cmd_tx.send(command).await.is_err() {
+                        return Err(AgentError::DataplaneStopped);
+                    }
+                }
+                _ = shutdown.changed() => return Ok(()),
+            }
+        }
+    }
+
+    async fn activate(&self, held: &HeldLease) -> Result<(), AgentError> {
+        let local = LocalLease {
+            subnet: held.subnet,
+            network: self.config.network,
+            public_ip: self.public_ip,
+        };
+        self.cmd_tx
+            .send(DataplaneCommand::Activate(local))
+            .await
+            .map_err(|_| AgentError::DataplaneStopped)
+    }
+
+    fn publish_lease(&self, held: &HeldLease) {
         let expires =
             std::time::SystemTime::now() + held.ttl.saturating_sub(held.renewed_at.elapsed());
-        status.send_modify(|s| {
+        self.status.send_modify(|s| {
             s.node.subnet = held.subnet.to_string();
             s.node.lease_expires_unix = expires
                 .duration_since(std::time::UNIX_EPOCH)
                 .ok()
                 .map(|d| d.as_secs());
         });
-    };
-    publish_lease(&held);
-
-    let local = |held: &HeldLease| LocalLease {
-        subnet: held.subnet,
-        network: config.network,
-        public_ip,
-    };
-    let subnet_env = |held: &HeldLease| SubnetEnv {
-        network: config.network,
-        subnet: held.subnet,
-        mtu: pod_mtu,
-        ipmasq: flags.ip_masq,
-    };
-
-    if cmd_tx
-        .send(DataplaneCommand::Activate(local(&held)))
-        .await
-        .is_err()
-    {
-        return Err(AgentError::DataplaneStopped);
     }
-    // READY=1 only once the datapath is programmed; it retries failed activations itself.
-    let mut waited = Duration::ZERO;
-    while !*dp_ready.borrow_and_update() {
-        tokio::select! {
-            changed = dp_ready.changed() => if changed.is_err() { return Err(AgentError::DataplaneStopped) },
-            _ = tokio::time::sleep(Duration::from_secs(10)) => {
-                waited += Duration::from_secs(10);
-                warn!(waited = ?waited, "still waiting for the datapath to be programmed for our lease");
-                if cmd_tx.send(DataplaneCommand::Activate(local(&held))).await.is_err() {
-                    return Err(AgentError::DataplaneStopped);
-                }
-            }
-            _ = shutdown.changed() => return Ok(()),
+
+    fn subnet_env(&self, held: &HeldLease) -> SubnetEnv {
+        SubnetEnv {
+            network: self.config.network,
+            subnet: held.subnet,
+            mtu: self.pod_mtu,
+            ipmasq: self.flags.ip_masq,
         }
     }
-    // flanneld installs its masquerade rules before it writes subnet.env.
-    let start_masq = |subnet| {
-        flags.ip_masq.then(|| {
+
+    fn start_masq(&self, subnet: ipnetwork::Ipv4Network) -> Option<tokio::task::JoinHandle<()>> {
+        self.flags.ip_masq.then(|| {
             tokio::spawn(masq::keep_rules(
-                config.network,
+                self.config.network,
                 subnet,
-                flags.iptables_resync(),
+                self.flags.iptables_resync(),
             ))
         })
-    };
-    if flags.ip_masq
-        && let Err(err) = masq::apply(config.network, held.subnet).await
-    {
-        warn!(error = %err, "installing the ip-masq rules failed; retrying every {:?}", flags.iptables_resync());
     }
-    let mut masq_task = start_masq(held.subnet);
-    let forward_task = start_forward_rules(flags, config.network).await;
-    subnet_env(&held).write(&flags.subnet_file)?;
-    info!(path = %flags.subnet_file.display(), "wrote the subnet file");
-    notify::ready();
-    status.send_modify(|s| s.ready = true);
-
-    let (held_tx, mut held_rx) = watch::channel(held.clone());
-    let (own_tx, own_rx) = watch::channel(held.subnet);
-    let keeper = tokio::spawn(lessor.keep(held.clone(), flags.renew_margin(), held_tx));
-    // The watcher's events pass through here on their way to the dataplane, to keep the
-    // status's peer list.
-    let (peer_tx, mut peer_rx) = mpsc::channel::<DataplaneCommand>(256);
-    let config_watcher = tokio::spawn(crate::config_watch::watch_config(
-        client.clone(),
-        opts.clone(),
-        config.clone(),
-        flags.backend,
-    ));
-    let watcher = tokio::spawn(
-        PeerWatcher::new(
-            client,
-            opts.clone(),
-            PeerRules {
-                backend: config.backend.kind.lease_backend(),
-                network: config.network,
-                own_public_ip: public_ip,
-            },
-            own_rx,
-            peer_tx,
-        )
-        .with_status(status.clone())
-        .run(),
-    );
-
-    let result = loop {
-        tokio::select! {
-            changed = held_rx.changed() => {
-                if changed.is_err() {
-                    break Ok(());
-                }
-                let held = held_rx.borrow_and_update().clone();
-                info!(subnet = %held.subnet, "our lease changed; reprogramming and rewriting the subnet file");
-                publish_lease(&held);
-                if cmd_tx.send(DataplaneCommand::Activate(local(&held))).await.is_err() {
-                    break Err(AgentError::DataplaneStopped);
-                }
-                if let Some(task) = masq_task.take() {
-                    task.abort();
-                }
-                masq_task = start_masq(held.subnet);
-                if let Err(err) = subnet_env(&held).write(&flags.subnet_file) {
-                    error!(error = %err, "rewriting the subnet file failed");
-                }
-                own_tx.send_replace(held.subnet);
-            }
-            command = peer_rx.recv() => {
-                let Some(command) = command else { break Ok(()) };
-                if let DataplaneCommand::Peers(event) = &command {
-                    status.send_modify(|s| record_peer_event(s, event));
-                }
-                if cmd_tx.send(command).await.is_err() {
-                    break Err(AgentError::DataplaneStopped);
-                }
-            }
-            _ = shutdown.changed() => break Ok(()),
-        }
-    };
-    keeper.abort();
-    watcher.abort();
-    config_watcher.abort();
-    if let Some(task) = masq_task {
-        task.abort();
-    }
-    if let Some(task) = forward_task {
-        task.abort();
-    }
-    result
 }
 
 /// `--iptables-forward-rules` (flanneld's default: on): installs the FORWARD accept rules
@@ -575,7 +640,8 @@ pub async fn run(flags: Flags) -> Result<(), AgentError> {
 
     let opts = flags.etcd_options();
     let Some(mut client) =
-        crate::store::select::connect_store_retrying(&opts, flags.etcd_api, &mut shutdown).await?
+        crate::control::store::select::connect_store_retrying(&opts, flags.etcd_api, &mut shutdown)
+            .await?
     else {
         return Ok(());
     };
@@ -605,6 +671,43 @@ pub async fn run(flags: Flags) -> Result<(), AgentError> {
     result
 }
 
+/// What every backend needs to go on once its dataplane exists: `run` hands it to
+/// [`run_node`]. One place for the hand-over the four backend set-ups used to copy.
+struct Launch<'a> {
+    flags: &'a Flags,
+    client: Store,
+    config: NetworkConfig,
+    public_ip: Ipv4Addr,
+    status: watch::Sender<AgentStatus>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Launch<'_> {
+    async fn run<D: dataplane::Dataplane>(
+        self,
+        dataplane: D,
+        attrs: LeaseAttrs,
+        pod_mtu: u32,
+    ) -> Result<(), AgentError> {
+        let setup = NodeSetup {
+            dataplane,
+            attrs,
+            public_ip: self.public_ip,
+            pod_mtu,
+        };
+        run_node(
+            self.flags,
+            self.client,
+            self.config,
+            setup,
+            LEASE_TTL,
+            self.status,
+            self.shutdown,
+        )
+        .await
+    }
+}
+
 /// The dataplane factory: builds the configured backend and runs the node with it.
 ///
 /// - `host-gw`: [`HostGwDataplane`] on the uplink;
@@ -626,102 +729,101 @@ async fn start_backend(
         backend: kind,
         source,
     };
-    let public_ip = uplink.public_ip;
+    let backend = config.backend.clone();
+    let launch = Launch {
+        flags,
+        client,
+        config,
+        public_ip: uplink.public_ip,
+        status,
+        shutdown,
+    };
     match kind {
         BackendType::HostGw => {
             remove_stale_ebpf(&flags.bpf_pin_dir);
             let (dataplane, attrs) = HostGwDataplane::new(uplink.clone())
                 .await
                 .map_err(setup_err)?;
-            status.send_modify(|s| s.node.active_datapath = "host-gw".into());
-            let setup = NodeSetup {
-                dataplane,
-                attrs,
-                public_ip,
-                pod_mtu,
-            };
-            run_node(flags, client, config, setup, LEASE_TTL, status, shutdown).await
+            launch
+                .status
+                .send_modify(|s| s.node.active_datapath = "host-gw".into());
+            launch.run(dataplane, attrs, pod_mtu).await
         }
         BackendType::Vxlan => {
             remove_stale_ebpf(&flags.bpf_pin_dir);
-            let (dataplane, attrs) = VxlanDataplane::new(uplink.clone(), &config.backend)
+            let (dataplane, attrs) = VxlanDataplane::new(uplink.clone(), &backend)
                 .await
                 .map_err(setup_err)?;
-            status.send_modify(|s| s.node.active_datapath = "vxlan".into());
+            launch
+                .status
+                .send_modify(|s| s.node.active_datapath = "vxlan".into());
             let pod_mtu = dataplane.mtu();
-            let setup = NodeSetup {
-                dataplane,
-                attrs,
-                public_ip,
-                pod_mtu,
-            };
-            run_node(flags, client, config, setup, LEASE_TTL, status, shutdown).await
+            launch.run(dataplane, attrs, pod_mtu).await
         }
         BackendType::Ebpf => {
-            let (kernel, attrs) = VxlanDataplane::new(uplink.clone(), &config.backend)
+            let (kernel, attrs) = VxlanDataplane::new(uplink.clone(), &backend)
                 .await
                 .map_err(setup_err)?;
-            let pod_mtu = kernel.mtu();
-            let vtep_mac = match &attrs {
-                LeaseAttrs::Vxlan { vtep_mac, .. } => Some(*vtep_mac),
-                LeaseAttrs::HostGw => None,
-            };
-            let settings = EbpfSettings {
-                pin_dir: flags.bpf_pin_dir.clone(),
-                bridge: flags.bridge.clone(),
-                uplink: uplink.clone(),
-                vni: config.backend.vni,
-                port: config.backend.port,
-                vtep_mac,
-                vxlan_device: kernel.device_name().to_string(),
-                fast_path: flags.ebpf_fast_path,
-            };
-            // Without a bpf filesystem nothing can be pinned: mount one (as Cilium's agent
-            // does) and fall back only when that fails.
-            let started = match bpffs::ensure_pin_root(&flags.bpf_pin_dir) {
-                Ok(_) => EbpfDataplane::new(kernel, settings)
-                    .map_err(|unavailable| (unavailable.to_string(), unavailable.kernel)),
-                Err(err) => Err((format!("the eBPF datapath is unavailable: {err}"), kernel)),
-            };
-            match started {
-                Ok(dataplane) => {
-                    let gso_decap = dataplane.gso_decap_supported();
-                    status.send_modify(|s| {
-                        s.node.active_datapath = "ebpf".into();
-                        s.node.ebpf_fast_path = Some(flags.ebpf_fast_path.to_string());
-                        s.node.gso_decap_in_bpf = Some(gso_decap);
-                    });
-                    let stats = tokio::spawn(copy_datapath_counters(
-                        flags.bpf_pin_dir.clone(),
-                        status.clone(),
-                    ));
-                    let setup = NodeSetup {
-                        dataplane,
-                        attrs,
-                        public_ip,
-                        pod_mtu,
-                    };
-                    let result =
-                        run_node(flags, client, config, setup, LEASE_TTL, status, shutdown).await;
-                    stats.abort();
-                    result
-                }
-                Err((reason, kernel)) => {
-                    warn!(reason = %reason, "the eBPF datapath cannot run here; this node forwards through the kernel vxlan device alone (a plain flannel vxlan node)");
-                    remove_ebpf_left_by_earlier_run(&flags.bpf_pin_dir);
-                    status.send_modify(|s| {
-                        s.node.active_datapath = "vxlan".into();
-                        s.node.fallback_reason = Some(reason);
-                    });
-                    let setup = NodeSetup {
-                        dataplane: kernel,
-                        attrs,
-                        public_ip,
-                        pod_mtu,
-                    };
-                    run_node(flags, client, config, setup, LEASE_TTL, status, shutdown).await
-                }
-            }
+            start_ebpf(launch, kernel, attrs, uplink).await
+        }
+    }
+}
+
+/// The eBPF datapath over `kernel`; when it cannot load here, `kernel` alone (a plain
+/// flannel vxlan node), said loudly and shown in /status.
+async fn start_ebpf(
+    launch: Launch<'_>,
+    kernel: VxlanDataplane,
+    attrs: LeaseAttrs,
+    uplink: &iface::Uplink,
+) -> Result<(), AgentError> {
+    let flags = launch.flags;
+    let pod_mtu = kernel.mtu();
+    let vtep_mac = match &attrs {
+        LeaseAttrs::Vxlan { vtep_mac, .. } => Some(*vtep_mac),
+        LeaseAttrs::HostGw => None,
+    };
+    let settings = EbpfSettings {
+        pin_dir: flags.bpf_pin_dir.clone(),
+        bridge: flags.bridge.clone(),
+        uplink: uplink.clone(),
+        vni: launch.config.backend.vni,
+        port: launch.config.backend.port,
+        vtep_mac,
+        vxlan_device: kernel.device_name().to_string(),
+        fast_path: flags.ebpf_fast_path,
+    };
+    // Without a bpf filesystem nothing can be pinned: mount one (as Cilium's agent does)
+    // and fall back only when that fails.
+    let started = match bpffs::ensure_pin_root(&flags.bpf_pin_dir) {
+        Ok(_) => EbpfDataplane::new(kernel, settings)
+            .map_err(|unavailable| (unavailable.to_string(), unavailable.kernel)),
+        Err(err) => Err((format!("the eBPF datapath is unavailable: {err}"), kernel)),
+    };
+    match started {
+        Ok(dataplane) => {
+            let gso_decap = dataplane.gso_decap_supported();
+            launch.status.send_modify(|s| {
+                s.node.active_datapath = "ebpf".into();
+                s.node.ebpf_fast_path = Some(flags.ebpf_fast_path.to_string());
+                s.node.gso_decap_in_bpf = Some(gso_decap);
+            });
+            let stats = tokio::spawn(copy_datapath_counters(
+                flags.bpf_pin_dir.clone(),
+                launch.status.clone(),
+            ));
+            let result = launch.run(dataplane, attrs, pod_mtu).await;
+            stats.abort();
+            result
+        }
+        Err((reason, kernel)) => {
+            warn!(reason = %reason, "the eBPF datapath cannot run here; this node forwards through the kernel vxlan device alone (a plain flannel vxlan node)");
+            remove_ebpf_left_by_earlier_run(&flags.bpf_pin_dir);
+            launch.status.send_modify(|s| {
+                s.node.active_datapath = "vxlan".into();
+                s.node.fallback_reason = Some(reason);
+            });
+            launch.run(kernel, attrs, pod_mtu).await
         }
     }
 }

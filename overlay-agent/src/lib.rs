@@ -5,27 +5,10 @@
 //! the dataplane and applies them through [`dataplane::Dataplane`].
 
 pub mod agent;
-pub mod bpffs;
 pub mod cli;
 pub mod cni;
-pub mod compat_flags;
-pub mod config;
-pub mod config_watch;
+pub mod control;
 pub mod dataplane;
-pub mod docker_opts;
-pub mod etcd;
-pub mod flags;
-pub mod forward;
-pub mod health;
-pub mod iface;
-pub mod lease;
-pub mod masq;
-pub mod migrate;
-pub mod netlink;
-pub mod notify;
+pub mod observe;
+pub mod os;
 pub mod peer;
-pub mod report;
-pub mod status;
-pub mod store;
-pub mod subnet_file;
-pub mod watch;

@@ -4,9 +4,12 @@
 use std::{io::IsTerminal, process::ExitCode};
 
 use overlay_agent::{
-    agent, cli, docker_opts,
-    flags::{Cli, Command},
-    report::error_chain,
+    agent,
+    cli::{
+        commands, docker_opts,
+        flags::{Cli, Command},
+        report::error_chain,
+    },
 };
 use tracing_subscriber::EnvFilter;
 
@@ -86,11 +89,11 @@ fn main() -> ExitCode {
                 agent::run(flags).await?;
                 None
             }
-            Some(Command::Config(cmd)) => Some(cli::config(&flags, &cmd).await?),
-            Some(Command::Leases) => Some(cli::leases(&flags).await?),
-            Some(Command::Lease(cmd)) => Some(cli::lease(&flags, &cmd).await?),
-            Some(Command::Status(args)) => Some(cli::status(&flags, &args).await?),
-            Some(Command::MigrateEtcd(args)) => Some(cli::migrate_etcd(&flags, &args).await?),
+            Some(Command::Config(cmd)) => Some(commands::config(&flags, &cmd).await?),
+            Some(Command::Leases) => Some(commands::leases(&flags).await?),
+            Some(Command::Lease(cmd)) => Some(commands::lease(&flags, &cmd).await?),
+            Some(Command::Status(args)) => Some(commands::status(&flags, &args).await?),
+            Some(Command::MigrateEtcd(args)) => Some(commands::migrate_etcd(&flags, &args).await?),
             Some(Command::DockerOpts(args)) => {
                 docker_opts::run(&args, &flags.subnet_file)?;
                 None

@@ -17,15 +17,15 @@ use etcd_client::GetOptions;
 use ipnetwork::Ipv4Network;
 use overlay_agent::{
     agent::{self, NodeSetup},
-    config::NetworkConfig,
+    cli::flags::{Cli, Flags},
+    control::config::NetworkConfig,
+    control::etcd::{self, EtcdOptions},
+    control::lease::{self, LEASE_TTL, LeaseError, Lessor},
+    control::subnet_file::SubnetEnv,
+    control::watch::{PeerRules, PeerWatcher},
     dataplane::{DataplaneCommand, LeaseAttrs, LocalLease},
-    etcd::{self, EtcdOptions},
-    flags::{Cli, Flags},
-    lease::{self, LEASE_TTL, LeaseError, Lessor},
+    observe::status::AgentStatus,
     peer::{LeaseBackend, MacAddr6, Peer, PeerEvent},
-    status::AgentStatus,
-    subnet_file::SubnetEnv,
-    watch::{PeerRules, PeerWatcher},
 };
 use tokio::sync::{mpsc, watch};
 
@@ -628,25 +628,12 @@ async fn peer_leases_reach_the_dataplane_as_the_right_events() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_makes_the_watcher_list_again_and_send_a_snapshot() {
     let etcd = Etcd::start();
-    // The watcher must list before we compact; it gets a while to do so, longer on each
-    // try when the machine is too busy (a late list cannot show the effect, and says so).
-    for (attempt, wait) in [1u64, 3, 8].into_iter().enumerate() {
-        if compaction_round(
-            &etcd,
-            &format!("/compact{attempt}"),
-            Duration::from_secs(wait),
-        )
-        .await
-        {
-            return;
-        }
-        println!("attempt {attempt}: the watcher listed after the compaction; retrying");
-    }
-    panic!("the watcher never listed within 8 s; cannot exercise compaction");
+    compaction_round(&etcd, "/compact").await;
 }
 
-/// One try: returns false when the watcher listed too late to see the compaction.
-async fn compaction_round(etcd: &Etcd, prefix: &str, wait: Duration) -> bool {
+/// The watcher lists, blocks on a full channel before it watches, and its watch then starts
+/// from a revision we compact away meanwhile.
+async fn compaction_round(etcd: &Etcd, prefix: &str) {
     let mut c = client(&etcd.endpoint).await;
     let o = opts(&etcd.endpoint, prefix);
     let own: Ipv4Network = "10.6.1.0/24".parse().unwrap();
@@ -665,6 +652,7 @@ async fn compaction_round(etcd: &Etcd, prefix: &str, wait: Duration) -> bool {
     tx.send(DataplaneCommand::Peers(PeerEvent::Snapshot(vec![])))
         .await
         .unwrap();
+    let (status_tx, mut status_rx) = watch::channel(AgentStatus::default());
     let watcher = tokio::spawn(
         PeerWatcher::new(
             agent_client,
@@ -673,9 +661,14 @@ async fn compaction_round(etcd: &Etcd, prefix: &str, wait: Duration) -> bool {
             own_rx,
             tx,
         )
+        .with_status(status_tx)
         .run(),
     );
-    tokio::time::sleep(wait).await;
+    // It reports itself connected once it has listed, right before it sends (and blocks).
+    tokio::time::timeout(LONG, status_rx.wait_for(|s| s.etcd.connected))
+        .await
+        .expect("the watcher lists within LONG")
+        .expect("status channel");
     for i in 0..5 {
         c.put(format!("{prefix}/other"), format!("{i}"), None)
             .await
@@ -702,14 +695,9 @@ async fn compaction_round(etcd: &Etcd, prefix: &str, wait: Duration) -> bool {
         "our filler"
     );
     // The watcher's first snapshot, from before the compaction...
-    let first = next_event(&mut rx).await;
-    match &first {
+    match next_event(&mut rx).await {
         PeerEvent::Snapshot(p) if p.len() == 1 => {}
-        PeerEvent::Snapshot(p) if p.len() == 2 => {
-            watcher.abort();
-            return false;
-        }
-        other => panic!("expected the first snapshot, got {other:?}"),
+        other => panic!("expected the first snapshot with one peer, got {other:?}"),
     }
     // ...then, its watch being refused as compacted, a fresh snapshot with both peers.
     match next_event(&mut rx).await {
@@ -717,7 +705,6 @@ async fn compaction_round(etcd: &Etcd, prefix: &str, wait: Duration) -> bool {
         other => panic!("expected a re-list snapshot after compaction, got {other:?}"),
     }
     watcher.abort();
-    true
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1279,7 +1266,7 @@ async fn minus_v_2_into_a_pipe_is_plain_text_with_debug_lines_of_the_agent_only(
     assert!(
         debug
             .iter()
-            .any(|(_, t)| t.starts_with("overlay_agent::etcd")),
+            .any(|(_, t)| t.starts_with("overlay_agent::control::etcd")),
         "-v=2 shows the agent's debug lines:\n{text}"
     );
     let foreign: Vec<_> = debug
@@ -1333,7 +1320,7 @@ async fn healthz_is_up_and_readyz_turns_ready_only_once_the_node_holds_a_lease()
     let ((), _) = with_node(&flags, public_ip, mac(0x0c), async |ready, _log| {
         // The health server reads the status the running node publishes.
         let (addr, task) =
-            overlay_agent::health::serve("127.0.0.1:0".parse().unwrap(), ready.clone())
+            overlay_agent::observe::health::serve("127.0.0.1:0".parse().unwrap(), ready.clone())
                 .await
                 .unwrap();
         assert_eq!(status(addr, "/healthz").await, "HTTP/1.1 200 OK");
@@ -1361,14 +1348,17 @@ async fn healthz_is_up_and_readyz_turns_ready_only_once_the_node_holds_a_lease()
         assert_eq!(ready.borrow().node.subnet, "10.12.0.128/26");
         assert_eq!(status(addr, "/metrics").await, "HTTP/1.1 200 OK");
         // `overlay-agent status` reads the same value back.
-        let fetched = overlay_agent::health::fetch_status(addr).await.unwrap();
+        let fetched = overlay_agent::observe::health::fetch_status(addr)
+            .await
+            .unwrap();
         assert_eq!(fetched.node, ready.borrow().node);
         assert!(fetched.ready);
         // A taken port fails at start-up, naming the flags to change.
-        let err = overlay_agent::health::serve(addr, watch::channel(AgentStatus::default()).1)
-            .await
-            .err()
-            .unwrap();
+        let err =
+            overlay_agent::observe::health::serve(addr, watch::channel(AgentStatus::default()).1)
+                .await
+                .err()
+                .unwrap();
         assert!(err.to_string().contains("--healthz-port"), "{err}");
         task.abort();
     })

@@ -24,7 +24,7 @@ use overlay_agent::{
         Dataplane, DataplaneError, LocalLease,
         ebpf::{EbpfDataplane, EbpfSettings, FastPath, read_pinned_stats},
     },
-    iface::Uplink,
+    os::iface::Uplink,
     peer::{MacAddr6, Peer, PeerEvent},
 };
 use overlay_common::{FlowKey, FlowState, map_names, program_names, stat};

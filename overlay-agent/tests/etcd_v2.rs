@@ -19,15 +19,15 @@ use common::{Etcd, Recorded, RecordingDataplane, Tls, wait_until};
 use ipnetwork::Ipv4Network;
 use overlay_agent::{
     agent::{self, NodeSetup},
-    config::NetworkConfig,
+    cli::flags::{Cli, Flags},
+    control::config::NetworkConfig,
+    control::etcd::EtcdOptions,
+    control::lease::{LEASE_TTL, Lessor},
+    control::store::{self, EtcdApi, EtcdApiChoice, KvStore, V2Client},
+    control::watch::PeerWatcher,
     dataplane::{DataplaneCommand, LeaseAttrs},
-    etcd::EtcdOptions,
-    flags::{Cli, Flags},
-    lease::{LEASE_TTL, Lessor},
+    observe::status::AgentStatus,
     peer::{LeaseBackend, MacAddr6, Peer, PeerEvent},
-    status::AgentStatus,
-    store::{self, EtcdApi, EtcdApiChoice, KvStore, V2Client},
-    watch::PeerWatcher,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -361,7 +361,7 @@ async fn put_peer(c: &mut V2Client, n: u8) {
         &format!("/relist/subnets/10.5.{n}.0-24"),
         &old_lease(
             &format!("192.168.1.{n}"),
-            &overlay_agent::lease::format_mac(&mac(n)),
+            &overlay_agent::control::lease::format_mac(&mac(n)),
         ),
     )
     .await
@@ -381,7 +381,7 @@ async fn an_outdated_watch_index_and_an_etcd_restart_recover_by_listing_again() 
         PeerWatcher::new(
             V2Client::connect(&o).await.unwrap(),
             o.clone(),
-            overlay_agent::watch::PeerRules {
+            overlay_agent::control::watch::PeerRules {
                 backend: LeaseBackend::Vxlan,
                 network: "10.5.0.0/16".parse().unwrap(),
                 own_public_ip: "192.168.1.1".parse().unwrap(),

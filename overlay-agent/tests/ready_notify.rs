@@ -14,12 +14,12 @@ use std::{
 use common::{Etcd, client};
 use overlay_agent::{
     agent::{self, NodeSetup},
+    cli::flags::Cli,
+    control::etcd,
+    control::lease::LEASE_TTL,
     dataplane::{Dataplane, DataplaneError, LeaseAttrs, LocalLease},
-    etcd,
-    flags::Cli,
-    lease::LEASE_TTL,
+    observe::status::AgentStatus,
     peer::{MacAddr6, PeerEvent},
-    status::AgentStatus,
 };
 use tokio::sync::{Semaphore, watch};
 

@@ -6,7 +6,7 @@
 use std::{path::Path, process::Command};
 
 use clap::Parser;
-use overlay_agent::docker_opts;
+use overlay_agent::cli::docker_opts;
 
 const UNIT: &str = include_str!("../../deploy/overlay-agent.service");
 const ENV_EXAMPLE: &str = include_str!("../../deploy/overlay-agent.env.example");

@@ -1,5 +1,6 @@
 //! TLS material for an etcd with client-certificate authentication, made with `openssl`:
-//! a CA, a server certificate (also usable by etcdctl as a client) and a client certificate.
+//! a CA, a server certificate (also usable by etcdctl as a client) and a client certificate,
+//! and on request a client certificate from another CA (which the server must refuse).
 
 use std::{
     net::Ipv4Addr,
@@ -26,38 +27,28 @@ impl TestPki {
                 .tempdir()
                 .expect("tempdir"),
         };
-        pki.key("ca");
-        pki.openssl(&[
-            "req",
-            "-x509",
-            "-new",
-            "-key",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=overlay-test-ca",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
+        pki.ca("ca");
         let mut sans: Vec<String> = server_ips.iter().map(|ip| format!("IP:{ip}")).collect();
         sans.push("IP:127.0.0.1".into());
+        sans.push("DNS:localhost".into());
         pki.leaf(
             "server",
+            "ca",
             &format!(
                 "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\nsubjectAltName={}\n",
                 sans.join(",")
             ),
         );
-        pki.leaf(
-            "client",
-            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n",
-        );
+        pki.leaf("client", "ca", CLIENT_EXT);
         pki
+    }
+
+    /// Adds `rogue-client.pem`/`.key`, signed by another CA (`rogue-ca`): a certificate the
+    /// server must refuse.
+    pub fn with_rogue_client(self) -> TestPki {
+        self.ca("rogue-ca");
+        self.leaf("rogue-client", "rogue-ca", CLIENT_EXT);
+        self
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -103,7 +94,30 @@ impl TestPki {
         ]);
     }
 
-    fn leaf(&self, name: &str, ext: &str) {
+    /// A self-signed CA `<name>.pem`/`<name>.key`.
+    fn ca(&self, name: &str) {
+        self.key(name);
+        self.openssl(&[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN=overlay-test-{name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+    }
+
+    /// `<name>.pem`/`<name>.key` signed by the CA `<ca>`, with the extensions `ext`.
+    fn leaf(&self, name: &str, ca: &str, ext: &str) {
         self.key(name);
         self.openssl(&[
             "req",
@@ -122,9 +136,9 @@ impl TestPki {
             "-in",
             &format!("{name}.csr"),
             "-CA",
-            "ca.pem",
+            &format!("{ca}.pem"),
             "-CAkey",
-            "ca.key",
+            &format!("{ca}.key"),
             "-CAcreateserial",
             "-out",
             &format!("{name}.pem"),
@@ -135,3 +149,5 @@ impl TestPki {
         ]);
     }
 }
+
+const CLIENT_EXT: &str = "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n";

@@ -10,13 +10,13 @@
 use std::{future::Future, time::Duration};
 
 use overlay_agent::{
-    config::{BackendConfig, BackendType},
+    control::config::{BackendConfig, BackendType},
     dataplane::{
         Dataplane, LeaseAttrs, LocalLease,
         ebpf::{EbpfDataplane, EbpfSettings, FastPath},
         vxlan::VxlanDataplane,
     },
-    iface::{IfaceOptions, Uplink, select_uplink},
+    os::iface::{IfaceOptions, Uplink, select_uplink},
     peer::{MacAddr6, Peer, PeerEvent},
 };
 use overlay_common::stat;

@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeSet, net::Ipv4Addr, process::Command, time::Duration};
 
-use overlay_agent::compat_flags::{FLANNELD_FLAGS, Handling};
+use overlay_agent::cli::compat_flags::{FLANNELD_FLAGS, Handling};
 use overlay_tests::{
     agent::{AgentProcess, agent_binary},
     etcd::{EtcdOptions, EtcdServer},
@@ -206,7 +206,7 @@ fn docs_code_and_this_test_list_the_same_flags() {
     assert_eq!(tested, listed, "FLAG_ARGS vs docs/flags.md");
     // Implemented flags must be real arguments (not the compat table's catch-all).
     use clap::CommandFactory;
-    let cmd = overlay_agent::flags::Cli::command();
+    let cmd = overlay_agent::cli::flags::Cli::command();
     let longs: BTreeSet<&str> = cmd.get_arguments().filter_map(|a| a.get_long()).collect();
     for (name, word) in &docs {
         if word == "implemented" && name != "help" && name != "version" {

@@ -6,11 +6,11 @@
 use std::{future::Future, net::Ipv4Addr, time::Duration};
 
 use overlay_agent::{
-    config::{BackendConfig, BackendType},
+    control::config::{BackendConfig, BackendType},
     dataplane::{
         Dataplane, LeaseAttrs, LocalLease, host_gw::HostGwDataplane, vxlan::VxlanDataplane,
     },
-    iface::{IfaceOptions, Uplink, select_uplink},
+    os::iface::{IfaceOptions, Uplink, select_uplink},
     peer::{MacAddr6, Peer, PeerEvent},
 };
 use overlay_tests::{
@@ -1054,7 +1054,7 @@ fn run_dataplane_task_programs_and_self_heals_vxlan() {
 #[test]
 fn link_events_report_new_and_deleted_links() {
     use futures_util::StreamExt;
-    use overlay_agent::netlink::{LinkEvent, Netlink};
+    use overlay_agent::os::netlink::{LinkEvent, Netlink};
     let ns = NetNs::new("kle");
     run_in(&ns, || async {
         let mut events = Box::pin(Netlink::link_events().expect("subscribe"));
@@ -1267,11 +1267,11 @@ fn vxlan_relist_that_changes_nothing_writes_nothing_and_a_change_writes_only_it(
             .await
             .expect("activate");
         let mut peers = many_peers(200);
-        let before = overlay_agent::netlink::writes_total();
+        let before = overlay_agent::os::netlink::writes_total();
         dp.apply(&PeerEvent::Snapshot(peers.clone()))
             .await
             .expect("first snapshot");
-        let first = overlay_agent::netlink::writes_total() - before;
+        let first = overlay_agent::os::netlink::writes_total() - before;
         // A neighbour, an FDB entry and a route per peer, all there (read back by iproute2).
         assert_eq!(first, 600, "first snapshot writes");
         assert_eq!(neighbours(&ns, "flannel.1").len(), 200);
@@ -1284,12 +1284,12 @@ fn vxlan_relist_that_changes_nothing_writes_nothing_and_a_change_writes_only_it(
             200
         );
 
-        let before = overlay_agent::netlink::writes_total();
+        let before = overlay_agent::os::netlink::writes_total();
         dp.apply(&PeerEvent::Snapshot(peers.clone()))
             .await
             .expect("same snapshot again");
         assert_eq!(
-            overlay_agent::netlink::writes_total() - before,
+            overlay_agent::os::netlink::writes_total() - before,
             0,
             "a re-list that changes nothing must not write"
         );
@@ -1297,11 +1297,11 @@ fn vxlan_relist_that_changes_nothing_writes_nothing_and_a_change_writes_only_it(
         // One peer moves to another node, one goes: only they are written.
         peers[7].public_ip = "172.20.9.9".parse().expect("ip");
         peers.remove(3);
-        let before = overlay_agent::netlink::writes_total();
+        let before = overlay_agent::os::netlink::writes_total();
         dp.apply(&PeerEvent::Snapshot(peers.clone()))
             .await
             .expect("changed snapshot");
-        let writes = overlay_agent::netlink::writes_total() - before;
+        let writes = overlay_agent::os::netlink::writes_total() - before;
         assert!(
             (3..=7).contains(&writes),
             "one changed and one removed peer should take a handful of writes, not {writes}"
@@ -1361,7 +1361,7 @@ fn vxlan_hears_a_deleted_route_neighbour_or_fdb_entry_and_repairs_only_that() {
             // Notifications only (without them this times out: nothing here polls). Earlier
             // repairs' own notifications may come first, so handle them until it is back.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            let before = overlay_agent::netlink::writes_total();
+            let before = overlay_agent::os::netlink::writes_total();
             let state = || {
                 (
                     neighbours(&ns, "flannel.1"),
@@ -1377,7 +1377,7 @@ fn vxlan_hears_a_deleted_route_neighbour_or_fdb_entry_and_repairs_only_that() {
                     });
                 dp.maintain_changes().await.expect("repair");
             }
-            let writes = overlay_agent::netlink::writes_total() - before;
+            let writes = overlay_agent::os::netlink::writes_total() - before;
             assert_eq!(
                 writes, 3,
                 "{deletion:?}: exactly that peer's neighbour, FDB entry and route are written again"

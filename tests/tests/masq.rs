@@ -8,7 +8,7 @@ use std::{
 };
 
 use ipnetwork::Ipv4Network;
-use overlay_agent::masq;
+use overlay_agent::os::masq;
 use overlay_tests::{netns::NetNs, topology::Cluster, wait_until};
 
 /// Accepts one connection on `ip:port` inside `ns` and returns the client's address, while
@@ -67,7 +67,7 @@ fn ip_masq_masquerades_outside_traffic_only_and_restores_deleted_rules() {
         .expect("apply rules");
     let listing = node.ns.stdout(&["nft", "list", "table", "ip", masq::TABLE]);
     assert!(listing.contains("masquerade fully-random"), "{listing}");
-    // FORWARD accepts belong to iptables' filter table (overlay_agent::forward): here they
+    // FORWARD accepts belong to iptables' filter table (overlay_agent::os::forward): here they
     // could not override a FORWARD policy of DROP.
     assert!(!listing.contains("hook forward"), "{listing}");
 

@@ -147,7 +147,7 @@ fn status_json_matches_etcd_and_the_datapath_and_metrics_count_traffic() {
 
     // status --json from the running agent matches etcd and the pinned maps.
     let check = |status: &Value, live: bool| {
-        let own_network = format!("{}", subnets[0].replace(".1/", ".0/"));
+        let own_network = subnets[0].replace(".1/", ".0/");
         assert_eq!(status["node"]["subnet"], own_network.as_str(), "{status:#}");
         assert_eq!(status["node"]["public_ip"], "192.168.100.1", "{status:#}");
         assert_eq!(status["node"]["active_datapath"], "ebpf", "{status:#}");

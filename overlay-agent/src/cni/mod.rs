@@ -34,7 +34,7 @@ use self::{
     delegate::DelegateError,
     netconf::{FlannelConf, NetconfError},
 };
-use crate::subnet_file::{SubnetEnv, SubnetFileError};
+use crate::control::subnet_file::{SubnetEnv, SubnetFileError};
 
 /// The binary's file name that selects the plugin (`/opt/cni/bin/flannel`).
 pub const PLUGIN_NAME: &str = "flannel";

@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::subnet_file::SubnetEnv;
+use crate::control::subnet_file::SubnetEnv;
 
 /// Where flannel's plugin looks for the agent's subnet file by default.
-pub const DEFAULT_SUBNET_FILE: &str = crate::flags::DEFAULT_SUBNET_FILE;
+pub const DEFAULT_SUBNET_FILE: &str = crate::cli::flags::DEFAULT_SUBNET_FILE;
 /// Where the delegate netconf of each container is kept between ADD and DEL.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/flannel";
 

@@ -39,8 +39,8 @@ use tracing::{debug, info, warn};
 use super::{Dataplane, DataplaneError, LocalLease};
 use crate::{
     cni::agent_socket::{PodNotice, PodNoticeReply, PodOp},
-    iface::Uplink,
-    netlink::{Link, Netlink},
+    os::iface::Uplink,
+    os::netlink::{Link, Netlink},
     peer::{MacAddr6, Peer, PeerEvent},
 };
 
@@ -195,15 +195,6 @@ pub enum EbpfError {
     },
     #[error("interface {name}: {source}")]
     Interface { name: String, source: io::Error },
-}
-
-impl From<EbpfError> for DataplaneError {
-    fn from(err: EbpfError) -> Self {
-        DataplaneError::Ebpf {
-            what: "eBPF datapath".into(),
-            reason: err.to_string(),
-        }
-    }
 }
 
 /// A delete of a key that is not there is success (mark-and-sweep re-applies deletes).
@@ -559,7 +550,8 @@ pub struct EbpfDataplane<K: Dataplane> {
     /// brings it forward.
     nexthop_scan_at: std::time::Instant,
     /// Route and link notifications, to look next hops up again when the underlay changes.
-    underlay_changes: Option<tokio::sync::mpsc::UnboundedReceiver<crate::netlink::KernelChange>>,
+    underlay_changes:
+        Option<tokio::sync::mpsc::UnboundedReceiver<crate::os::netlink::KernelChange>>,
     /// Whether a snapshot has been applied since start (the first one also sweeps the maps
     /// of entries a previous run left).
     synced: bool,
@@ -854,7 +846,7 @@ impl<K: Dataplane> EbpfDataplane<K> {
         };
         let netlink_err = |what: &str| {
             let what = what.to_owned();
-            move |source: crate::netlink::NetlinkError| EbpfError::Interface {
+            move |source: crate::os::netlink::NetlinkError| EbpfError::Interface {
                 name: what,
                 source: io::Error::other(source.to_string()),
             }
@@ -948,7 +940,7 @@ impl<K: Dataplane> EbpfDataplane<K> {
             for ip in &pod.pod_ips {
                 self.remove_endpoint(*ip)?;
             }
-            if !found.get(index).is_some_and(|new| new.name == pod.name) {
+            if found.get(index).is_none_or(|new| new.name != pod.name) {
                 self.unpin_link(&format!("{POD_LINK_PREFIX}{}_ingress", pod.name))?;
                 self.unpin_link(&format!("{POD_LINK_PREFIX}{}_egress", pod.name))?;
             }
@@ -1230,7 +1222,7 @@ impl<K: Dataplane> EbpfDataplane<K> {
     /// Whether a route outside the vxlan device or the uplink itself changed since the last
     /// call (a lost notification counts as a change).
     fn underlay_changed(&mut self) -> bool {
-        use crate::netlink::KernelChange;
+        use crate::os::netlink::KernelChange;
         let Some(changes) = &mut self.underlay_changes else {
             return false;
         };
@@ -1357,7 +1349,10 @@ impl<K: Dataplane> EbpfDataplane<K> {
             self.count_source(peer, true);
         }
         let first = !self.synced;
-        if peers.iter().any(|p| !self.nexthops.contains_key(&p.public_ip)) {
+        if peers
+            .iter()
+            .any(|p| !self.nexthops.contains_key(&p.public_ip))
+        {
             self.nexthop_scan_at = std::time::Instant::now();
         }
         for peer in peers {

@@ -9,13 +9,10 @@ use ipnetwork::Ipv4Network;
 use rtnetlink::packet_route::route::RouteProtocol;
 use tracing::{debug, info, warn};
 
-use super::{
-    DataplaneError, LeaseAttrs, LocalLease,
-    vxlan::{combine_errors, netlink_error},
-};
+use super::{DataplaneError, LeaseAttrs, LocalLease, combine_errors, netlink_error};
 use crate::{
-    iface::Uplink,
-    netlink::{Netlink, Route},
+    os::iface::Uplink,
+    os::netlink::{Netlink, Route},
     peer::{Peer, PeerEvent},
 };
 
@@ -43,18 +40,15 @@ impl HostGwDataplane {
             )))?;
         let own_ips: Vec<String> = own.iter().map(|a| a.address.ip().to_string()).collect();
         if !own.iter().any(|a| a.address.ip() == uplink.public_ip) {
-            return Err(DataplaneError::Config(format!(
-                "host-gw cannot use public IP {public} because it is not an address of {name} ({owned}): \
-                 peers route our pods via that IP, so it must be this interface's own address (no NAT). \
-                 Drop --public-ip (or set it to {name}'s address), or use the vxlan backend",
-                public = uplink.public_ip,
-                name = uplink.name,
-                owned = if own_ips.is_empty() {
+            return Err(DataplaneError::PublicIpNotOnUplink {
+                public_ip: uplink.public_ip,
+                uplink: uplink.name.clone(),
+                owned: if own_ips.is_empty() {
                     "none".to_owned()
                 } else {
                     own_ips.join(", ")
                 },
-            )));
+            });
         }
         Ok((
             HostGwDataplane {
@@ -90,13 +84,16 @@ impl HostGwDataplane {
         self.netlink.replace_route(&route).await.map_err(|source| {
             // ENETUNREACH: the gateway is not on a connected subnet of the uplink.
             if source.errno() == Some(101) {
-                DataplaneError::Config(format!(
-                    "cannot route peer {subnet} via {public_ip}: that address is not on {}'s subnet; \
-                     host-gw needs every node on one L2 network (use the vxlan backend otherwise)",
-                    self.uplink.name
-                ))
+                DataplaneError::PeerNotOnSegment {
+                    subnet,
+                    public_ip,
+                    uplink: self.uplink.name.clone(),
+                }
             } else {
-                netlink_error(format!("programming route {subnet} via {public_ip} dev {}", self.uplink.name))(source)
+                netlink_error(format!(
+                    "programming route {subnet} via {public_ip} dev {}",
+                    self.uplink.name
+                ))(source)
             }
         })
     }

@@ -47,12 +47,52 @@ pub enum DataplaneError {
     Netlink {
         what: String,
         #[source]
-        source: crate::netlink::NetlinkError,
+        source: crate::os::netlink::NetlinkError,
     },
-    #[error("eBPF: {what}: {reason}")]
-    Ebpf { what: String, reason: String },
-    #[error("{0}")]
-    Config(String),
+    #[error("eBPF datapath: {0}")]
+    Ebpf(#[from] ebpf::EbpfError),
+    #[error(
+        "host-gw cannot use public IP {public_ip} because it is not an address of {uplink} ({owned}): \
+         peers route our pods via that IP, so it must be this interface's own address (no NAT). \
+         Drop --public-ip (or set it to {uplink}'s address), or use the vxlan backend"
+    )]
+    PublicIpNotOnUplink {
+        public_ip: Ipv4Addr,
+        uplink: String,
+        owned: String,
+    },
+    #[error(
+        "cannot route peer {subnet} via {public_ip}: that address is not on {uplink}'s subnet; \
+         host-gw needs every node on one L2 network (use the vxlan backend otherwise)"
+    )]
+    PeerNotOnSegment {
+        subnet: Ipv4Network,
+        public_ip: Ipv4Addr,
+        uplink: String,
+    },
+    #[error(
+        "underlay MTU {mtu} (of {uplink}{from_config}) leaves no room for VXLAN's {overhead}-byte overhead and an IPv4 packet; use an MTU of at least {min} (1500 is usual)",
+        overhead = overlay_common::VXLAN_OVERHEAD,
+        min = crate::control::config::MIN_BACKEND_MTU,
+        from_config = if *from_config { ", from Backend.MTU" } else { "" }
+    )]
+    UnderlayMtuTooSmall {
+        mtu: u32,
+        uplink: String,
+        from_config: bool,
+    },
+    #[error("{device} vanished right after it was created; is something else deleting it?")]
+    DeviceVanished { device: String },
+    #[error("peer {subnet} ({public_ip}) has no VtepMAC in its lease; is it a vxlan lease?")]
+    NoVtepMac {
+        subnet: Ipv4Network,
+        public_ip: Ipv4Addr,
+    },
+    #[error("{what}: {} operations failed: {}", .errors.len(), .errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+    Several {
+        what: String,
+        errors: Vec<DataplaneError>,
+    },
 }
 
 /// A way of getting packets to remote peers: eBPF, kernel vxlan or host-gw.
@@ -126,8 +166,9 @@ pub fn snapshot_stats() -> (u64, u64) {
 
 /// Subscribes to the kernel's link, neighbour and route notifications and forwards them to
 /// a channel the dataplane task drains (the stream itself is not `Unpin`).
-pub(crate) fn subscribe_changes() -> Option<mpsc::UnboundedReceiver<crate::netlink::KernelChange>> {
-    match crate::netlink::Netlink::kernel_changes() {
+pub(crate) fn subscribe_changes()
+-> Option<mpsc::UnboundedReceiver<crate::os::netlink::KernelChange>> {
+    match crate::os::netlink::Netlink::kernel_changes() {
         Ok(changes) => {
             let (tx, rx) = mpsc::unbounded_channel();
             tokio::spawn(async move {
@@ -138,7 +179,7 @@ pub(crate) fn subscribe_changes() -> Option<mpsc::UnboundedReceiver<crate::netli
                     }
                 }
                 // The socket failed: one last full check, then the receiver sees the end.
-                let _ = tx.send(crate::netlink::KernelChange::Overrun);
+                let _ = tx.send(crate::os::netlink::KernelChange::Overrun);
             });
             Some(rx)
         }
@@ -146,6 +187,29 @@ pub(crate) fn subscribe_changes() -> Option<mpsc::UnboundedReceiver<crate::netli
             warn!(error = %err, "cannot subscribe to netlink change notifications; checking all datapath state every second instead");
             None
         }
+    }
+}
+
+/// Wraps a netlink failure with what was being done (shared by the backends).
+pub(crate) fn netlink_error(
+    what: impl Into<String>,
+) -> impl FnOnce(crate::os::netlink::NetlinkError) -> DataplaneError {
+    let what = what.into();
+    move |source| DataplaneError::Netlink { what, source }
+}
+
+/// Joins the errors of an operation that kept going after a failure (teardown, resync).
+pub(crate) fn combine_errors(
+    what: &str,
+    errors: Vec<DataplaneError>,
+) -> Result<(), DataplaneError> {
+    match errors.len() {
+        0 => Ok(()),
+        1 => Err(errors.into_iter().next().expect("one error")),
+        _ => Err(DataplaneError::Several {
+            what: what.to_owned(),
+            errors,
+        }),
     }
 }
 
@@ -178,6 +242,7 @@ pub async fn run_dataplane<D: Dataplane>(
 }
 
 /// [`run_dataplane`] with maintenance every `maintain_every` (`--maintain-interval`).
+// Long on purpose: the one select loop of the dataplane task; each arm is a few lines.
 pub async fn run_dataplane_every<D: Dataplane>(
     mut dataplane: D,
     mut commands: mpsc::Receiver<DataplaneCommand>,

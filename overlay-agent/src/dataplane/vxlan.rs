@@ -18,42 +18,15 @@ use ipnetwork::Ipv4Network;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{DataplaneError, LeaseAttrs, LocalLease};
+use super::{DataplaneError, LeaseAttrs, LocalLease, combine_errors, netlink_error};
 use crate::{
-    config::BackendConfig,
-    iface::Uplink,
-    netlink::{KernelChange, Link, Netlink, NetlinkError, Route, VxlanSpec},
+    control::config::BackendConfig,
+    os::iface::Uplink,
+    os::netlink::{KernelChange, Link, Netlink, Route, VxlanSpec},
     peer::{MacAddr6, Peer, PeerEvent},
 };
 
-/// VXLAN over IPv4 costs 50 bytes: outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
-pub const VXLAN_OVERHEAD: u32 = 50;
-
-pub(crate) fn netlink_error(
-    what: impl Into<String>,
-) -> impl FnOnce(NetlinkError) -> DataplaneError {
-    let what = what.into();
-    move |source| DataplaneError::Netlink { what, source }
-}
-
-/// Joins the errors of an operation that kept going after a failure (teardown, resync).
-pub(crate) fn combine_errors(
-    what: &str,
-    errors: Vec<DataplaneError>,
-) -> Result<(), DataplaneError> {
-    match errors.len() {
-        0 => Ok(()),
-        1 => Err(errors.into_iter().next().expect("one error")),
-        n => Err(DataplaneError::Config(format!(
-            "{what}: {n} operations failed: {}",
-            errors
-                .iter()
-                .map(|err| err.to_string())
-                .collect::<Vec<_>>()
-                .join("; ")
-        ))),
-    }
-}
+use overlay_common::VXLAN_OVERHEAD;
 
 /// How one remote peer is programmed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,9 +77,9 @@ pub struct VxlanDataplane {
 
 /// What the kernel holds of this backend's kinds of state, from one dump each.
 struct KernelState {
-    routes: Vec<crate::netlink::ListedRoute>,
-    neighbours: Vec<crate::netlink::Neighbour>,
-    fdb: Vec<crate::netlink::FdbEntry>,
+    routes: Vec<crate::os::netlink::ListedRoute>,
+    neighbours: Vec<crate::os::netlink::Neighbour>,
+    fdb: Vec<crate::os::netlink::FdbEntry>,
 }
 
 /// How many netlink requests a bulk programming pass keeps in flight: enough for the kernel
@@ -124,16 +97,14 @@ impl VxlanDataplane {
         backend: &BackendConfig,
     ) -> Result<(Self, LeaseAttrs), DataplaneError> {
         let underlay_mtu = backend.mtu.unwrap_or(uplink.mtu);
-        if underlay_mtu <= VXLAN_OVERHEAD + 68 {
-            return Err(DataplaneError::Config(format!(
-                "underlay MTU {underlay_mtu} (of {}{}) leaves no room for VXLAN's {VXLAN_OVERHEAD}-byte overhead; use an MTU of at least 1280",
-                uplink.name,
-                if backend.mtu.is_some() {
-                    ", from Backend.MTU"
-                } else {
-                    ""
-                }
-            )));
+        // One minimum for both places that check it (config validation and here, for an
+        // uplink's own MTU).
+        if underlay_mtu < crate::control::config::MIN_BACKEND_MTU {
+            return Err(DataplaneError::UnderlayMtuTooSmall {
+                mtu: underlay_mtu,
+                uplink: uplink.name.clone(),
+                from_config: backend.mtu.is_some(),
+            });
         }
         let settings = DeviceSettings {
             name: format!("flannel.{}", backend.vni),
@@ -173,11 +144,6 @@ impl VxlanDataplane {
     /// The device's name (`flannel.<VNI>`).
     pub fn device_name(&self) -> &str {
         &self.settings.name
-    }
-
-    /// The device's current interface index.
-    pub fn device_index(&self) -> u32 {
-        self.device_index
     }
 
     /// The device's MTU (what subnet.env's FLANNEL_MTU says).
@@ -262,8 +228,8 @@ impl VxlanDataplane {
             .map_err(netlink_error(format!(
                 "looking up {name} after creating it"
             )))?
-            .ok_or_else(|| {
-                DataplaneError::Config(format!("{name} vanished right after it was created"))
+            .ok_or_else(|| DataplaneError::DeviceVanished {
+                device: name.clone(),
             })?;
         self.device_index = link.index;
         info!(
@@ -362,11 +328,9 @@ impl VxlanDataplane {
                 public_ip: peer.public_ip,
             });
         }
-        let vtep_mac = peer.vtep_mac.ok_or_else(|| {
-            DataplaneError::Config(format!(
-                "peer {} ({}) has no VtepMAC in its lease; is it a vxlan lease?",
-                peer.subnet, peer.public_ip
-            ))
+        let vtep_mac = peer.vtep_mac.ok_or_else(|| DataplaneError::NoVtepMac {
+            subnet: peer.subnet,
+            public_ip: peer.public_ip,
         })?;
         Ok(Programmed::Vxlan {
             gateway: peer.subnet.network(),
@@ -586,6 +550,8 @@ impl VxlanDataplane {
     /// requests in flight together, in flannel's order per peer: every neighbour, then every
     /// FDB entry, then every route; a peer whose earlier step failed is not routed. Records
     /// the peers that succeeded and returns the failures.
+    // Long on purpose: three pipelined phases (neighbours, FDB, routes) that must stay in
+    // flannel's order, each a few lines.
     async fn program_batch(
         &mut self,
         batch: Vec<(Ipv4Network, Programmed)>,

@@ -17,122 +17,17 @@ use overlay_agent::{
 };
 use tokio::sync::mpsc;
 
-/// Paths of TLS material for one test.
-pub struct Tls {
-    pub dir: tempfile::TempDir,
-}
+/// TLS material for one test: the shared fixture's CA, server (127.0.0.1) and client
+/// certificates, plus a client certificate from another CA (which the server must refuse).
+pub struct Tls(overlay_tests::tls::TestPki);
 
 impl Tls {
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn openssl(&self, args: &[&str]) {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(self.dir.path())
-            .output()
-            .expect("run openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn ca(&self, name: &str) {
-        self.openssl(&[
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-out",
-            &format!("{name}.key"),
-        ]);
-        self.openssl(&[
-            "req",
-            "-x509",
-            "-new",
-            "-key",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.pem"),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name}"),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
-    }
-
-    fn leaf(&self, name: &str, ca: &str, ext: &str) {
-        self.openssl(&[
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-out",
-            &format!("{name}.key"),
-        ]);
-        self.openssl(&[
-            "req",
-            "-new",
-            "-key",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/CN={name}"),
-        ]);
-        std::fs::write(self.path(&format!("{name}.ext")), ext).expect("write ext");
-        self.openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            &format!("{ca}.pem"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-out",
-            &format!("{name}.pem"),
-            "-days",
-            "2",
-            "-extfile",
-            &format!("{name}.ext"),
-        ]);
-    }
-
-    /// A CA, a server certificate for 127.0.0.1, a client certificate, and a client
-    /// certificate from another CA (which the server must refuse).
     pub fn generate() -> Tls {
-        let tls = Tls {
-            dir: tempfile::tempdir().expect("tempdir"),
-        };
-        tls.ca("ca");
-        tls.ca("rogue-ca");
-        tls.leaf(
-            "server",
-            "ca",
-            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
-        );
-        tls.leaf(
-            "client",
-            "ca",
-            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n",
-        );
-        tls.leaf(
-            "rogue-client",
-            "rogue-ca",
-            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n",
-        );
-        tls
+        Tls(overlay_tests::tls::TestPki::generate(&[]).with_rogue_client())
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.path(name)
     }
 }
 

@@ -106,13 +106,13 @@ pub struct NetworkConfig {
 
 /// Default VXLAN network identifier (flannel's).
 pub const DEFAULT_VNI: u32 = 1;
-/// The Linux kernel's vxlan port, which flannel uses when `Port` is 0 or absent.
-pub const DEFAULT_VXLAN_PORT: u16 = 8472;
+/// flannel's VXLAN port (Linux's default), defined once in overlay-common.
+pub use overlay_common::DEFAULT_VXLAN_PORT;
 /// The largest VNI a VXLAN header can carry (24 bits).
 pub const MAX_VNI: u32 = (1 << 24) - 1;
 /// The smallest `Backend.MTU` that leaves an IPv4 minimum MTU (68) inside a 50-byte VXLAN
 /// encapsulation.
-pub const MIN_BACKEND_MTU: u32 = 68 + 50;
+pub const MIN_BACKEND_MTU: u32 = 68 + overlay_common::VXLAN_OVERHEAD;
 
 /// Shown in every error so the operator sees what a valid config looks like.
 pub const EXAMPLE_CONFIG: &str =
@@ -326,96 +326,15 @@ impl NetworkConfig {
             });
         };
         let top = lowercase_keys(raw);
-
         if get_bool(&top, "enableipv4", "EnableIPv4")? == Some(false) {
             return Err(ConfigError::Ipv4Disabled);
         }
         if get_bool(&top, "enableipv6", "EnableIPv6")? == Some(true) {
             return Err(ConfigError::Ipv6NotSupported);
         }
-
-        let network_str =
-            get_str(&top, "network", "Network")?.ok_or(ConfigError::MissingNetwork)?;
-        let bad_network = || ConfigError::BadNetwork {
-            value: network_str.to_string(),
-        };
-        // A CIDR needs its prefix length (ipnetwork alone would read "10.5.0.0" as a /32).
-        if !network_str.contains('/') {
-            return Err(bad_network());
-        }
-        let parsed: Ipv4Network = network_str.trim().parse().map_err(|_| bad_network())?;
-        // Like Go's net.ParseCIDR, "10.5.1.0/16" means the network 10.5.0.0/16.
-        let network = Ipv4Network::new(parsed.network(), parsed.prefix())
-            .expect("a prefix that parsed is valid");
-        let prefix = network.prefix();
-
-        let subnet_len = match get_u64(&top, "subnetlen", "SubnetLen")? {
-            // flannel treats 0 as "not set".
-            None | Some(0) => {
-                if prefix > 28 {
-                    return Err(ConfigError::NetworkTooSmall { network });
-                } else if prefix <= 22 {
-                    24
-                } else {
-                    prefix + 2
-                }
-            }
-            Some(len) if len > 30 => return Err(ConfigError::SubnetLenTooLong { subnet_len: len }),
-            Some(len) if len < u64::from(prefix) + 2 => {
-                return Err(ConfigError::SubnetLenTooShort {
-                    subnet_len: len,
-                    network,
-                    min: prefix + 2,
-                });
-            }
-            Some(len) => len as u8,
-        };
-
-        let net_start = u32::from(network.network());
-        let subnet_size = 1u32 << (32 - subnet_len);
-        let net_last_subnet = net_start | (!mask(prefix) & mask(subnet_len));
-        let check_bound = |key: &'static str, addr: Option<Ipv4Addr>, default: u32| {
-            // Go's zero value 0.0.0.0 also means "not set".
-            let value = match addr {
-                None => return Ok(Ipv4Addr::from(default)),
-                Some(a) if a.is_unspecified() => return Ok(Ipv4Addr::from(default)),
-                Some(a) => a,
-            };
-            if !network.contains(value) {
-                return Err(ConfigError::OutsideNetwork {
-                    key,
-                    value,
-                    network,
-                });
-            }
-            let aligned = u32::from(value) & mask(subnet_len);
-            if aligned != u32::from(value) {
-                return Err(ConfigError::Unaligned {
-                    key,
-                    value,
-                    subnet_len,
-                    aligned: Ipv4Addr::from(aligned),
-                });
-            }
-            Ok(value)
-        };
-        let subnet_min = check_bound(
-            "SubnetMin",
-            get_addr(&top, "subnetmin", "SubnetMin")?,
-            net_start + subnet_size,
-        )?;
-        let subnet_max = check_bound(
-            "SubnetMax",
-            get_addr(&top, "subnetmax", "SubnetMax")?,
-            net_last_subnet,
-        )?;
-        if u32::from(subnet_min) > u32::from(subnet_max) {
-            return Err(ConfigError::MinAfterMax {
-                min: subnet_min,
-                max: subnet_max,
-            });
-        }
-
+        let network = parse_network(&top)?;
+        let subnet_len = parse_subnet_len(&top, network)?;
+        let (subnet_min, subnet_max) = parse_subnet_range(&top, network, subnet_len)?;
         let (backend, backend_defaulted) = match field(&top, "backend") {
             None => (BackendConfig::default(), true),
             Some(Value::Object(b)) => (parse_backend(&lowercase_keys(b))?, false),
@@ -425,7 +344,6 @@ impl NetworkConfig {
                 });
             }
         };
-
         Ok(ParsedConfig {
             config: NetworkConfig {
                 network,
@@ -516,6 +434,99 @@ impl NetworkConfig {
         let step = 1u64 << (32 - self.subnet_len);
         (u64::from(u32::from(self.subnet_max)) - u64::from(u32::from(self.subnet_min))) / step + 1
     }
+}
+
+/// `Network`: a CIDR with its prefix length, normalized like Go's net.ParseCIDR.
+fn parse_network(top: &Map<String, Value>) -> Result<Ipv4Network, ConfigError> {
+    let network_str = get_str(top, "network", "Network")?.ok_or(ConfigError::MissingNetwork)?;
+    let bad_network = || ConfigError::BadNetwork {
+        value: network_str.to_string(),
+    };
+    // A CIDR needs its prefix length (ipnetwork alone would read "10.5.0.0" as a /32).
+    if !network_str.contains('/') {
+        return Err(bad_network());
+    }
+    let parsed: Ipv4Network = network_str.trim().parse().map_err(|_| bad_network())?;
+    // Like Go's net.ParseCIDR, "10.5.1.0/16" means the network 10.5.0.0/16.
+    Ok(Ipv4Network::new(parsed.network(), parsed.prefix()).expect("a prefix that parsed is valid"))
+}
+
+/// `SubnetLen`, with flannel's default (24, or the network's prefix + 2 for small ones).
+fn parse_subnet_len(top: &Map<String, Value>, network: Ipv4Network) -> Result<u8, ConfigError> {
+    let prefix = network.prefix();
+    match get_u64(top, "subnetlen", "SubnetLen")? {
+        // flannel treats 0 as "not set".
+        None | Some(0) => {
+            if prefix > 28 {
+                Err(ConfigError::NetworkTooSmall { network })
+            } else if prefix <= 22 {
+                Ok(24)
+            } else {
+                Ok(prefix + 2)
+            }
+        }
+        Some(len) if len > 30 => Err(ConfigError::SubnetLenTooLong { subnet_len: len }),
+        Some(len) if len < u64::from(prefix) + 2 => Err(ConfigError::SubnetLenTooShort {
+            subnet_len: len,
+            network,
+            min: prefix + 2,
+        }),
+        Some(len) => Ok(len as u8),
+    }
+}
+
+/// `SubnetMin` and `SubnetMax`: inside the network, aligned to `subnet_len`, min <= max;
+/// by default the second and the last subnet (flannel's).
+fn parse_subnet_range(
+    top: &Map<String, Value>,
+    network: Ipv4Network,
+    subnet_len: u8,
+) -> Result<(Ipv4Addr, Ipv4Addr), ConfigError> {
+    let net_start = u32::from(network.network());
+    let subnet_size = 1u32 << (32 - subnet_len);
+    let net_last_subnet = net_start | (!mask(network.prefix()) & mask(subnet_len));
+    let check_bound = |key: &'static str, addr: Option<Ipv4Addr>, default: u32| {
+        // Go's zero value 0.0.0.0 also means "not set".
+        let value = match addr {
+            None => return Ok(Ipv4Addr::from(default)),
+            Some(a) if a.is_unspecified() => return Ok(Ipv4Addr::from(default)),
+            Some(a) => a,
+        };
+        if !network.contains(value) {
+            return Err(ConfigError::OutsideNetwork {
+                key,
+                value,
+                network,
+            });
+        }
+        let aligned = u32::from(value) & mask(subnet_len);
+        if aligned != u32::from(value) {
+            return Err(ConfigError::Unaligned {
+                key,
+                value,
+                subnet_len,
+                aligned: Ipv4Addr::from(aligned),
+            });
+        }
+        Ok(value)
+    };
+    let subnet_min = check_bound(
+        "SubnetMin",
+        get_addr(top, "subnetmin", "SubnetMin")?,
+        net_start + subnet_size,
+    )?;
+    let subnet_max = check_bound(
+        "SubnetMax",
+        get_addr(top, "subnetmax", "SubnetMax")?,
+        net_last_subnet,
+    )?;
+    if u32::from(subnet_min) > u32::from(subnet_max) {
+        return Err(ConfigError::MinAfterMax {
+            min: subnet_min,
+            max: subnet_max,
+        });
+    }
+    Ok((subnet_min, subnet_max))
 }
 
 fn parse_backend(b: &Map<String, Value>) -> Result<BackendConfig, ConfigError> {

@@ -8,7 +8,7 @@
 //!
 //! The FORWARD accept rules are not here: an accept in this table cannot override a DROP
 //! policy of iptables' FORWARD chain (every base chain runs). They live in iptables' filter
-//! table, see [`crate::forward`]; a `forward` chain earlier versions put here is removed.
+//! table, see [`crate::os::forward`]; a `forward` chain earlier versions put here is removed.
 
 use std::{process::Stdio, time::Duration};
 

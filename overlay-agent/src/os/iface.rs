@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 use regex::Regex;
 use tracing::info;
 
-use crate::netlink::{InterfaceAddress, Link, Netlink, NetlinkError};
+use crate::os::netlink::{InterfaceAddress, Link, Netlink, NetlinkError};
 
 /// The operator's choice, straight from the flags.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

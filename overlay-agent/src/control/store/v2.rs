@@ -29,7 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn};
 
 use super::{EtcdApi, EventKind, KeyTtl, Kv, KvEvent, KvStore, KvWatch, WatchBatch};
-use crate::etcd::{EtcdError, EtcdOptions};
+use crate::control::etcd::{EtcdError, EtcdOptions};
 
 /// A plain request gets this long for an answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);

@@ -12,7 +12,7 @@ use axum::{Router, extract::State, http::StatusCode, routing::get};
 use tokio::{net::TcpListener, sync::watch};
 use tracing::info;
 
-use crate::status::{AgentStatus, DataplaneWork, render_prometheus};
+use crate::observe::status::{AgentStatus, DataplaneWork, render_prometheus};
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen for /healthz on {addr}: {source}; pick another --healthz-ip/--healthz-port")]
@@ -88,34 +88,66 @@ pub async fn serve(
     Ok((local, task))
 }
 
+/// Why `overlay-agent status` could not read a running agent.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchStatusError {
+    #[error("no answer from {addr} within 5 s; is the agent running with --healthz-port?")]
+    Timeout { addr: SocketAddr },
+    #[error(
+        "cannot connect to {addr}: {source}; is the agent running with --healthz-port (and --healthz-ip) set to this address?"
+    )]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to {addr}: {source}")]
+    Io {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{addr} sent no HTTP response; is another program listening there?")]
+    NotHttp { addr: SocketAddr },
+    #[error("{addr} answered {status_line}")]
+    Status {
+        addr: SocketAddr,
+        status_line: String,
+    },
+    #[error("{addr} sent an unreadable status: {source}")]
+    Json {
+        addr: SocketAddr,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
 /// Fetches a running agent's `/status` (for `overlay-agent status`). A plain HTTP/1.1 GET
 /// on loopback: not worth an HTTP client crate.
-pub async fn fetch_status(addr: SocketAddr) -> Result<AgentStatus, String> {
+pub async fn fetch_status(addr: SocketAddr) -> Result<AgentStatus, FetchStatusError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let io = |source| FetchStatusError::Io { addr, source };
     let mut stream = tokio::time::timeout(
         std::time::Duration::from_secs(5),
         tokio::net::TcpStream::connect(addr),
     )
     .await
-    .map_err(|_| format!("no answer from {addr} within 5 s"))?
-    .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    .map_err(|_| FetchStatusError::Timeout { addr })?
+    .map_err(|source| FetchStatusError::Connect { addr, source })?;
     stream
         .write_all(b"GET /status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         .await
-        .map_err(|e| format!("writing to {addr}: {e}"))?;
+        .map_err(io)?;
     let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .await
-        .map_err(|e| format!("reading from {addr}: {e}"))?;
+    stream.read_to_string(&mut response).await.map_err(io)?;
     let (head, body) = response
         .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("{addr} sent no HTTP response"))?;
+        .ok_or(FetchStatusError::NotHttp { addr })?;
     if !head.starts_with("HTTP/1.1 200") {
-        return Err(format!(
-            "{addr} answered {}",
-            head.lines().next().unwrap_or_default()
-        ));
+        return Err(FetchStatusError::Status {
+            addr,
+            status_line: head.lines().next().unwrap_or_default().to_owned(),
+        });
     }
-    serde_json::from_str(body).map_err(|e| format!("{addr} sent an unreadable status: {e}"))
+    serde_json::from_str(body).map_err(|source| FetchStatusError::Json { addr, source })
 }

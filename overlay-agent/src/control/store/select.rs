@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use super::{Store, V2Client};
 use crate::{
     agent::{CONFIG_RECHECK, ProblemLog},
-    etcd::{self, EtcdError, EtcdOptions},
+    control::etcd::{self, EtcdError, EtcdOptions},
 };
 
 /// One of etcd's two keyspaces.
@@ -86,7 +86,7 @@ pub fn decide(opts: &EtcdOptions, v3: &Probe, v2: &Probe) -> Decision {
                 state(v3),
                 state(v2),
                 opts.prefix,
-                crate::config::EXAMPLE_CONFIG,
+                crate::control::config::EXAMPLE_CONFIG,
             ))
         }
     }

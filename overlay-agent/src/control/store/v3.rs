@@ -9,7 +9,7 @@ use etcd_client::{
 use tracing::debug;
 
 use super::{EtcdApi, EventKind, KeyTtl, Kv, KvEvent, KvStore, KvWatch, WatchBatch};
-use crate::etcd::{EtcdError, EtcdOptions, describe};
+use crate::control::etcd::{EtcdError, EtcdOptions, describe};
 
 fn kv_of(kv: &etcd_client::KeyValue) -> Kv {
     Kv {
@@ -75,7 +75,7 @@ impl KvStore for Client {
     }
 
     async fn reconnect(&self, opts: &EtcdOptions) -> Result<Client, EtcdError> {
-        crate::etcd::connect(opts).await
+        crate::control::etcd::connect(opts).await
     }
 
     async fn get(&mut self, key: &str) -> Result<(Option<Kv>, i64), EtcdError> {

@@ -25,7 +25,7 @@ pub enum ValueKind {
 /// What this agent does with a flanneld flag.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Handling {
-    /// Parsed and applied by [`crate::flags::Flags`] (or clap's own `--help`/`--version`).
+    /// Parsed and applied by [`crate::cli::flags::Flags`] (or clap's own `--help`/`--version`).
     Implemented,
     /// Accepted; one log line says it has no effect and why.
     NoEffect { why: &'static str },
@@ -62,7 +62,7 @@ const MULTI_NETWORK_MODE: &str =
 const MULTI_NETWORK_INSTEAD: &str = "overlay-agent serves one network, <etcd-prefix>/config: remove the flag and run one agent per network with its own --etcd-prefix and --subnet-file";
 const GLOG_STDERR: &str =
     "overlay-agent always logs to stderr (journald under systemd), as flanneld does by default";
-const GLOG_FILTER: &str = "log filtering here is by module, not by source file: use -v=N for overlay-agent's own modules or RUST_LOG=overlay_agent::watch=debug (tracing's filter syntax)";
+const GLOG_FILTER: &str = "log filtering here is by module, not by source file: use -v=N for overlay-agent's own modules or RUST_LOG=overlay_agent::control::watch=debug (tracing's filter syntax)";
 
 /// Every flag flanneld v0.7.0 to v0.26.x accepts.
 pub const FLANNELD_FLAGS: &[FlanneldFlag] = &[
@@ -583,7 +583,7 @@ impl FromArgMatches for CompatFlags {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flags::Cli;
+    use crate::cli::flags::Cli;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         let mut argv = vec!["overlay-agent"];
@@ -602,7 +602,7 @@ mod tests {
 
     #[test]
     fn docs_flags_md_lists_exactly_this_table() {
-        let doc = include_str!("../../docs/flags.md");
+        let doc = include_str!("../../../docs/flags.md");
         let mut rows: Vec<(String, String)> = doc
             .lines()
             .filter(|l| l.starts_with("| `-"))

@@ -600,17 +600,6 @@ impl Netlink {
             .map_err(NetlinkError::request(format!("replacing route {route}")))
     }
 
-    /// Adds a route; fails with EEXIST when one for the destination exists.
-    pub async fn add_route(&self, route: &Route) -> Result<(), NetlinkError> {
-        count_write();
-        self.handle
-            .route()
-            .add(route_message(route))
-            .execute()
-            .await
-            .map_err(NetlinkError::request(format!("adding route {route}")))
-    }
-
     /// Deletes a route; one that is already gone is not an error.
     pub async fn delete_route(&self, route: &Route) -> Result<(), NetlinkError> {
         count_write();
@@ -741,15 +730,23 @@ impl Netlink {
         message
             .attributes
             .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        self.delete_neighbour_message(message, format!("deleting neighbour {ip} on link #{index}"))
+            .await
+    }
+
+    /// RTM_DELNEIGH for a neighbour or an FDB entry; one that is already gone is success.
+    async fn delete_neighbour_message(
+        &self,
+        message: NeighbourMessage,
+        what: String,
+    ) -> Result<(), NetlinkError> {
         let result = self
             .handle
             .neighbours()
             .del(message)
             .execute()
             .await
-            .map_err(NetlinkError::request(format!(
-                "deleting neighbour {ip} on link #{index}"
-            )));
+            .map_err(NetlinkError::request(what));
         ignore_not_found(result)
     }
 
@@ -818,16 +815,11 @@ impl Netlink {
                 .attributes
                 .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
         }
-        let result = self
-            .handle
-            .neighbours()
-            .del(message)
-            .execute()
-            .await
-            .map_err(NetlinkError::request(format!(
-                "deleting FDB entry {mac} on link #{index}"
-            )));
-        ignore_not_found(result)
+        self.delete_neighbour_message(
+            message,
+            format!("deleting FDB entry {mac} on link #{index}"),
+        )
+        .await
     }
 }
 

@@ -3,13 +3,13 @@
 use std::fmt::Write as _;
 
 use crate::{
-    config::{ConfigError, NetworkConfig},
-    etcd::{self, EtcdError},
-    flags::{ConfigCommand, Flags, LeaseCommand, MigrateArgs},
-    lease::{self, LeaseError, format_mac},
-    migrate::MigrateError,
-    store::{self, KeyTtl, KvStore, Store},
-    subnet_file::{SubnetEnv, SubnetFileError},
+    cli::flags::{ConfigCommand, Flags, LeaseCommand, MigrateArgs},
+    cli::migrate::MigrateError,
+    control::config::{ConfigError, NetworkConfig},
+    control::etcd::{self, EtcdError},
+    control::lease::{self, LeaseError, format_mac},
+    control::store::{self, KeyTtl, KvStore, Store},
+    control::subnet_file::{SubnetEnv, SubnetFileError},
 };
 
 /// Errors of a subcommand; printed to stderr by main, exit status 1.
@@ -31,7 +31,7 @@ pub enum CliError {
     SubnetFile(#[from] SubnetFileError),
     #[error(
         "no network config at {key}: write one with `overlay-agent config set '<json>'`, e.g. {}",
-        crate::config::EXAMPLE_CONFIG
+        crate::control::config::EXAMPLE_CONFIG
     )]
     NoConfig { key: String },
     #[error("no lease for {what} under {prefix}/subnets/ (see `overlay-agent leases`)")]
@@ -192,7 +192,10 @@ pub async fn lease(flags: &Flags, cmd: &LeaseCommand) -> Result<String, CliError
 
 /// `status`: with `--healthz-port`, the running agent's own view (from its `/status`);
 /// always this node's subnet file and whether etcd still holds its lease.
-pub async fn status(flags: &Flags, args: &crate::flags::StatusArgs) -> Result<String, CliError> {
+pub async fn status(
+    flags: &Flags,
+    args: &crate::cli::flags::StatusArgs,
+) -> Result<String, CliError> {
     let mut agent_view = None;
     let mut unreachable = None;
     if flags.healthz_port != 0 {
@@ -202,7 +205,7 @@ pub async fn status(flags: &Flags, args: &crate::flags::StatusArgs) -> Result<St
             flags.healthz_ip
         };
         let addr = std::net::SocketAddr::new(ip, flags.healthz_port);
-        match crate::health::fetch_status(addr).await {
+        match crate::observe::health::fetch_status(addr).await {
             Ok(status) => agent_view = Some(status),
             Err(err) => {
                 unreachable = Some(format!(
@@ -221,7 +224,7 @@ pub async fn status(flags: &Flags, args: &crate::flags::StatusArgs) -> Result<St
     }
     let mut out = String::new();
     match (agent_view, unreachable) {
-        (Some(status), _) => out.push_str(&crate::status::render_table(&status)),
+        (Some(status), _) => out.push_str(&crate::observe::status::render_table(&status)),
         (None, reason) => {
             if let Some(reason) = reason {
                 let _ = writeln!(out, "{reason}");
@@ -230,7 +233,9 @@ pub async fn status(flags: &Flags, args: &crate::flags::StatusArgs) -> Result<St
                 out,
                 "(agent not answering: state read from etcd and the pinned maps)"
             );
-            out.push_str(&crate::status::render_table(&offline_status(flags).await?));
+            out.push_str(&crate::observe::status::render_table(
+                &offline_status(flags).await?,
+            ));
         }
     }
     out.push('\n');
@@ -240,8 +245,8 @@ pub async fn status(flags: &Flags, args: &crate::flags::StatusArgs) -> Result<St
 
 /// The node's status without the agent: lease from the subnet file and etcd, peers from
 /// etcd, counters from the pinned BPF maps (if this node ran the eBPF datapath).
-async fn offline_status(flags: &Flags) -> Result<crate::status::AgentStatus, CliError> {
-    use crate::status::{AgentStatus, PeerStatus};
+async fn offline_status(flags: &Flags) -> Result<crate::observe::status::AgentStatus, CliError> {
+    use crate::observe::status::{AgentStatus, PeerStatus};
     let opts = flags.etcd_options();
     let mut status = AgentStatus::default();
     status.node.backend = flags
@@ -309,5 +314,5 @@ async fn local_status(flags: &Flags) -> Result<String, CliError> {
 
 /// `migrate-etcd --from A --to B [--apply]`.
 pub async fn migrate_etcd(flags: &Flags, args: &MigrateArgs) -> Result<String, CliError> {
-    Ok(crate::migrate::run(&flags.etcd_options(), args.from, args.to, args.apply).await?)
+    Ok(crate::cli::migrate::run(&flags.etcd_options(), args.from, args.to, args.apply).await?)
 }

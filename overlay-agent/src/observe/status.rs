@@ -145,7 +145,7 @@ impl DataplaneWork {
     pub fn now() -> Self {
         let (snapshots_applied, last_snapshot_micros) = crate::dataplane::snapshot_stats();
         DataplaneWork {
-            netlink_writes: crate::netlink::writes_total(),
+            netlink_writes: crate::os::netlink::writes_total(),
             snapshots_applied,
             last_snapshot_micros,
         }
@@ -159,6 +159,7 @@ impl AgentStatus {
 }
 
 /// Prometheus text exposition format (version 0.0.4).
+// Long on purpose: one short block per metric, in the order /metrics shows them.
 pub fn render_prometheus(status: &AgentStatus) -> String {
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
@@ -342,8 +343,8 @@ pub fn render_table(status: &AgentStatus) -> String {
     let _ = writeln!(out, "\n{} peer(s):", status.peers.len());
     let _ = writeln!(
         out,
-        "  {:<18} {:<16} {:<8} {:<18} {}",
-        "SUBNET", "PUBLIC-IP", "BACKEND", "VTEP-MAC", "SINCE(unix)"
+        "  {:<18} {:<16} {:<8} {:<18} SINCE(unix)",
+        "SUBNET", "PUBLIC-IP", "BACKEND", "VTEP-MAC"
     );
     for peer in status.peers.iter() {
         let _ = writeln!(

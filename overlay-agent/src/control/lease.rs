@@ -22,11 +22,11 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::{
-    config::NetworkConfig,
+    control::config::NetworkConfig,
+    control::etcd::{EtcdError, EtcdOptions},
+    control::store::{EventKind, Kv, KvStore, KvWatch, WatchBatch},
     dataplane::LeaseAttrs,
-    etcd::{EtcdError, EtcdOptions},
     peer::{LeaseBackend, MacAddr6, Peer},
-    store::{EventKind, Kv, KvStore, KvWatch, WatchBatch},
 };
 
 /// flannel's lease lifetime.
@@ -330,7 +330,7 @@ pub struct HeldLease {
 
 /// Acquires and keeps this node's subnet lease.
 #[derive(Clone)]
-pub struct Lessor<S = crate::store::Store> {
+pub struct Lessor<S = crate::control::store::Store> {
     client: S,
     opts: EtcdOptions,
     config: NetworkConfig,
@@ -363,10 +363,6 @@ impl<S: KvStore> Lessor<S> {
         self
     }
 
-    pub fn public_ip(&self) -> Ipv4Addr {
-        self.public_ip
-    }
-
     fn value(&self) -> String {
         encode_lease(self.public_ip, &self.attrs)
     }
@@ -379,12 +375,17 @@ impl<S: KvStore> Lessor<S> {
             .client
             .create(&key, &value, self.ttl)
             .await?
-            .map(|etcd_lease| HeldLease {
-                subnet,
-                etcd_lease,
-                renewed_at: Instant::now(),
-                ttl: self.ttl,
-            }))
+            .map(|etcd_lease| self.held(subnet, etcd_lease)))
+    }
+
+    /// `subnet` held under `etcd_lease` from now on, for our TTL.
+    fn held(&self, subnet: Ipv4Network, etcd_lease: i64) -> HeldLease {
+        HeldLease {
+            subnet,
+            etcd_lease,
+            renewed_at: Instant::now(),
+            ttl: self.ttl,
+        }
     }
 
     /// Rewrites an existing key of ours (found by PublicIP) with our current attributes and
@@ -396,12 +397,7 @@ impl<S: KvStore> Lessor<S> {
             .client
             .replace(&listed.kv, &value, self.ttl)
             .await?
-            .map(|etcd_lease| HeldLease {
-                subnet,
-                etcd_lease,
-                renewed_at: Instant::now(),
-                ttl: self.ttl,
-            }))
+            .map(|etcd_lease| self.held(subnet, etcd_lease)))
     }
 
     /// Acquires a subnet in flannel's order; `previous` is the subnet of the subnet file
@@ -421,32 +417,10 @@ impl<S: KvStore> Lessor<S> {
             let (leases, _) = list_leases(&mut self.client, &self.opts).await?;
 
             // (1) A lease that already carries our PublicIP.
-            let mut retry = false;
-            for listed in &leases {
-                let (Some(subnet), Ok(value)) = (listed.subnet, &listed.value) else {
-                    continue;
-                };
-                if value.public_ip != self.public_ip {
-                    continue;
-                }
-                if self.config.fits(subnet) {
-                    match self.try_reuse(listed).await? {
-                        Some(held) => {
-                            info!(subnet = %subnet, public_ip = %self.public_ip, "reusing the lease that already holds our PublicIP");
-                            return Ok(held);
-                        }
-                        None => {
-                            retry = true;
-                            break;
-                        }
-                    }
-                } else {
-                    info!(subnet = %subnet, key = %listed.key, "deleting our old lease: it no longer fits the network config");
-                    self.client.delete_unchanged(&listed.kv).await?;
-                }
-            }
-            if retry {
-                continue;
+            match self.reuse_own(&leases).await? {
+                Reuse::Held(held) => return Ok(held),
+                Reuse::Retry => continue,
+                Reuse::NotFound => {}
             }
 
             // Any key that names a subnet occupies it, even with a value we cannot read.
@@ -487,6 +461,33 @@ impl<S: KvStore> Lessor<S> {
         Err(LeaseError::TooManyRaces {
             rounds: MAX_ACQUIRE_ROUNDS,
         })
+    }
+
+    /// flannel's first choice: a listed lease that already carries our PublicIP, if it still
+    /// fits the config (one that does not is deleted).
+    async fn reuse_own(&mut self, leases: &[ListedLease]) -> Result<Reuse, LeaseError> {
+        for listed in leases {
+            let (Some(subnet), Ok(value)) = (listed.subnet, &listed.value) else {
+                continue;
+            };
+            if value.public_ip != self.public_ip {
+                continue;
+            }
+            if !self.config.fits(subnet) {
+                info!(subnet = %subnet, key = %listed.key, "deleting our old lease: it no longer fits the network config");
+                self.client.delete_unchanged(&listed.kv).await?;
+                continue;
+            }
+            return Ok(match self.try_reuse(listed).await? {
+                Some(held) => {
+                    info!(subnet = %subnet, public_ip = %self.public_ip, "reusing the lease that already holds our PublicIP");
+                    Reuse::Held(held)
+                }
+                // It changed under us: list again.
+                None => Reuse::Retry,
+            });
+        }
+        Ok(Reuse::NotFound)
     }
 
     /// After our key vanished: take the same subnet back if it is still free, else acquire
@@ -556,91 +557,23 @@ impl<S: KvStore> Lessor<S> {
             if held_tx.is_closed() {
                 return;
             }
-            // Watch our own key so a deletion is noticed within moments, not at renewal.
-            let key = subnet_key(&self.opts, held.subnet);
-            // From the revision of the check below on, so nothing between them is missed.
-            let checked = self.client.get(&key).await;
-            let mut stream = match &checked {
-                Ok((_, revision)) => match self.client.watch(&key, false, revision + 1).await {
-                    Ok(stream) => Some(stream),
-                    Err(err) => {
-                        warn!(key = %key, error = %err, "cannot watch our lease key; checking it periodically");
-                        None
-                    }
-                },
-                Err(_) => None,
-            };
-            // The key may have vanished before the watch started.
-            let mut lost = match checked.map(|(kv, _)| self.is_ours(kv.as_ref(), &held)) {
-                Ok(ours) => !ours,
-                Err(err) => {
-                    warn!(error = %err, "cannot check our lease; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                    // Probe the endpoints again: the one we used may be the one that died.
-                    if self.opts.endpoints.len() > 1
-                        && let Ok(client) = self.client.reconnect(&self.opts).await
-                    {
-                        self.client = client;
-                    }
-                    continue;
-                }
+            let Some((stream, ours)) = self.check_and_watch(&held, &mut backoff).await else {
+                continue;
             };
             backoff = Duration::from_secs(1);
-            let mut overwritten_by = None;
-            while !lost {
-                let renew_in = renew_delay(&held, renew_margin);
-                tokio::select! {
-                    _ = tokio::time::sleep(renew_in) => {
-                        match self.renew(&mut held).await {
-                            Ok(true) => {
-                                debug!(subnet = %held.subnet, ttl = ?held.ttl, "lease renewed");
-                            }
-                            Ok(false) => {
-                                warn!(subnet = %held.subnet, "our etcd lease expired before renewal");
-                                lost = true;
-                            }
-                            Err(err) => {
-                                warn!(subnet = %held.subnet, error = %err, "renewing our lease failed; retrying");
-                                tokio::time::sleep(backoff).await;
-                                backoff = (backoff * 2).min(Duration::from_secs(30));
-                            }
-                        }
-                    }
-                    msg = next_watch_message(&mut stream) => {
-                        match msg {
-                            Some(events) => {
-                                for ev in events {
-                                    let gone = match ev.kind {
-                                        EventKind::Delete => true,
-                                        EventKind::Put => {
-                                            let value = decode_lease(&ev.kv.value);
-                                            if let Ok(v) = &value
-                                                && v.public_ip != self.public_ip
-                                            {
-                                                overwritten_by = Some(v.public_ip);
-                                            }
-                                            ev.kv.lease != held.etcd_lease
-                                                || !value.is_ok_and(|v| v.public_ip == self.public_ip)
-                                        }
-                                    };
-                                    if gone {
-                                        lost = true;
-                                    }
-                                }
-                            }
-                            None => {
-                                // Watch broke (etcd restart, compaction): re-establish and re-check.
-                                break;
-                            }
-                        }
-                    }
-                    _ = held_tx.closed() => return,
+            let overwritten_by = if ours {
+                match self
+                    .hold(&mut held, stream, renew_margin, &mut backoff, &held_tx)
+                    .await
+                {
+                    Held::Recheck => continue,
+                    Held::Closed => return,
+                    Held::Lost { overwritten_by } => overwritten_by,
                 }
-            }
-            if !lost {
-                continue;
-            }
+            } else {
+                None
+            };
+            let key = subnet_key(&self.opts, held.subnet);
             if let Some(claimed) = overwritten_by {
                 // Another writer put a lease with another PublicIP on our key. Moving to a new
                 // subnet would cut off every pod of this node; the key is ours (our etcd lease
@@ -655,39 +588,172 @@ impl<S: KvStore> Lessor<S> {
                     }
                 }
             }
-            let old = held.subnet;
-            warn!(subnet = %old, "our lease was deleted or expired in etcd; re-acquiring it (flanneld would exit here)");
-            loop {
-                match self.reclaim(old).await {
-                    Ok(new) => {
-                        if new.subnet == old {
-                            info!(subnet = %new.subnet, "re-acquired the same subnet after our lease was lost");
-                        } else {
-                            warn!(old = %old, new = %new.subnet, "our previous subnet was taken by another node; acquired a new one");
-                        }
-                        held = new;
-                        held_tx.send_replace(held.clone());
-                        break;
-                    }
-                    Err(err) => {
-                        warn!(error = %err, "re-acquiring our lease failed; retrying");
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
-                            _ = held_tx.closed() => return,
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
-                    }
-                }
-            }
+            let Some(new) = self.reacquire(held.subnet, &mut backoff, &held_tx).await else {
+                return;
+            };
+            held = new;
+            held_tx.send_replace(held.clone());
             backoff = Duration::from_secs(1);
         }
     }
+
+    /// Reads our key and watches it from that revision on (so nothing between the two is
+    /// missed); returns the watch (None: it could not start, we check at renewal) and
+    /// whether the key still holds our lease. None when etcd could not be read (after a
+    /// backoff and, with several endpoints, a reconnect).
+    async fn check_and_watch(
+        &mut self,
+        held: &HeldLease,
+        backoff: &mut Duration,
+    ) -> Option<(Option<S::Watch>, bool)> {
+        let key = subnet_key(&self.opts, held.subnet);
+        let checked = self.client.get(&key).await;
+        let stream = match &checked {
+            Ok((_, revision)) => match self.client.watch(&key, false, revision + 1).await {
+                Ok(stream) => Some(stream),
+                Err(err) => {
+                    warn!(key = %key, error = %err, "cannot watch our lease key; checking it periodically");
+                    None
+                }
+            },
+            Err(_) => None,
+        };
+        match checked {
+            // The key may have vanished before the watch started.
+            Ok((kv, _)) => Some((stream, self.is_ours(kv.as_ref(), held))),
+            Err(err) => {
+                warn!(error = %err, "cannot check our lease; retrying");
+                tokio::time::sleep(*backoff).await;
+                *backoff = (*backoff * 2).min(Duration::from_secs(30));
+                // Probe the endpoints again: the one we used may be the one that died.
+                if self.opts.endpoints.len() > 1
+                    && let Ok(client) = self.client.reconnect(&self.opts).await
+                {
+                    self.client = client;
+                }
+                None
+            }
+        }
+    }
+
+    /// Renews the lease on time and follows our key's watch until the lease is lost, the
+    /// watch breaks (check again) or nobody listens any more.
+    async fn hold(
+        &mut self,
+        held: &mut HeldLease,
+        mut stream: Option<S::Watch>,
+        renew_margin: Duration,
+        backoff: &mut Duration,
+        held_tx: &watch::Sender<HeldLease>,
+    ) -> Held {
+        let mut overwritten_by = None;
+        loop {
+            let renew_in = renew_delay(held, renew_margin);
+            tokio::select! {
+                _ = tokio::time::sleep(renew_in) => match self.renew(held).await {
+                    Ok(true) => debug!(subnet = %held.subnet, ttl = ?held.ttl, "lease renewed"),
+                    Ok(false) => {
+                        warn!(subnet = %held.subnet, "our etcd lease expired before renewal");
+                        return Held::Lost { overwritten_by };
+                    }
+                    Err(err) => {
+                        warn!(subnet = %held.subnet, error = %err, "renewing our lease failed; retrying");
+                        tokio::time::sleep(*backoff).await;
+                        *backoff = (*backoff * 2).min(Duration::from_secs(30));
+                    }
+                },
+                msg = next_watch_message(&mut stream) => {
+                    // None: the watch broke (etcd restart, compaction): re-establish, re-check.
+                    let Some(events) = msg else { return Held::Recheck };
+                    let mut lost = false;
+                    for ev in events {
+                        lost |= self.loses_lease(&ev, held, &mut overwritten_by);
+                    }
+                    if lost {
+                        return Held::Lost { overwritten_by };
+                    }
+                }
+                _ = held_tx.closed() => return Held::Closed,
+            }
+        }
+    }
+
+    /// Whether an event on our key means the lease is no longer ours; notes who wrote
+    /// another PublicIP on it.
+    fn loses_lease(
+        &self,
+        ev: &crate::control::store::KvEvent,
+        held: &HeldLease,
+        overwritten_by: &mut Option<Ipv4Addr>,
+    ) -> bool {
+        match ev.kind {
+            EventKind::Delete => true,
+            EventKind::Put => {
+                let value = decode_lease(&ev.kv.value);
+                if let Ok(v) = &value
+                    && v.public_ip != self.public_ip
+                {
+                    *overwritten_by = Some(v.public_ip);
+                }
+                ev.kv.lease != held.etcd_lease
+                    || !value.is_ok_and(|v| v.public_ip == self.public_ip)
+            }
+        }
+    }
+
+    /// Takes a lease again after ours was lost, the old subnet when still free, retrying
+    /// until it works; None when nobody listens any more.
+    async fn reacquire(
+        &mut self,
+        old: Ipv4Network,
+        backoff: &mut Duration,
+        held_tx: &watch::Sender<HeldLease>,
+    ) -> Option<HeldLease> {
+        warn!(subnet = %old, "our lease was deleted or expired in etcd; re-acquiring it (flanneld would exit here)");
+        loop {
+            match self.reclaim(old).await {
+                Ok(new) => {
+                    if new.subnet == old {
+                        info!(subnet = %new.subnet, "re-acquired the same subnet after our lease was lost");
+                    } else {
+                        warn!(old = %old, new = %new.subnet, "our previous subnet was taken by another node; acquired a new one");
+                    }
+                    return Some(new);
+                }
+                Err(err) => {
+                    warn!(error = %err, "re-acquiring our lease failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(*backoff) => {}
+                        _ = held_tx.closed() => return None,
+                    }
+                    *backoff = (*backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+}
+
+/// What looking for a lease with our PublicIP found.
+enum Reuse {
+    Held(HeldLease),
+    Retry,
+    NotFound,
+}
+
+/// How holding a lease ended.
+enum Held {
+    /// The watch broke or fell behind: check the key and watch again.
+    Recheck,
+    /// Nobody listens for lease changes any more (the agent is stopping).
+    Closed,
+    /// Deleted, expired or taken; `overwritten_by` when another PublicIP was written on it.
+    Lost { overwritten_by: Option<Ipv4Addr> },
 }
 
 /// The next events on our key; `None` when the watch broke or fell behind (check again).
 async fn next_watch_message<W: KvWatch>(
     stream: &mut Option<W>,
-) -> Option<Vec<crate::store::KvEvent>> {
+) -> Option<Vec<crate::control::store::KvEvent>> {
     match stream {
         Some(s) => match s.next().await {
             Ok(WatchBatch::Events(events)) => Some(events),

@@ -25,8 +25,7 @@ const PROC_ROUTE: &str = "/proc/net/route";
 /// `RTF_GATEWAY` in /proc/net/route's Flags column: the route goes `via` a gateway.
 const RTF_GATEWAY: u32 = 0x2;
 
-/// flannel's default subnet file, read when neither `-f` nor `--subnet-file` says otherwise.
-pub const DEFAULT_SUBNET_FILE: &str = "/run/flannel/subnet.env";
+pub use super::flags::DEFAULT_SUBNET_FILE;
 
 /// Flags as `mk-docker-opts.sh` spells them (`getopts "f:d:icmk:"`), with long aliases.
 /// The long names leave `--subnet-file` to the agent's global flag: `-f` overrides it.

@@ -9,10 +9,10 @@
 use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
 
 use crate::{
-    config::NetworkConfig,
-    etcd::{self, EtcdError, EtcdOptions},
-    lease::decode_lease,
-    store::{EtcdApi, KeyTtl, Kv, KvStore, Store, V2Client},
+    control::config::NetworkConfig,
+    control::etcd::{self, EtcdError, EtcdOptions},
+    control::lease::decode_lease,
+    control::store::{EtcdApi, KeyTtl, Kv, KvStore, Store, V2Client},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +78,48 @@ struct Copy {
     ttl: Option<Duration>,
 }
 
+/// What a migration will do: keys to copy, keys already there, conflicts, and the report
+/// lines so far.
+#[derive(Default)]
+struct Plan {
+    copies: Vec<Copy>,
+    conflicts: Vec<String>,
+    unchanged: usize,
+    expired: usize,
+    out: String,
+}
+
+impl Plan {
+    /// One source key: copied when the target lacks it, counted when the target holds the
+    /// same data (`same`), a conflict when it holds other data.
+    fn add(
+        &mut self,
+        source: &Kv,
+        existing: Option<&Kv>,
+        ttl: Option<Duration>,
+        same: fn(&[u8], &[u8]) -> bool,
+        (from, to): (EtcdApi, EtcdApi),
+    ) {
+        let key = &source.key;
+        match existing {
+            None => self.copies.push(Copy {
+                key: key.clone(),
+                value: String::from_utf8_lossy(&source.value).into_owned(),
+                ttl,
+            }),
+            Some(there) if same(&there.value, &source.value) => {
+                self.unchanged += 1;
+                let _ = writeln!(self.out, "same   {key} (already in {to})");
+            }
+            Some(there) => self.conflicts.push(format!(
+                "  {key}: {from} has {} but {to} has {}",
+                String::from_utf8_lossy(&source.value),
+                String::from_utf8_lossy(&there.value)
+            )),
+        }
+    }
+}
+
 /// Runs the migration; returns the report to print.
 pub async fn run(
     opts: &EtcdOptions,
@@ -90,103 +132,23 @@ pub async fn run(
     }
     let mut source = open(opts, from).await?;
     let mut target = open(opts, to).await?;
-    let mut out = String::new();
-    let mut copies = Vec::new();
-    let mut conflicts = Vec::new();
-    let mut unchanged = 0usize;
-
-    let key = opts.config_key();
-    let (config, _) = source.get(&key).await?;
-    let config = config.ok_or_else(|| MigrateError::NoSourceConfig {
-        key: key.clone(),
-        api: from,
-    })?;
-    match target.get(&key).await?.0 {
-        None => copies.push(Copy {
-            key: key.clone(),
-            value: String::from_utf8_lossy(&config.value).into_owned(),
-            ttl: None,
-        }),
-        Some(existing) if same_config(&existing.value, &config.value) => {
-            unchanged += 1;
-            let _ = writeln!(out, "same   {key} (already in {to})");
-        }
-        Some(existing) => conflicts.push(format!(
-            "  {key}: {from} has {} but {to} has {}",
-            String::from_utf8_lossy(&config.value),
-            String::from_utf8_lossy(&existing.value)
-        )),
+    let mut plan = Plan::default();
+    plan_config(opts, &mut source, &mut target, from, to, &mut plan).await?;
+    plan_leases(opts, &mut source, &mut target, from, to, &mut plan).await?;
+    if !plan.conflicts.is_empty() {
+        return Err(MigrateError::Conflicts {
+            to,
+            conflicts: plan.conflicts,
+        });
     }
-
-    let prefix = opts.subnets_prefix();
-    let (leases, _) = source.list(&prefix).await?;
-    let (existing, _) = target.list(&prefix).await?;
-    let existing: BTreeMap<String, Kv> = existing
-        .into_iter()
-        .map(|kv| (kv.key.clone(), kv))
-        .collect();
-    let mut expired = 0usize;
-    for lease in leases {
-        let ttl = match source.time_to_live(&lease).await? {
-            KeyTtl::Expired => {
-                expired += 1;
-                continue;
-            }
-            KeyTtl::Never => None,
-            KeyTtl::Remaining(left) => Some(left),
-        };
-        match existing.get(&lease.key) {
-            None => copies.push(Copy {
-                key: lease.key.clone(),
-                value: String::from_utf8_lossy(&lease.value).into_owned(),
-                ttl,
-            }),
-            Some(there) if same_lease(&there.value, &lease.value) => {
-                unchanged += 1;
-                let _ = writeln!(out, "same   {} (already in {to})", lease.key);
-            }
-            Some(there) => conflicts.push(format!(
-                "  {}: {from} has {} but {to} has {}",
-                lease.key,
-                String::from_utf8_lossy(&lease.value),
-                String::from_utf8_lossy(&there.value)
-            )),
-        }
-    }
-    if !conflicts.is_empty() {
-        return Err(MigrateError::Conflicts { to, conflicts });
-    }
-
-    let mut written = 0usize;
-    for copy in &copies {
-        let verb = if apply { "copied" } else { "copy  " };
-        if apply {
-            let created = match copy.ttl {
-                Some(ttl) => target.create(&copy.key, &copy.value, ttl).await?.is_some(),
-                None => {
-                    target.put(&copy.key, &copy.value).await?;
-                    true
-                }
-            };
-            if !created {
-                // Written by someone else since we looked: theirs stays.
-                let _ = writeln!(
-                    out,
-                    "skip   {} (appeared in {to} meanwhile; left as it is)",
-                    copy.key
-                );
-                continue;
-            }
-            written += 1;
-        }
-        let _ = writeln!(
-            out,
-            "{verb} {} ({}) = {}",
-            copy.key,
-            describe_ttl(copy.ttl),
-            copy.value
-        );
-    }
+    let written = write_copies(&mut target, to, apply, &mut plan).await?;
+    let Plan {
+        copies,
+        unchanged,
+        expired,
+        mut out,
+        ..
+    } = plan;
     if expired > 0 {
         let _ = writeln!(out, "{expired} expired lease(s) in {from} not copied");
     }
@@ -203,6 +165,103 @@ pub async fn run(
         );
     }
     Ok(out)
+}
+
+/// The network config: copied when the target has none, a conflict when it has another.
+async fn plan_config(
+    opts: &EtcdOptions,
+    source: &mut Store,
+    target: &mut Store,
+    from: EtcdApi,
+    to: EtcdApi,
+    plan: &mut Plan,
+) -> Result<(), MigrateError> {
+    let key = opts.config_key();
+    let (config, _) = source.get(&key).await?;
+    let config = config.ok_or_else(|| MigrateError::NoSourceConfig {
+        key: key.clone(),
+        api: from,
+    })?;
+    let existing = target.get(&key).await?.0;
+    plan.add(&config, existing.as_ref(), None, same_config, (from, to));
+    Ok(())
+}
+
+/// The live leases with their remaining TTLs (expired ones are counted, not copied).
+async fn plan_leases(
+    opts: &EtcdOptions,
+    source: &mut Store,
+    target: &mut Store,
+    from: EtcdApi,
+    to: EtcdApi,
+    plan: &mut Plan,
+) -> Result<(), MigrateError> {
+    let prefix = opts.subnets_prefix();
+    let (leases, _) = source.list(&prefix).await?;
+    let (existing, _) = target.list(&prefix).await?;
+    let existing: BTreeMap<String, Kv> = existing
+        .into_iter()
+        .map(|kv| (kv.key.clone(), kv))
+        .collect();
+    for lease in leases {
+        let ttl = match source.time_to_live(&lease).await? {
+            KeyTtl::Expired => {
+                plan.expired += 1;
+                continue;
+            }
+            KeyTtl::Never => None,
+            KeyTtl::Remaining(left) => Some(left),
+        };
+        plan.add(
+            &lease,
+            existing.get(&lease.key),
+            ttl,
+            same_lease,
+            (from, to),
+        );
+    }
+    Ok(())
+}
+
+/// Writes the planned copies (with `apply`; else only reports them); returns how many were
+/// written. A key that appeared in the target meanwhile is left as it is.
+async fn write_copies(
+    target: &mut Store,
+    to: EtcdApi,
+    apply: bool,
+    plan: &mut Plan,
+) -> Result<usize, MigrateError> {
+    let mut written = 0usize;
+    for copy in &plan.copies {
+        let verb = if apply { "copied" } else { "copy  " };
+        if apply {
+            let created = match copy.ttl {
+                Some(ttl) => target.create(&copy.key, &copy.value, ttl).await?.is_some(),
+                None => {
+                    target.put(&copy.key, &copy.value).await?;
+                    true
+                }
+            };
+            if !created {
+                // Written by someone else since we looked: theirs stays.
+                let _ = writeln!(
+                    plan.out,
+                    "skip   {} (appeared in {to} meanwhile; left as it is)",
+                    copy.key
+                );
+                continue;
+            }
+            written += 1;
+        }
+        let _ = writeln!(
+            plan.out,
+            "{verb} {} ({}) = {}",
+            copy.key,
+            describe_ttl(copy.ttl),
+            copy.value
+        );
+    }
+    Ok(written)
 }
 
 #[cfg(test)]

@@ -8,9 +8,9 @@ use std::time::Duration;
 use tracing::{debug, info, warn};
 
 use crate::{
-    config::{BackendType, NetworkConfig},
-    etcd::EtcdOptions,
-    store::{EventKind, KvStore, KvWatch, WatchBatch},
+    control::config::{BackendType, NetworkConfig},
+    control::etcd::EtcdOptions,
+    control::store::{EventKind, KvStore, KvWatch, WatchBatch},
 };
 
 /// What a change of the config key means for a running agent.
@@ -84,14 +84,25 @@ pub async fn watch_config<S: KvStore>(
     }
 }
 
+/// Why one watch of the config ended (watched again after a pause).
+#[derive(Debug, thiserror::Error)]
+enum ConfigWatchError {
+    #[error("reading the config: {0}")]
+    Read(#[source] crate::control::etcd::EtcdError),
+    #[error("watching the config: {0}")]
+    Watch(#[source] crate::control::etcd::EtcdError),
+    #[error("the config watch fell behind: {0}")]
+    Outdated(String),
+}
+
 async fn watch_once<S: KvStore>(
     client: &mut S,
     key: &str,
     running: &NetworkConfig,
     backend_override: Option<BackendType>,
     last: &mut Option<ConfigChange>,
-) -> Result<(), String> {
-    let (current, revision) = client.get(key).await.map_err(|e| e.to_string())?;
+) -> Result<(), ConfigWatchError> {
+    let (current, revision) = client.get(key).await.map_err(ConfigWatchError::Read)?;
     let change = classify(
         running,
         backend_override,
@@ -107,12 +118,12 @@ async fn watch_once<S: KvStore>(
     let mut stream = client
         .watch(key, false, revision + 1)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(ConfigWatchError::Watch)?;
     info!(%key, "watching the network config for changes");
     loop {
-        let events = match stream.next().await.map_err(|e| e.to_string())? {
+        let events = match stream.next().await.map_err(ConfigWatchError::Watch)? {
             WatchBatch::Events(events) => events,
-            WatchBatch::Outdated(why) => return Err(why),
+            WatchBatch::Outdated(why) => return Err(ConfigWatchError::Outdated(why)),
         };
         for event in &events {
             let value = match event.kind {

@@ -292,7 +292,7 @@ pub async fn keep_rules(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flags::Cli;
+    use crate::cli::flags::Cli;
 
     #[test]
     fn rules_are_flanneld_s() {

@@ -11,10 +11,10 @@ use std::{
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::{
-    config::BackendType,
-    etcd::EtcdOptions,
-    iface::IfaceOptions,
-    store::{EtcdApi, EtcdApiChoice},
+    control::config::BackendType,
+    control::etcd::EtcdOptions,
+    control::store::{EtcdApi, EtcdApiChoice},
+    os::iface::IfaceOptions,
 };
 
 /// Default `--subnet-file` (where docker and the flannel CNI plugin look).
@@ -56,7 +56,7 @@ pub enum Command {
     /// (its health port) when it answers, else from the subnet file, etcd and the pinned maps.
     Status(StatusArgs),
     /// Write docker options from the subnet file (like flannel's mk-docker-opts.sh).
-    DockerOpts(crate::docker_opts::Args),
+    DockerOpts(crate::cli::docker_opts::Args),
     /// Copy the network config and the live leases (with their remaining TTLs) from one etcd
     /// keyspace to the other, e.g. `--from v2 --to v3` once no flanneld <= v0.17 node is left.
     /// Prints the plan; writes only with --apply; never overwrites different data.
@@ -191,7 +191,7 @@ pub struct Flags {
         require_equals = true,
         default_value_t = false,
         default_missing_value = "true",
-        value_parser = crate::compat_flags::GoBool,
+        value_parser = crate::cli::compat_flags::GoBool,
         action = clap::ArgAction::Set
     )]
     pub ip_masq: bool,
@@ -244,7 +244,7 @@ pub struct Flags {
     pub verbosity: u8,
     /// flanneld's flags that are not implemented here: accepted with a note, or refused.
     #[command(flatten)]
-    pub compat: crate::compat_flags::CompatFlags,
+    pub compat: crate::cli::compat_flags::CompatFlags,
     /// Dataplane: ebpf, vxlan or host-gw (default: the config's Backend.Type).
     #[arg(long, global = true, env = "FLANNELD_BACKEND")]
     pub backend: Option<BackendType>,

@@ -15,12 +15,12 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::{
+    control::etcd::{EtcdError, EtcdOptions},
+    control::lease::{ListedLease, decode_lease, list_leases, parse_subnet_key_name},
+    control::store::{EventKind as EventType, KvStore, KvWatch, Store, WatchBatch},
     dataplane::DataplaneCommand,
-    etcd::EtcdOptions,
-    lease::{ListedLease, decode_lease, list_leases, parse_subnet_key_name},
+    observe::status::AgentStatus,
     peer::{LeaseBackend, Peer, PeerEvent},
-    status::AgentStatus,
-    store::{EventKind as EventType, KvStore, KvWatch, Store, WatchBatch},
 };
 
 /// What a lease must be to become a peer of this node.
@@ -127,11 +127,11 @@ impl<S: KvStore> PeerWatcher<S> {
     }
 
     /// One cycle: list, send a snapshot, watch until something forces a re-list.
-    async fn list_and_watch(&mut self) -> Result<Relist, String> {
+    async fn list_and_watch(&mut self) -> Result<Relist, WatchError> {
         let own = *self.own_subnet.borrow_and_update();
         let (leases, revision) = list_leases(&mut self.client, &self.opts)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(WatchError::List)?;
         // One at a time: a lease overlapping one accepted before it is skipped.
         let mut peers = BTreeMap::new();
         for listed in &leases {
@@ -154,7 +154,10 @@ impl<S: KvStore> PeerWatcher<S> {
             .client
             .watch(&prefix, true, revision + 1)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|source| WatchError::Watch {
+                prefix: prefix.clone(),
+                source,
+            })?;
         loop {
             tokio::select! {
                 msg = stream.next() => {
@@ -164,7 +167,7 @@ impl<S: KvStore> PeerWatcher<S> {
                             warn!(reason = %why, "peer watch fell behind; listing again");
                             return Ok(Relist::Again);
                         }
-                        Err(err) => return Err(format!("the watch on {prefix} broke: {err}")),
+                        Err(source) => return Err(WatchError::Broke { prefix, source }),
                     };
                     for ev in events {
                         let Some(event) = self.apply_event(&ev.kv.key, ev.kind, &ev.kv.value, own) else {
@@ -294,6 +297,25 @@ impl<S: KvStore> PeerWatcher<S> {
             }
         }
     }
+}
+
+/// Why following the peer leases stopped (the watcher lists again after a backoff).
+#[derive(Debug, thiserror::Error)]
+enum WatchError {
+    #[error("listing the peer leases: {0}")]
+    List(#[source] EtcdError),
+    #[error("watching {prefix}: {source}")]
+    Watch {
+        prefix: String,
+        #[source]
+        source: EtcdError,
+    },
+    #[error("the watch on {prefix} broke: {source}")]
+    Broke {
+        prefix: String,
+        #[source]
+        source: EtcdError,
+    },
 }
 
 /// Why a peer lease cannot be programmed: its PublicIP is not a unicast address (the FDB

@@ -17,7 +17,7 @@ use std::{future::Future, time::Duration};
 pub use select::{EtcdApi, EtcdApiChoice, connect_store};
 pub use v2::V2Client;
 
-use crate::etcd::{EtcdError, EtcdOptions};
+use crate::control::etcd::{EtcdError, EtcdOptions};
 
 /// One key as read.
 #[derive(Clone, Debug, PartialEq, Eq)]
