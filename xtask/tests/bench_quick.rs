@@ -210,7 +210,30 @@ fn quick_control_plane_bench_writes_results_for_ebpf_and_vxlan() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let out = tempfile::tempdir().expect("temp dir");
     run_bench(&["--control-plane"], out.path());
-    let r = check_files(out.path(), &["vxlan", "ebpf"], &["ebpf/vxlan"], 6);
+    // sync, change p50/p99, RSS, CPU to sync, idle CPU, CPU under churn, re-list time and
+    // re-list netlink writes.
+    let r = check_files(out.path(), &["vxlan", "ebpf"], &["ebpf/vxlan"], 9);
     assert_eq!(r["kind"], "control-plane");
     assert_eq!(r["settings"]["peers"], serde_json::json!([200]));
+    let metric = |key: &str| {
+        r["metrics"]
+            .as_array()
+            .expect("metrics")
+            .iter()
+            .find(|m| m["key"] == key)
+            .unwrap_or_else(|| panic!("no metric {key}"))
+            .clone()
+    };
+    for mode in ["vxlan", "ebpf"] {
+        assert_eq!(
+            metric("relist_writes_200")["per_mode"][mode]["median"].as_f64(),
+            Some(0.0),
+            "a re-list that changes nothing must write nothing ({mode})"
+        );
+        assert!(
+            metric("cpu_idle_200")["per_mode"][mode]["median"]
+                .as_f64()
+                .is_some_and(|cpu| cpu >= 0.0)
+        );
+    }
 }
