@@ -12,7 +12,7 @@ use axum::{Router, extract::State, http::StatusCode, routing::get};
 use tokio::{net::TcpListener, sync::watch};
 use tracing::info;
 
-use crate::observe::status::{AgentStatus, DataplaneWork, render_prometheus};
+use crate::observe::status::{AgentStatus, DataplaneWork, render_prometheus_with};
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen for /healthz on {addr}: {source}; pick another --healthz-ip/--healthz-port")]
@@ -60,7 +60,7 @@ fn router(status: watch::Receiver<AgentStatus>) -> Router {
             get(|State(status): Shared| async move {
                 (
                     [("content-type", "text/plain; version=0.0.4")],
-                    render_prometheus(&current(&status)),
+                    render_prometheus_with(&status.borrow(), &DataplaneWork::now()),
                 )
             }),
         )
