@@ -1086,6 +1086,70 @@ fn link_events_report_new_and_deleted_links() {
     });
 }
 
+/// One subscription serves several subscribers, each handed only the kinds it asked for: a
+/// subscriber that does not want route additions never sees one (a vxlan first sync's own
+/// 20,000 route additions must not wake its repair loop), one that does sees both.
+/// What `changes` receives up to the deletion of the test route 10.99.0.0/24. The kernel
+/// announces the addition before the deletion, so by then the addition was delivered or
+/// filtered out.
+async fn until_test_route_deleted(
+    changes: &mut overlay_agent::dataplane::changes::Changes,
+) -> Vec<overlay_agent::os::netlink::KernelChange> {
+    use overlay_agent::os::netlink::KernelChange;
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !all.iter().any(|c| {
+            matches!(c, KernelChange::RouteDeleted(r) if r.destination.to_string() == "10.99.0.0/24")
+        }) {
+            changes.changed().await;
+            all.extend(changes.take());
+        }
+    })
+    .await
+    .expect("no notification of the deleted route");
+    all
+}
+
+#[test]
+fn one_change_feed_hands_each_subscriber_only_what_it_wants() {
+    use overlay_agent::{dataplane::changes::ChangeFeed, os::netlink::KernelChange};
+    let ns = node_ns("kcf", "192.168.77.1");
+    run_in(&ns, || async {
+        let feed = ChangeFeed::start();
+        let mut repairs = feed.subscribe(|c| !matches!(c, KernelChange::RouteAdded(_)));
+        let mut routes = feed.subscribe(|c| {
+            matches!(
+                c,
+                KernelChange::RouteAdded(_) | KernelChange::RouteDeleted(_)
+            )
+        });
+        assert!(repairs.live() && routes.live());
+        ns.run(&["ip", "route", "add", "10.99.0.0/24", "via", "192.168.77.2"]);
+        ns.run(&["ip", "route", "del", "10.99.0.0/24"]);
+        let for_repairs = until_test_route_deleted(&mut repairs).await;
+        let for_routes = until_test_route_deleted(&mut routes).await;
+        assert!(
+            !for_repairs
+                .iter()
+                .any(|c| matches!(c, KernelChange::RouteAdded(_))),
+            "a subscriber that wants no route additions got one: {for_repairs:?}"
+        );
+        assert!(
+            for_routes.iter().any(
+                |c| matches!(c, KernelChange::RouteAdded(r) if r.destination.to_string() == "10.99.0.0/24")
+            ),
+            "the route subscriber missed the addition: {for_routes:?}"
+        );
+        assert!(
+            for_routes.iter().all(|c| matches!(
+                c,
+                KernelChange::RouteAdded(_) | KernelChange::RouteDeleted(_)
+            )),
+            "the route subscriber got other kinds: {for_routes:?}"
+        );
+    });
+}
+
 #[test]
 fn vxlan_maintain_sets_a_downed_device_up_again() {
     let ns = node_ns("kvu", "192.168.100.1");

@@ -1,6 +1,7 @@
 //! The dataplane: exactly one task owns it and applies peer events through [`Dataplane`].
 //! Nothing else touches BPF maps or netlink state.
 
+pub mod changes;
 pub mod host_gw;
 pub mod vxlan;
 
@@ -123,6 +124,12 @@ pub trait Dataplane {
     async fn maintain_changes(&mut self) -> Result<(), DataplaneError> {
         self.maintain().await
     }
+    /// The kernel notifications this dataplane subscribed to, for a dataplane stacked on it
+    /// (eBPF over vxlan) to share: one socket, each notification parsed once. Default: a
+    /// subscription of its own.
+    fn change_feed(&self) -> changes::ChangeFeed {
+        changes::ChangeFeed::start()
+    }
     /// A CNI plugin's notice that a pod was just added or is about to be deleted. Only a
     /// dataplane with per-pod state (eBPF endpoints) acts on it; the others learn nothing.
     async fn pod_notice(&mut self, notice: &PodNotice) -> Result<PodNoticeReply, DataplaneError> {
@@ -162,32 +169,6 @@ pub fn snapshot_stats() -> (u64, u64) {
         SNAPSHOTS_APPLIED.load(Ordering::Relaxed),
         LAST_SNAPSHOT_MICROS.load(Ordering::Relaxed),
     )
-}
-
-/// Subscribes to the kernel's link, neighbour and route notifications and forwards them to
-/// a channel the dataplane task drains (the stream itself is not `Unpin`).
-pub(crate) fn subscribe_changes()
--> Option<mpsc::UnboundedReceiver<crate::os::netlink::KernelChange>> {
-    match crate::os::netlink::Netlink::kernel_changes() {
-        Ok(changes) => {
-            let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(async move {
-                let mut changes = std::pin::pin!(changes);
-                while let Some(change) = futures_util::StreamExt::next(&mut changes).await {
-                    if tx.send(change).is_err() {
-                        return;
-                    }
-                }
-                // The socket failed: one last full check, then the receiver sees the end.
-                let _ = tx.send(crate::os::netlink::KernelChange::Overrun);
-            });
-            Some(rx)
-        }
-        Err(err) => {
-            warn!(error = %err, "cannot subscribe to netlink change notifications; checking all datapath state every second instead");
-            None
-        }
-    }
 }
 
 /// Wraps a netlink failure with what was being done (shared by the backends).

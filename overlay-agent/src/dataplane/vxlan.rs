@@ -15,10 +15,13 @@ use std::{
 
 use futures_util::{StreamExt, stream};
 use ipnetwork::Ipv4Network;
-use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{DataplaneError, LeaseAttrs, LocalLease, combine_errors, netlink_error};
+use super::{
+    DataplaneError, LeaseAttrs, LocalLease,
+    changes::{ChangeFeed, Changes},
+    combine_errors, netlink_error,
+};
 use crate::{
     control::config::BackendConfig,
     os::iface::Uplink,
@@ -66,11 +69,11 @@ pub struct VxlanDataplane {
     lease: Option<LocalLease>,
     /// What we have programmed per peer subnet: the desired state `maintain` restores.
     peers: BTreeMap<Ipv4Network, Programmed>,
-    /// The kernel's change notifications (None if the subscription failed or broke: then
-    /// every tick is a full check, as before there were events).
-    changes: Option<mpsc::UnboundedReceiver<KernelChange>>,
-    /// Changes received but not yet looked at.
-    pending: Vec<KernelChange>,
+    /// The kernel's notifications, shared with a dataplane stacked on this one.
+    feed: ChangeFeed,
+    /// What this dataplane repairs from: deletions and link changes (when the subscription
+    /// failed or broke, every tick is a full check, as before there were events).
+    changes: Changes,
     /// Whether the first snapshot's sweep of leftovers (from before a restart) has run.
     swept: bool,
 }
@@ -115,6 +118,9 @@ impl VxlanDataplane {
             gbp: backend.gbp,
         };
         let netlink = Netlink::connect().map_err(netlink_error("opening netlink"))?;
+        let feed = ChangeFeed::start();
+        // Route additions are our own writes, mostly: a deleted route is what needs repair.
+        let changes = feed.subscribe(|change| !matches!(change, KernelChange::RouteAdded(_)));
         let mut dataplane = VxlanDataplane {
             netlink,
             uplink,
@@ -124,8 +130,8 @@ impl VxlanDataplane {
             vtep_mac: random_vtep_mac(),
             lease: None,
             peers: BTreeMap::new(),
-            changes: super::subscribe_changes(),
-            pending: Vec::new(),
+            feed,
+            changes,
             swept: false,
         };
         dataplane.ensure_device(true).await?;
@@ -794,37 +800,17 @@ impl VxlanDataplane {
         combine_errors("restoring peers", errors)
     }
 
-    /// Moves whatever notifications have arrived into `pending`, without waiting.
-    fn drain_changes(&mut self) {
-        let Some(changes) = &mut self.changes else {
-            return;
-        };
-        loop {
-            match changes.try_recv() {
-                Ok(change) => self.pending.push(change),
-                Err(mpsc::error::TryRecvError::Empty) => return,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    warn!(
-                        "netlink change notifications stopped; checking all datapath state every second instead"
-                    );
-                    self.changes = None;
-                    return;
-                }
-            }
-        }
-    }
-
     /// Looks at the notifications since the last call and repairs exactly what they say was
     /// deleted. A change on our device or the uplink, a lost notification, or no
     /// subscription at all means a full check.
     async fn apply_changes(&mut self) -> Result<(), DataplaneError> {
-        self.drain_changes();
-        let mut full = self.changes.is_none();
+        let changes = self.changes.take();
+        let mut full = !self.changes.live();
         let device = self.device_index;
         let uplink = self.uplink.index;
         let mut broken = BTreeSet::new();
         let mut deleted_fdb = HashSet::new();
-        for change in std::mem::take(&mut self.pending) {
+        for change in changes {
             match change {
                 KernelChange::LinkChanged { index } | KernelChange::LinkDeleted { index }
                     if index == device || index == uplink =>
@@ -880,8 +866,7 @@ impl VxlanDataplane {
     /// The full check: the device, our address on it, and every peer's entries.
     async fn maintain_fully(&mut self) -> Result<(), DataplaneError> {
         // Everything is looked at now; earlier notifications add nothing.
-        self.drain_changes();
-        self.pending.clear();
+        self.changes.take();
         let recreated = self.ensure_device(false).await?;
         if recreated {
             warn!(device = %self.settings.name, "vxlan device was missing or changed; re-created it with the same MAC, re-programming peers");
@@ -936,18 +921,11 @@ impl super::Dataplane for VxlanDataplane {
     }
 
     async fn kernel_changed(&mut self) {
-        match &mut self.changes {
-            Some(changes) => match changes.recv().await {
-                Some(change) => self.pending.push(change),
-                None => {
-                    warn!(
-                        "netlink change notifications stopped; checking all datapath state every second instead"
-                    );
-                    self.changes = None;
-                }
-            },
-            None => std::future::pending().await,
-        }
+        self.changes.changed().await
+    }
+
+    fn change_feed(&self) -> ChangeFeed {
+        self.feed.clone()
     }
 
     async fn maintain_changes(&mut self) -> Result<(), DataplaneError> {

@@ -40,7 +40,7 @@ use super::{Dataplane, DataplaneError, LocalLease};
 use crate::{
     cni::agent_socket::{PodNotice, PodNoticeReply, PodOp},
     os::iface::Uplink,
-    os::netlink::{Link, Netlink},
+    os::netlink::{KernelChange, Link, Netlink},
     peer::{MacAddr6, Peer, PeerEvent},
 };
 
@@ -325,8 +325,7 @@ pub struct EbpfDataplane<K: Dataplane> {
     /// brings it forward.
     nexthop_scan_at: std::time::Instant,
     /// Route and link notifications, to look next hops up again when the underlay changes.
-    underlay_changes:
-        Option<tokio::sync::mpsc::UnboundedReceiver<crate::os::netlink::KernelChange>>,
+    underlay_changes: super::changes::Changes,
     /// Whether a snapshot has been applied since start (the first one also sweeps the maps
     /// of entries a previous run left).
     synced: bool,
@@ -395,6 +394,8 @@ impl<K: Dataplane> EbpfDataplane<K> {
         netlink: Netlink,
         decap_l4_udp: bool,
     ) -> Self {
+        // Shared with the kernel dataplane's subscription: one socket, parsed once.
+        let underlay_changes = kernel.change_feed().subscribe(peers::underlay_interest);
         let mut dataplane = Self {
             kernel,
             settings,
@@ -409,7 +410,7 @@ impl<K: Dataplane> EbpfDataplane<K> {
             peers: BTreeMap::new(),
             source_counts: StdHashMap::new(),
             nexthops: StdHashMap::new(),
-            underlay_changes: super::subscribe_changes(),
+            underlay_changes,
             nexthop_scan_at: std::time::Instant::now(),
             synced: false,
             decap_l4_udp,

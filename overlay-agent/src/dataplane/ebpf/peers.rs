@@ -2,6 +2,18 @@
 
 use super::*;
 
+/// The notifications that can move a peer's underlay next hop: routes, links, and a loss.
+pub(super) fn underlay_interest(change: &KernelChange) -> bool {
+    matches!(
+        change,
+        KernelChange::RouteAdded(_)
+            | KernelChange::RouteDeleted(_)
+            | KernelChange::LinkChanged { .. }
+            | KernelChange::LinkDeleted { .. }
+            | KernelChange::Overrun
+    )
+}
+
 impl<K: Dataplane> EbpfDataplane<K> {
     pub(super) fn peer_key(subnet: Ipv4Network) -> Key<PeerSubnet> {
         Key::new(u32::from(subnet.prefix()), subnet.network().octets())
@@ -111,30 +123,22 @@ impl<K: Dataplane> EbpfDataplane<K> {
     }
 
     /// Whether a route outside the vxlan device or the uplink itself changed since the last
-    /// call (a lost notification counts as a change).
+    /// call (a lost notification, or no notifications at all, counts as a change).
     pub(super) fn underlay_changed(&mut self) -> bool {
-        use crate::os::netlink::KernelChange;
-        let Some(changes) = &mut self.underlay_changes else {
-            return false;
-        };
-        let mut changed = false;
-        loop {
-            match changes.try_recv() {
-                Ok(KernelChange::RouteAdded(route) | KernelChange::RouteDeleted(route)) => {
-                    changed |= route.oif.is_none() || route.oif != self.vxlan_ifindex;
+        let mut changed = !self.underlay_changes.live();
+        for change in self.underlay_changes.take() {
+            changed |= match change {
+                KernelChange::RouteAdded(route) | KernelChange::RouteDeleted(route) => {
+                    route.oif.is_none() || route.oif != self.vxlan_ifindex
                 }
-                Ok(KernelChange::LinkChanged { index } | KernelChange::LinkDeleted { index }) => {
-                    changed |= index == self.settings.uplink.index;
+                KernelChange::LinkChanged { index } | KernelChange::LinkDeleted { index } => {
+                    index == self.settings.uplink.index
                 }
-                Ok(KernelChange::Overrun) => changed = true,
-                Ok(_) => {}
-                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => return changed,
-                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
-                    self.underlay_changes = None;
-                    return true;
-                }
-            }
+                KernelChange::Overrun => true,
+                _ => false,
+            };
         }
+        changed
     }
 
     /// How many desired peers use `ip` as their underlay address.

@@ -1,0 +1,139 @@
+//! The kernel's change notifications, as the dataplanes consume them: one netlink
+//! subscription per dataplane stack, each notification parsed once and handed only to the
+//! parts that asked for its kind (the vxlan kernel repairs deletions; the eBPF dataplane on
+//! top of it follows underlay routes).
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use crate::os::netlink::{KernelChange, Netlink};
+
+/// Which notifications a subscriber wants; decided in the subscription task, so a kind
+/// nobody looks at never wakes anyone (a first sync's own 20,000 route additions, say).
+pub type Interest = fn(&KernelChange) -> bool;
+
+struct Subscriber {
+    wants: Interest,
+    sender: mpsc::UnboundedSender<KernelChange>,
+}
+
+/// One subscription to the link, neighbour and IPv4 route groups, shared by subscribers.
+/// The task behind it ends once every subscriber is gone.
+#[derive(Clone)]
+pub struct ChangeFeed {
+    /// None when the subscription could not be made: subscribers then get no notifications
+    /// and fall back to full checks.
+    subscribers: Option<Arc<Mutex<Vec<Subscriber>>>>,
+}
+
+impl std::fmt::Debug for ChangeFeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChangeFeed")
+            .field("live", &self.subscribers.is_some())
+            .finish()
+    }
+}
+
+impl ChangeFeed {
+    /// Subscribes to the kernel's notifications in the current network namespace. Needs a
+    /// tokio runtime. A failure is logged, not returned: the dataplanes work without
+    /// notifications, checking everything instead.
+    pub fn start() -> Self {
+        let changes = match Netlink::kernel_changes() {
+            Ok(changes) => changes,
+            Err(err) => {
+                warn!(error = %err, "cannot subscribe to netlink change notifications; checking all datapath state every second instead");
+                return Self { subscribers: None };
+            }
+        };
+        let subscribers: Arc<Mutex<Vec<Subscriber>>> = Arc::default();
+        let shared = Arc::clone(&subscribers);
+        tokio::spawn(async move {
+            let mut changes = std::pin::pin!(changes);
+            while let Some(change) = futures_util::StreamExt::next(&mut changes).await {
+                let mut subscribers = shared.lock().expect("subscriber list lock");
+                subscribers
+                    .retain(|s| !(s.wants)(&change) || s.sender.send(change.clone()).is_ok());
+                if subscribers.is_empty() && Arc::strong_count(&shared) == 1 {
+                    return;
+                }
+            }
+            // The socket failed: one last full check for everyone, then the receivers see
+            // the end and fall back to full checks.
+            for subscriber in shared.lock().expect("subscriber list lock").drain(..) {
+                let _ = subscriber.sender.send(KernelChange::Overrun);
+            }
+        });
+        Self {
+            subscribers: Some(subscribers),
+        }
+    }
+
+    /// A receiver of the notifications `wants` selects, from now on.
+    pub fn subscribe(&self, wants: Interest) -> Changes {
+        let Some(subscribers) = &self.subscribers else {
+            return Changes {
+                receiver: None,
+                pending: Vec::new(),
+            };
+        };
+        let (sender, receiver) = mpsc::unbounded_channel();
+        subscribers
+            .lock()
+            .expect("subscriber list lock")
+            .push(Subscriber { wants, sender });
+        Changes {
+            receiver: Some(receiver),
+            pending: Vec::new(),
+        }
+    }
+}
+
+/// One subscriber's notifications: those received and not yet taken, and whether more can
+/// come.
+#[derive(Debug)]
+pub struct Changes {
+    /// None once the subscription failed or broke: then every check must be a full one.
+    receiver: Option<mpsc::UnboundedReceiver<KernelChange>>,
+    pending: Vec<KernelChange>,
+}
+
+impl Changes {
+    /// Whether notifications still arrive (if not, the owner checks everything each time).
+    pub fn live(&self) -> bool {
+        self.receiver.is_some()
+    }
+
+    /// Waits for the next notification and keeps it. Cancel-safe; never resolves once the
+    /// subscription is gone (the owner's periodic full check takes over).
+    pub async fn changed(&mut self) {
+        let Some(receiver) = &mut self.receiver else {
+            return std::future::pending().await;
+        };
+        match receiver.recv().await {
+            Some(change) => self.pending.push(change),
+            None => self.stopped(),
+        }
+    }
+
+    /// Everything received so far, without waiting.
+    pub fn take(&mut self) -> Vec<KernelChange> {
+        while let Some(receiver) = &mut self.receiver {
+            match receiver.try_recv() {
+                Ok(change) => self.pending.push(change),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => self.stopped(),
+            }
+        }
+        std::mem::take(&mut self.pending)
+    }
+
+    fn stopped(&mut self) {
+        warn!(
+            "netlink change notifications stopped; checking all datapath state every second instead"
+        );
+        self.receiver = None;
+    }
+}
