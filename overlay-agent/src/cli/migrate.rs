@@ -130,18 +130,22 @@ pub async fn run(
     if from == to {
         return Err(MigrateError::SameApi(from));
     }
-    let mut source = open(opts, from).await?;
-    let mut target = open(opts, to).await?;
+    let mut stores = Stores {
+        source: open(opts, from).await?,
+        target: open(opts, to).await?,
+        from,
+        to,
+    };
     let mut plan = Plan::default();
-    plan_config(opts, &mut source, &mut target, from, to, &mut plan).await?;
-    plan_leases(opts, &mut source, &mut target, from, to, &mut plan).await?;
+    stores.plan_config(opts, &mut plan).await?;
+    stores.plan_leases(opts, &mut plan).await?;
     if !plan.conflicts.is_empty() {
         return Err(MigrateError::Conflicts {
             to,
             conflicts: plan.conflicts,
         });
     }
-    let written = write_copies(&mut target, to, apply, &mut plan).await?;
+    let written = stores.write_copies(apply, &mut plan).await?;
     let Plan {
         copies,
         unchanged,
@@ -167,101 +171,107 @@ pub async fn run(
     Ok(out)
 }
 
-/// The network config: copied when the target has none, a conflict when it has another.
-async fn plan_config(
-    opts: &EtcdOptions,
-    source: &mut Store,
-    target: &mut Store,
+/// The keyspace copied from and the one copied to.
+struct Stores {
+    source: Store,
+    target: Store,
     from: EtcdApi,
     to: EtcdApi,
-    plan: &mut Plan,
-) -> Result<(), MigrateError> {
-    let key = opts.config_key();
-    let (config, _) = source.get(&key).await?;
-    let config = config.ok_or_else(|| MigrateError::NoSourceConfig {
-        key: key.clone(),
-        api: from,
-    })?;
-    let existing = target.get(&key).await?.0;
-    plan.add(&config, existing.as_ref(), None, same_config, (from, to));
-    Ok(())
 }
 
-/// The live leases with their remaining TTLs (expired ones are counted, not copied).
-async fn plan_leases(
-    opts: &EtcdOptions,
-    source: &mut Store,
-    target: &mut Store,
-    from: EtcdApi,
-    to: EtcdApi,
-    plan: &mut Plan,
-) -> Result<(), MigrateError> {
-    let prefix = opts.subnets_prefix();
-    let (leases, _) = source.list(&prefix).await?;
-    let (existing, _) = target.list(&prefix).await?;
-    let existing: BTreeMap<String, Kv> = existing
-        .into_iter()
-        .map(|kv| (kv.key.clone(), kv))
-        .collect();
-    for lease in leases {
-        let ttl = match source.time_to_live(&lease).await? {
-            KeyTtl::Expired => {
-                plan.expired += 1;
-                continue;
-            }
-            KeyTtl::Never => None,
-            KeyTtl::Remaining(left) => Some(left),
-        };
+impl Stores {
+    /// The network config: copied when the target has none, a conflict when it has another.
+    async fn plan_config(
+        &mut self,
+        opts: &EtcdOptions,
+        plan: &mut Plan,
+    ) -> Result<(), MigrateError> {
+        let key = opts.config_key();
+        let (config, _) = self.source.get(&key).await?;
+        let config = config.ok_or_else(|| MigrateError::NoSourceConfig {
+            key: key.clone(),
+            api: self.from,
+        })?;
+        let existing = self.target.get(&key).await?.0;
         plan.add(
-            &lease,
-            existing.get(&lease.key),
-            ttl,
-            same_lease,
-            (from, to),
+            &config,
+            existing.as_ref(),
+            None,
+            same_config,
+            (self.from, self.to),
         );
+        Ok(())
     }
-    Ok(())
-}
 
-/// Writes the planned copies (with `apply`; else only reports them); returns how many were
-/// written. A key that appeared in the target meanwhile is left as it is.
-async fn write_copies(
-    target: &mut Store,
-    to: EtcdApi,
-    apply: bool,
-    plan: &mut Plan,
-) -> Result<usize, MigrateError> {
-    let mut written = 0usize;
-    for copy in &plan.copies {
-        let verb = if apply { "copied" } else { "copy  " };
-        if apply {
-            let created = match copy.ttl {
-                Some(ttl) => target.create(&copy.key, &copy.value, ttl).await?.is_some(),
-                None => {
-                    target.put(&copy.key, &copy.value).await?;
-                    true
+    /// The live leases with their remaining TTLs (expired ones are counted, not copied).
+    async fn plan_leases(
+        &mut self,
+        opts: &EtcdOptions,
+        plan: &mut Plan,
+    ) -> Result<(), MigrateError> {
+        let prefix = opts.subnets_prefix();
+        let (leases, _) = self.source.list(&prefix).await?;
+        let (existing, _) = self.target.list(&prefix).await?;
+        let existing: BTreeMap<String, Kv> = existing
+            .into_iter()
+            .map(|kv| (kv.key.clone(), kv))
+            .collect();
+        for lease in leases {
+            let ttl = match self.source.time_to_live(&lease).await? {
+                KeyTtl::Expired => {
+                    plan.expired += 1;
+                    continue;
                 }
+                KeyTtl::Never => None,
+                KeyTtl::Remaining(left) => Some(left),
             };
-            if !created {
-                // Written by someone else since we looked: theirs stays.
-                let _ = writeln!(
-                    plan.out,
-                    "skip   {} (appeared in {to} meanwhile; left as it is)",
-                    copy.key
-                );
-                continue;
-            }
-            written += 1;
+            plan.add(
+                &lease,
+                existing.get(&lease.key),
+                ttl,
+                same_lease,
+                (self.from, self.to),
+            );
         }
-        let _ = writeln!(
-            plan.out,
-            "{verb} {} ({}) = {}",
-            copy.key,
-            describe_ttl(copy.ttl),
-            copy.value
-        );
+        Ok(())
     }
-    Ok(written)
+
+    /// Writes the planned copies (with `apply`; else only reports them); returns how many were
+    /// written. A key that appeared in the target meanwhile is left as it is.
+    async fn write_copies(&mut self, apply: bool, plan: &mut Plan) -> Result<usize, MigrateError> {
+        let (target, to) = (&mut self.target, self.to);
+        let mut written = 0usize;
+        for copy in &plan.copies {
+            let verb = if apply { "copied" } else { "copy  " };
+            if apply {
+                let created = match copy.ttl {
+                    Some(ttl) => target.create(&copy.key, &copy.value, ttl).await?.is_some(),
+                    None => {
+                        target.put(&copy.key, &copy.value).await?;
+                        true
+                    }
+                };
+                if !created {
+                    // Written by someone else since we looked: theirs stays.
+                    let _ = writeln!(
+                        plan.out,
+                        "skip   {} (appeared in {to} meanwhile; left as it is)",
+                        copy.key
+                    );
+                    continue;
+                }
+                written += 1;
+            }
+            let _ = writeln!(
+                plan.out,
+                "{verb} {} ({}) = {}",
+                copy.key,
+                describe_ttl(copy.ttl),
+                copy.value
+            );
+        }
+        Ok(written)
+    }
 }
 
 #[cfg(test)]

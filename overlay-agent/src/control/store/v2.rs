@@ -89,6 +89,13 @@ struct ErrorAnswer {
     index: u64,
 }
 
+impl ErrorAnswer {
+    /// A compare-and-swap lost: the key changed or went away since we read it.
+    fn lost_race(&self) -> bool {
+        self.error_code == code::TEST_FAILED || self.error_code == code::KEY_NOT_FOUND
+    }
+}
+
 /// What one request produced.
 enum Reply {
     Ok { answer: Answer, etcd_index: u64 },
@@ -574,11 +581,23 @@ fn kv_of(node: Node) -> Kv {
     }
 }
 
-fn ttl_form(value: &str, ttl: Duration) -> [(&'static str, String); 2] {
-    [
-        ("value", value.to_string()),
-        ("ttl", ttl.as_secs().max(1).to_string()),
-    ]
+impl V2Client {
+    /// Writes `value` with a TTL (whole seconds, at least one), under the conditions in
+    /// `query` (prevExist, prevIndex, prevValue).
+    async fn put_with_ttl(
+        &self,
+        key: &str,
+        query: &[(&str, String)],
+        value: &str,
+        ttl: Duration,
+    ) -> Result<Reply, EtcdError> {
+        let form = [
+            ("value", value.to_string()),
+            ("ttl", ttl.as_secs().max(1).to_string()),
+        ];
+        self.call(Method::PUT, key, query, &form, REQUEST_TIMEOUT)
+            .await
+    }
 }
 
 impl KvStore for V2Client {
@@ -645,16 +664,7 @@ impl KvStore for V2Client {
         ttl: Duration,
     ) -> Result<Option<i64>, EtcdError> {
         let query = [("prevExist", "false".to_string())];
-        match self
-            .call(
-                Method::PUT,
-                key,
-                &query,
-                &ttl_form(value, ttl),
-                REQUEST_TIMEOUT,
-            )
-            .await?
-        {
+        match self.put_with_ttl(key, &query, value, ttl).await? {
             Reply::Ok { .. } => Ok(Some(0)),
             Reply::Error(e) if e.error_code == code::NODE_EXIST => Ok(None),
             Reply::Error(e) => Err(self.refused(format!("creating {key}"), &e)),
@@ -668,22 +678,9 @@ impl KvStore for V2Client {
         ttl: Duration,
     ) -> Result<Option<i64>, EtcdError> {
         let query = [("prevIndex", old.mod_revision.to_string())];
-        match self
-            .call(
-                Method::PUT,
-                &old.key,
-                &query,
-                &ttl_form(value, ttl),
-                REQUEST_TIMEOUT,
-            )
-            .await?
-        {
+        match self.put_with_ttl(&old.key, &query, value, ttl).await? {
             Reply::Ok { .. } => Ok(Some(0)),
-            Reply::Error(e)
-                if e.error_code == code::TEST_FAILED || e.error_code == code::KEY_NOT_FOUND =>
-            {
-                Ok(None)
-            }
+            Reply::Error(e) if e.lost_race() => Ok(None),
             Reply::Error(e) => Err(self.refused(format!("updating {}", old.key), &e)),
         }
     }
@@ -695,11 +692,7 @@ impl KvStore for V2Client {
             .await?
         {
             Reply::Ok { .. } => Ok(()),
-            Reply::Error(e)
-                if e.error_code == code::TEST_FAILED || e.error_code == code::KEY_NOT_FOUND =>
-            {
-                Ok(())
-            }
+            Reply::Error(e) if e.lost_race() => Ok(()),
             Reply::Error(e) => Err(self.refused(format!("deleting {}", old.key), &e)),
         }
     }
@@ -723,27 +716,14 @@ impl KvStore for V2Client {
         ttl: Duration,
     ) -> Result<Option<Duration>, EtcdError> {
         let query = [("prevValue", value.to_string())];
-        match self
-            .call(
-                Method::PUT,
-                key,
-                &query,
-                &ttl_form(value, ttl),
-                REQUEST_TIMEOUT,
-            )
-            .await?
-        {
+        match self.put_with_ttl(key, &query, value, ttl).await? {
             Reply::Ok { answer, .. } => Ok(Some(
                 answer
                     .node
                     .ttl
                     .map_or(ttl, |t| Duration::from_secs(t.max(1) as u64)),
             )),
-            Reply::Error(e)
-                if e.error_code == code::TEST_FAILED || e.error_code == code::KEY_NOT_FOUND =>
-            {
-                Ok(None)
-            }
+            Reply::Error(e) if e.lost_race() => Ok(None),
             Reply::Error(e) => Err(self.refused(format!("renewing {key}"), &e)),
         }
     }
@@ -755,16 +735,7 @@ impl KvStore for V2Client {
         _lease: i64,
         ttl: Duration,
     ) -> Result<(), EtcdError> {
-        match self
-            .call(
-                Method::PUT,
-                key,
-                &[],
-                &ttl_form(value, ttl),
-                REQUEST_TIMEOUT,
-            )
-            .await?
-        {
+        match self.put_with_ttl(key, &[], value, ttl).await? {
             Reply::Ok { .. } => Ok(()),
             Reply::Error(e) => Err(self.refused(format!("writing our lease {key} back"), &e)),
         }
