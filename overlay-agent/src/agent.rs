@@ -741,6 +741,11 @@ async fn start_backend(
     match kind {
         BackendType::HostGw => {
             remove_stale_ebpf(&flags.bpf_pin_dir);
+            if flags.nexthop_objects {
+                warn!(
+                    "--nexthop-objects applies to the vxlan and ebpf backends; host-gw writes flannel's routes"
+                );
+            }
             let (dataplane, attrs) = HostGwDataplane::new(uplink.clone())
                 .await
                 .map_err(setup_err)?;
@@ -751,7 +756,7 @@ async fn start_backend(
         }
         BackendType::Vxlan => {
             remove_stale_ebpf(&flags.bpf_pin_dir);
-            let (dataplane, attrs) = VxlanDataplane::new(uplink.clone(), &backend)
+            let (dataplane, attrs) = vxlan_dataplane(uplink, &backend, flags)
                 .await
                 .map_err(setup_err)?;
             launch
@@ -761,12 +766,26 @@ async fn start_backend(
             launch.run(dataplane, attrs, pod_mtu).await
         }
         BackendType::Ebpf => {
-            let (kernel, attrs) = VxlanDataplane::new(uplink.clone(), &backend)
+            let (kernel, attrs) = vxlan_dataplane(uplink, &backend, flags)
                 .await
                 .map_err(setup_err)?;
             start_ebpf(launch, kernel, attrs, uplink).await
         }
     }
+}
+
+/// The kernel vxlan dataplane (alone, or under eBPF), its routes in the layout the flags
+/// ask for.
+async fn vxlan_dataplane(
+    uplink: &iface::Uplink,
+    backend: &crate::control::config::BackendConfig,
+    flags: &Flags,
+) -> Result<(VxlanDataplane, LeaseAttrs), dataplane::DataplaneError> {
+    let (mut dataplane, attrs) = VxlanDataplane::new(uplink.clone(), backend).await?;
+    if flags.nexthop_objects {
+        dataplane.use_nexthop_objects().await?;
+    }
+    Ok((dataplane, attrs))
 }
 
 /// The eBPF datapath over `kernel`; when it cannot load here, `kernel` alone (a plain

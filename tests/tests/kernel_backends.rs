@@ -8,7 +8,9 @@ use std::{future::Future, net::Ipv4Addr, time::Duration};
 use overlay_agent::{
     control::config::{BackendConfig, BackendType},
     dataplane::{
-        Dataplane, LeaseAttrs, LocalLease, host_gw::HostGwDataplane, vxlan::VxlanDataplane,
+        Dataplane, LeaseAttrs, LocalLease,
+        host_gw::HostGwDataplane,
+        vxlan::{self, VxlanDataplane},
     },
     os::iface::{IfaceOptions, Uplink, select_uplink},
     peer::{MacAddr6, Peer, PeerEvent},
@@ -154,12 +156,15 @@ fn fdb(ns: &NetNs, dev: &str) -> Vec<String> {
     lines
 }
 
-/// Main-table routes as "DST via GW dev DEV proto P [onlink]" lines, sorted.
+/// Main-table routes as "DST [nhid N] via GW dev DEV proto P [onlink]" lines, sorted.
 fn routes(ns: &NetNs, table: &str) -> Vec<String> {
     let mut lines: Vec<String> = json(ns, &["ip", "-j", "-d", "route", "show", "table", table])
         .iter()
         .map(|r| {
             let mut line = s(&r["dst"]);
+            if !r["nhid"].is_null() {
+                line += &format!(" nhid {}", r["nhid"]);
+            }
             if !r["gateway"].is_null() {
                 line += &format!(" via {}", s(&r["gateway"]));
             }
@@ -1174,7 +1179,7 @@ fn program_vxlan_node(
     ns: &NetNs,
     subnet: &str,
     public_ip: &str,
-    direct: bool,
+    (direct, nexthops): (bool, bool),
     peers: Vec<Peer>,
 ) -> MacAddr6 {
     run_in(ns, || async {
@@ -1182,6 +1187,9 @@ fn program_vxlan_node(
         let (mut dp, attrs) = VxlanDataplane::new(uplink, &backend(1, 8472, direct))
             .await
             .expect("dataplane");
+        if nexthops {
+            dp.use_nexthop_objects().await.expect("nexthop objects");
+        }
         dp.activate(&lease(subnet, public_ip))
             .await
             .expect("activate");
@@ -1190,11 +1198,13 @@ fn program_vxlan_node(
     })
 }
 
-/// Two nodes both run VxlanDataplane (VtepMACs exchanged as the leases would), once through
-/// the vxlan device and once with DirectRouting; pods reach each other both ways.
+/// Two nodes both run VxlanDataplane (VtepMACs exchanged as the leases would), through the
+/// vxlan device and with DirectRouting, each with flannel's routes and through nexthop
+/// objects; pods reach each other both ways.
 #[test]
 fn vxlan_dataplanes_on_both_nodes_carry_pod_traffic_with_and_without_direct_routing() {
-    for direct in [false, true] {
+    for (direct, nexthops) in [(false, false), (true, false), (false, true), (true, true)] {
+        let layout = (direct, nexthops);
         let mut cluster = Cluster::with(ClusterOptions {
             nodes: 2,
             underlay: UnderlayKind::Switch,
@@ -1208,21 +1218,21 @@ fn vxlan_dataplanes_on_both_nodes_carry_pod_traffic_with_and_without_direct_rout
             &cluster.nodes[0].ns,
             "10.5.1.0/24",
             "192.168.100.1",
-            direct,
+            layout,
             vec![],
         );
         let mac2 = program_vxlan_node(
             &cluster.nodes[1].ns,
             "10.5.2.0/24",
             "192.168.100.2",
-            direct,
+            layout,
             vec![],
         );
         let again1 = program_vxlan_node(
             &cluster.nodes[0].ns,
             "10.5.1.0/24",
             "192.168.100.1",
-            direct,
+            layout,
             vec![Peer {
                 subnet: "10.5.2.0/24".parse().expect("subnet"),
                 public_ip: "192.168.100.2".parse().expect("ip"),
@@ -1233,7 +1243,7 @@ fn vxlan_dataplanes_on_both_nodes_carry_pod_traffic_with_and_without_direct_rout
             &cluster.nodes[1].ns,
             "10.5.2.0/24",
             "192.168.100.2",
-            direct,
+            layout,
             vec![Peer {
                 subnet: "10.5.1.0/24".parse().expect("subnet"),
                 public_ip: "192.168.100.1".parse().expect("ip"),
@@ -1245,16 +1255,22 @@ fn vxlan_dataplanes_on_both_nodes_carry_pod_traffic_with_and_without_direct_rout
             (mac1, mac2),
             "VtepMACs must be stable across restarts"
         );
+        let nhid = match nexthops {
+            true => format!(
+                " nhid {}",
+                vxlan::nexthop_id("10.5.2.0/24".parse().expect("subnet"))
+            ),
+            false => String::new(),
+        };
         let expected = if direct {
-            "10.5.2.0/24 via 192.168.100.2 dev eth0 proto boot"
+            format!("10.5.2.0/24{nhid} via 192.168.100.2 dev eth0 proto boot")
         } else {
-            "10.5.2.0/24 via 10.5.2.0 dev flannel.1 proto boot onlink"
+            format!("10.5.2.0/24{nhid} via 10.5.2.0 dev flannel.1 proto boot onlink")
         };
         assert!(
+            routes(&cluster.nodes[0].ns, "main").contains(&expected),
+            "direct={direct} nexthops={nexthops}: no {expected:?} in {:?}",
             routes(&cluster.nodes[0].ns, "main")
-                .iter()
-                .any(|r| r == expected),
-            "direct={direct}"
         );
         let (pod1, pod2) = (&cluster.nodes[0].pods[0], &cluster.nodes[1].pods[0]);
         wait_until(Duration::from_secs(20), "pod 1 -> pod 2", || {
@@ -1456,5 +1472,149 @@ fn vxlan_hears_a_deleted_route_neighbour_or_fdb_entry_and_repairs_only_that() {
                 "after {deletion:?}"
             );
         }
+    });
+}
+
+/// `ip -j nexthop` as "ID via GW dev DEV [onlink]" lines, sorted.
+fn nexthop_objects(ns: &NetNs) -> Vec<String> {
+    let mut lines: Vec<String> = json(ns, &["ip", "-j", "nexthop", "show"])
+        .iter()
+        .map(|n| {
+            let mut line = format!("{} via {} dev {}", n["id"], s(&n["gateway"]), s(&n["dev"]));
+            if n["flags"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|f| f == "onlink"))
+            {
+                line += " onlink";
+            }
+            line
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// `--nexthop-objects`: each peer's gateway and device go into a nexthop object whose id is
+/// the subnet's address, the route names it; neighbours and FDB entries stay flannel's. A
+/// re-list writes nothing; a nexthop object deleted by hand (the kernel drops the route with
+/// it, without a route notification) is put back from its notification alone; a removed
+/// peer takes its object along; a restart without the flag leaves exactly flannel's routes
+/// and no nexthop object.
+#[test]
+fn vxlan_with_nexthop_objects_routes_through_them_and_converts_back_to_flannel_routes() {
+    let ns = node_ns("knh", "192.168.100.1");
+    let peers = many_peers(3);
+    let id = |i: usize| vxlan::nexthop_id(peers[i].subnet);
+    run_in(&ns, || async {
+        let uplink = uplink("eth0", None).await;
+        let (mut dp, _) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
+            .await
+            .expect("dataplane");
+        dp.use_nexthop_objects().await.expect("nexthop objects");
+        dp.activate(&lease("10.5.1.0/24", "192.168.100.1"))
+            .await
+            .expect("activate");
+        dp.apply(&PeerEvent::Snapshot(peers.clone()))
+            .await
+            .expect("snapshot");
+        let flannel_neighbours = neighbours(&ns, "flannel.1");
+        let flannel_fdb = fdb(&ns, "flannel.1");
+        assert_eq!(flannel_neighbours.len(), 3);
+        assert_eq!(flannel_fdb.len(), 3);
+        let expected_routes: Vec<String> = (0..3)
+            .map(|i| {
+                let net = peers[i].subnet;
+                format!(
+                    "{net} nhid {} via {} dev flannel.1 proto boot onlink",
+                    id(i),
+                    net.network()
+                )
+            })
+            .collect();
+        let peer_routes = || -> Vec<String> {
+            routes(&ns, "main")
+                .into_iter()
+                .filter(|r| r.contains(" dev flannel.1 "))
+                .collect()
+        };
+        assert_eq!(peer_routes(), expected_routes);
+        let expected_objects: Vec<String> = (0..3)
+            .map(|i| {
+                format!(
+                    "{} via {} dev flannel.1 onlink",
+                    id(i),
+                    peers[i].subnet.network()
+                )
+            })
+            .collect();
+        assert_eq!(nexthop_objects(&ns), expected_objects);
+
+        let before = overlay_agent::os::netlink::writes_total();
+        dp.apply(&PeerEvent::Snapshot(peers.clone()))
+            .await
+            .expect("re-list");
+        assert_eq!(
+            overlay_agent::os::netlink::writes_total() - before,
+            0,
+            "a re-list that changes nothing writes nothing"
+        );
+        dp.maintain().await.expect("full check");
+        assert_eq!(
+            overlay_agent::os::netlink::writes_total() - before,
+            0,
+            "the full check finds everything in place"
+        );
+
+        // Drain the notifications of our own programming.
+        while tokio::time::timeout(Duration::from_millis(200), dp.kernel_changed())
+            .await
+            .is_ok()
+        {}
+        dp.maintain_changes().await.expect("quiet");
+        ns.run(&["ip", "nexthop", "del", "id", &id(1).to_string()]);
+        assert_eq!(peer_routes().len(), 2, "the kernel took the route along");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while peer_routes() != expected_routes {
+            tokio::time::timeout_at(deadline, dp.kernel_changed())
+                .await
+                .expect("not repaired from the nexthop notification");
+            dp.maintain_changes().await.expect("repair");
+        }
+        assert_eq!(nexthop_objects(&ns), expected_objects);
+
+        dp.apply(&PeerEvent::Remove(peers[2].subnet))
+            .await
+            .expect("remove");
+        assert_eq!(peer_routes(), expected_routes[..2]);
+        assert_eq!(nexthop_objects(&ns), expected_objects[..2]);
+    });
+
+    // A restart without the flag: flannel's routes, and the objects swept.
+    run_in(&ns, || async {
+        let uplink = uplink("eth0", None).await;
+        let (mut dp, _) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
+            .await
+            .expect("dataplane");
+        dp.activate(&lease("10.5.1.0/24", "192.168.100.1"))
+            .await
+            .expect("activate");
+        dp.apply(&PeerEvent::Snapshot(peers[..2].to_vec()))
+            .await
+            .expect("snapshot");
+        let flannel_routes: Vec<String> = (0..2)
+            .map(|i| {
+                let net = peers[i].subnet;
+                format!(
+                    "{net} via {} dev flannel.1 proto boot onlink",
+                    net.network()
+                )
+            })
+            .collect();
+        let peer_routes: Vec<String> = routes(&ns, "main")
+            .into_iter()
+            .filter(|r| r.contains(" dev flannel.1 "))
+            .collect();
+        assert_eq!(peer_routes, flannel_routes);
+        assert_eq!(nexthop_objects(&ns), Vec::<String>::new());
     });
 }

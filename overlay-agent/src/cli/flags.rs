@@ -280,6 +280,23 @@ pub struct Flags {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub maintain_interval: u64,
+    /// Route each peer through a kernel nexthop object (`ip nexthop`; Linux 5.3+) instead
+    /// of flannel's gateway route: the same forwarding, but `ip route` shows
+    /// `<subnet> nhid <id> via ...`, and the kernel inserts these in constant time where
+    /// flannel's routes cost time growing with the number of peers (10,000 peers: ~2 s of
+    /// route inserts, 20,000: ~10 s). vxlan and ebpf backends; off by default.
+    #[arg(
+        long,
+        global = true,
+        env = "FLANNELD_NEXTHOP_OBJECTS",
+        num_args = 0..=1,
+        require_equals = true,
+        default_value_t = false,
+        default_missing_value = "true",
+        value_parser = crate::cli::compat_flags::GoBool,
+        action = clap::ArgAction::Set
+    )]
+    pub nexthop_objects: bool,
 }
 
 impl Flags {

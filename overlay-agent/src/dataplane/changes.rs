@@ -3,8 +3,9 @@
 //! parts that asked for its kind (the vxlan kernel repairs deletions; the eBPF dataplane on
 //! top of it follows underlay routes).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
+use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tracing::warn;
 
@@ -19,13 +20,15 @@ struct Subscriber {
     sender: mpsc::UnboundedSender<KernelChange>,
 }
 
+type Subscribers = Mutex<Vec<Subscriber>>;
+
 /// One subscription to the link, neighbour and IPv4 route groups, shared by subscribers.
-/// The task behind it ends once every subscriber is gone.
+/// The tasks behind it end once the feed and every subscriber are gone.
 #[derive(Clone)]
 pub struct ChangeFeed {
     /// None when the subscription could not be made: subscribers then get no notifications
     /// and fall back to full checks.
-    subscribers: Option<Arc<Mutex<Vec<Subscriber>>>>,
+    subscribers: Option<Arc<Subscribers>>,
 }
 
 impl std::fmt::Debug for ChangeFeed {
@@ -48,27 +51,39 @@ impl ChangeFeed {
                 return Self { subscribers: None };
             }
         };
-        let subscribers: Arc<Mutex<Vec<Subscriber>>> = Arc::default();
-        let shared = Arc::clone(&subscribers);
+        let feed = Self {
+            subscribers: Some(Arc::default()),
+        };
+        feed.add_source(changes);
+        feed
+    }
+
+    /// Hands the changes of one more socket to the same subscribers (nexthop deletions,
+    /// which come on a socket of their own).
+    pub fn add_source(&self, changes: impl Stream<Item = KernelChange> + Send + 'static) {
+        let Some(subscribers) = &self.subscribers else {
+            return;
+        };
+        let weak: Weak<Subscribers> = Arc::downgrade(subscribers);
         tokio::spawn(async move {
             let mut changes = std::pin::pin!(changes);
-            while let Some(change) = futures_util::StreamExt::next(&mut changes).await {
-                let mut subscribers = shared.lock().expect("subscriber list lock");
-                subscribers
-                    .retain(|s| !(s.wants)(&change) || s.sender.send(change.clone()).is_ok());
-                if subscribers.is_empty() && Arc::strong_count(&shared) == 1 {
+            while let Some(change) = changes.next().await {
+                let Some(shared) = weak.upgrade() else {
                     return;
-                }
+                };
+                shared
+                    .lock()
+                    .expect("subscriber list lock")
+                    .retain(|s| !(s.wants)(&change) || s.sender.send(change.clone()).is_ok());
             }
             // The socket failed: one last full check for everyone, then the receivers see
             // the end and fall back to full checks.
-            for subscriber in shared.lock().expect("subscriber list lock").drain(..) {
-                let _ = subscriber.sender.send(KernelChange::Overrun);
+            if let Some(shared) = weak.upgrade() {
+                for subscriber in shared.lock().expect("subscriber list lock").drain(..) {
+                    let _ = subscriber.sender.send(KernelChange::Overrun);
+                }
             }
         });
-        Self {
-            subscribers: Some(subscribers),
-        }
     }
 
     /// A receiver of the notifications `wants` selects, from now on.
@@ -77,6 +92,7 @@ impl ChangeFeed {
             return Changes {
                 receiver: None,
                 pending: Vec::new(),
+                _feed: None,
             };
         };
         let (sender, receiver) = mpsc::unbounded_channel();
@@ -87,17 +103,28 @@ impl ChangeFeed {
         Changes {
             receiver: Some(receiver),
             pending: Vec::new(),
+            _feed: Some(Arc::clone(subscribers)),
         }
     }
 }
 
 /// One subscriber's notifications: those received and not yet taken, and whether more can
 /// come.
-#[derive(Debug)]
 pub struct Changes {
     /// None once the subscription failed or broke: then every check must be a full one.
     receiver: Option<mpsc::UnboundedReceiver<KernelChange>>,
     pending: Vec<KernelChange>,
+    /// Keeps the feed's tasks running while this subscriber lives.
+    _feed: Option<Arc<Subscribers>>,
+}
+
+impl std::fmt::Debug for Changes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Changes")
+            .field("live", &self.live())
+            .field("pending", &self.pending.len())
+            .finish()
+    }
 }
 
 impl Changes {

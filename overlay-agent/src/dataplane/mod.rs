@@ -84,6 +84,15 @@ pub enum DataplaneError {
     },
     #[error("{device} vanished right after it was created; is something else deleting it?")]
     DeviceVanished { device: String },
+    #[error(
+        "--nexthop-objects needs kernel nexthop objects (Linux 5.3 or later, `ip nexthop`), \
+         and this kernel refused to list them ({source}); run without --nexthop-objects \
+         (peer routes are then flannel's own)"
+    )]
+    NexthopObjectsUnsupported {
+        #[source]
+        source: crate::os::netlink::NetlinkError,
+    },
     #[error("peer {subnet} ({public_ip}) has no VtepMAC in its lease; is it a vxlan lease?")]
     NoVtepMac {
         subnet: Ipv4Network,

@@ -7,4 +7,5 @@ pub mod forward;
 pub mod iface;
 pub mod masq;
 pub mod netlink;
+pub mod nexthop;
 pub mod notify;

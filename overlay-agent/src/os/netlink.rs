@@ -165,6 +165,9 @@ pub struct ListedRoute {
     pub route: Route,
     pub protocol: RouteProtocol,
     pub scope: RouteScope,
+    /// `nhid`: the nexthop object the route goes through (the kernel still reports its
+    /// gateway and device in `route`, as `ip route` shows them).
+    pub nexthop_id: Option<u32>,
 }
 
 /// An IPv4 neighbour (ARP) entry.
@@ -216,6 +219,8 @@ pub enum KernelChange {
         mac: MacAddr6,
         dst: Option<Ipv4Addr>,
     },
+    /// A nexthop object was deleted (and with it, silently, every route through it).
+    NexthopDeleted { id: u32 },
     /// The socket's buffer overflowed: some changes were lost, so the dataplane must look at
     /// everything once.
     Overrun,
@@ -231,7 +236,7 @@ pub fn writes_total() -> u64 {
     WRITES.load(Ordering::Relaxed)
 }
 
-fn count_write() {
+pub(crate) fn count_write() {
     WRITES.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -583,6 +588,13 @@ impl Netlink {
                 route: route_from_message(message),
                 protocol: message.header.protocol,
                 scope: message.header.scope,
+                nexthop_id: message
+                    .attributes
+                    .iter()
+                    .find_map(|attribute| match attribute {
+                        RouteAttribute::NhId(id) => Some(*id),
+                        _ => None,
+                    }),
             })
             .collect())
     }
@@ -598,6 +610,31 @@ impl Netlink {
             .execute()
             .await
             .map_err(NetlinkError::request(format!("replacing route {route}")))
+    }
+
+    /// Adds or replaces the route to `destination` through nexthop object `id` (`ip route
+    /// replace <destination> nhid <id>`), proto boot as [`Netlink::replace_route`].
+    pub async fn replace_route_via_nexthop(
+        &self,
+        destination: Ipv4Network,
+        id: u32,
+    ) -> Result<(), NetlinkError> {
+        count_write();
+        let mut message = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(destination.network(), destination.prefix())
+            .protocol(RouteProtocol::Boot)
+            .scope(RouteScope::Universe)
+            .build();
+        message.attributes.push(RouteAttribute::NhId(id));
+        self.handle
+            .route()
+            .add(message)
+            .replace()
+            .execute()
+            .await
+            .map_err(NetlinkError::request(format!(
+                "replacing route {destination} nhid {id}"
+            )))
     }
 
     /// Deletes a route; one that is already gone is not an error.
