@@ -1582,9 +1582,26 @@ fn vxlan_with_nexthop_objects_routes_through_them_and_converts_back_to_flannel_r
         }
         assert_eq!(nexthop_objects(&ns), expected_objects);
 
+        // The removal is announced as a route deletion (what `ip monitor route` and the
+        // benchmark see), not only done silently with the nexthop object.
+        let watcher = overlay_agent::dataplane::changes::ChangeFeed::start();
+        let mut deletions = watcher
+            .subscribe(|c| matches!(c, overlay_agent::os::netlink::KernelChange::RouteDeleted(_)));
         dp.apply(&PeerEvent::Remove(peers[2].subnet))
             .await
             .expect("remove");
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                deletions.changed().await;
+                if deletions.take().iter().any(|c| {
+                    matches!(c, overlay_agent::os::netlink::KernelChange::RouteDeleted(r) if r.destination == peers[2].subnet)
+                }) {
+                    return;
+                }
+            }
+        })
+        .await
+        .expect("no route deletion announced for the removed peer");
         assert_eq!(peer_routes(), expected_routes[..2]);
         assert_eq!(nexthop_objects(&ns), expected_objects[..2]);
     });

@@ -206,13 +206,19 @@ fn quick_datapath_bench_writes_results_for_every_mode() {
 }
 
 #[test]
-fn quick_control_plane_bench_writes_results_for_ebpf_and_vxlan() {
+fn quick_control_plane_bench_writes_results_for_ebpf_and_vxlan_with_and_without_nexthop_objects() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let out = tempfile::tempdir().expect("temp dir");
     run_bench(&["--control-plane"], out.path());
     // sync, change p50/p99, RSS, CPU to sync, idle CPU, CPU under churn, re-list time and
     // re-list netlink writes.
-    let r = check_files(out.path(), &["vxlan", "ebpf"], &["ebpf/vxlan"], 9);
+    let modes = ["vxlan", "ebpf", "vxlan-nexthop", "ebpf-nexthop"];
+    let r = check_files(
+        out.path(),
+        &modes,
+        &["ebpf/vxlan", "vxlan-nexthop/vxlan", "ebpf-nexthop/ebpf"],
+        9,
+    );
     assert_eq!(r["kind"], "control-plane");
     assert_eq!(r["settings"]["peers"], serde_json::json!([200]));
     let metric = |key: &str| {
@@ -224,7 +230,7 @@ fn quick_control_plane_bench_writes_results_for_ebpf_and_vxlan() {
             .unwrap_or_else(|| panic!("no metric {key}"))
             .clone()
     };
-    for mode in ["vxlan", "ebpf"] {
+    for mode in modes {
         assert_eq!(
             metric("relist_writes_200")["per_mode"][mode]["median"].as_f64(),
             Some(0.0),

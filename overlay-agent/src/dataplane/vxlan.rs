@@ -128,11 +128,16 @@ impl RouteWriter {
     }
 
     async fn delete(&self, route: &Route) -> Result<(), NetlinkError> {
-        self.netlink.delete_route(route).await?;
-        match &self.nexthops {
-            Some(nexthops) => nexthops.delete(nexthop_id(route.destination)).await,
-            None => Ok(()),
-        }
+        let Some(nexthops) = &self.nexthops else {
+            return self.netlink.delete_route(route).await;
+        };
+        // The route first, so its deletion is announced (`ip monitor route`); deleting the
+        // object would take it along silently.
+        let id = nexthop_id(route.destination);
+        self.netlink
+            .delete_route_via_nexthop(route.destination, id)
+            .await?;
+        nexthops.delete(id).await
     }
 
     /// Whether `listed` is `wanted` written in this layout.
@@ -776,8 +781,16 @@ impl VxlanDataplane {
                         && route.destination != lease.subnet
                 });
             if ours_on_device || stale_direct {
-                info!(route = %route, "removing stale route");
-                if let Err(err) = self.netlink.delete_route(&route).await {
+                info!(route = %route, nhid = ?listed.nexthop_id, "removing stale route");
+                let deleted = match listed.nexthop_id {
+                    Some(id) => {
+                        self.netlink
+                            .delete_route_via_nexthop(route.destination, id)
+                            .await
+                    }
+                    None => self.netlink.delete_route(&route).await,
+                };
+                if let Err(err) = deleted {
                     errors.push(netlink_error(format!("removing stale route {route}"))(err));
                 }
             }

@@ -620,21 +620,38 @@ impl Netlink {
         id: u32,
     ) -> Result<(), NetlinkError> {
         count_write();
-        let mut message = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(destination.network(), destination.prefix())
-            .protocol(RouteProtocol::Boot)
-            .scope(RouteScope::Universe)
-            .build();
-        message.attributes.push(RouteAttribute::NhId(id));
         self.handle
             .route()
-            .add(message)
+            .add(nexthop_route_message(destination, id))
             .replace()
             .execute()
             .await
             .map_err(NetlinkError::request(format!(
                 "replacing route {destination} nhid {id}"
             )))
+    }
+
+    /// Deletes the route to `destination` through nexthop object `id`; one already gone is
+    /// not an error. (A delete naming a gateway and device does not match such a route.)
+    pub async fn delete_route_via_nexthop(
+        &self,
+        destination: Ipv4Network,
+        id: u32,
+    ) -> Result<(), NetlinkError> {
+        count_write();
+        let mut message = nexthop_route_message(destination, id);
+        message.header.protocol = RouteProtocol::Unspec;
+        message.header.scope = RouteScope::NoWhere;
+        let result =
+            self.handle
+                .route()
+                .del(message)
+                .execute()
+                .await
+                .map_err(NetlinkError::request(format!(
+                    "deleting route {destination} nhid {id}"
+                )));
+        ignore_not_found(result)
     }
 
     /// Deletes a route; one that is already gone is not an error.
@@ -1070,6 +1087,16 @@ fn route_from_message(message: &RouteMessage) -> Route {
         oif,
         onlink: message.header.flags.contains(RouteFlags::Onlink),
     }
+}
+
+fn nexthop_route_message(destination: Ipv4Network, id: u32) -> RouteMessage {
+    let mut message = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(destination.network(), destination.prefix())
+        .protocol(RouteProtocol::Boot)
+        .scope(RouteScope::Universe)
+        .build();
+    message.attributes.push(RouteAttribute::NhId(id));
+    message
 }
 
 fn route_message(route: &Route) -> RouteMessage {

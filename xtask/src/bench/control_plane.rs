@@ -208,13 +208,21 @@ fn one_run(
     let changes = settings.changes;
     let endpoint = cluster.etcd_endpoint();
     let node = &cluster.nodes[0];
-    let mut args = node.agent_args(&endpoint, mode);
+    // "vxlan-nexthop" / "ebpf-nexthop": the backend with --nexthop-objects.
+    let (backend, nexthops) = match mode.strip_suffix("-nexthop") {
+        Some(backend) => (backend, true),
+        None => (mode, false),
+    };
+    let mut args = node.agent_args(&endpoint, backend);
     args.push(format!("--healthz-port={HEALTHZ_PORT}"));
+    if nexthops {
+        args.push("--nexthop-objects".to_string());
+    }
     let start = Instant::now();
     let mut agent = BenchAgent::spawn(&node.ns, &args, AGENT_ENV)?;
     let pid = agent.pid();
     let ns_name = node.ns.name().to_string();
-    let mut dp = match mode {
+    let mut dp = match backend {
         "ebpf" => Datapath::Map(PeerMap::new(&node.pin_dir, Some(pid))),
         _ => Datapath::Routes(ns_name.clone()),
     };
@@ -291,7 +299,7 @@ fn one_run(
         "    re-list after an etcd restart: applied in {relist_ms:.1} ms with {relist_writes} netlink writes"
     ));
 
-    let monitor = match mode {
+    let monitor = match backend {
         "ebpf" => None,
         _ => Some(RouteMonitor::start(&ns_name)?),
     };

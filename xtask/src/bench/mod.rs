@@ -30,8 +30,9 @@ use clap::{Args, Subcommand};
 
 use report::{Host, Results, Samples};
 
-/// The control-plane benchmark's modes (agent backends).
-const CONTROL_PLANE_MODES: [&str; 2] = ["vxlan", "ebpf"];
+/// The control-plane benchmark's modes: the agent backends, with flannel's routes and with
+/// `--nexthop-objects`.
+const CONTROL_PLANE_MODES: [&str; 4] = ["vxlan", "ebpf", "vxlan-nexthop", "ebpf-nexthop"];
 
 #[derive(Debug, Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -188,7 +189,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if args.control_plane {
             if !CONTROL_PLANE_MODES.contains(&m.as_str()) {
                 bail!(
-                    "--control-plane measures vxlan and ebpf only (host-gw peers need reachable PublicIPs), not {m:?}"
+                    "--control-plane measures {} only (host-gw peers need reachable PublicIPs), not {m:?}",
+                    CONTROL_PLANE_MODES.join(", ")
                 );
             }
         } else if modes::find(m).is_none() {
@@ -276,7 +278,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
         };
         let (defs, samples) =
             control_plane::run(&settings, &modes, &progress, &mut errors, &mut notes)?;
-        let metrics = report::summarize(&defs, &modes, &samples, &[("ebpf", "vxlan")]);
+        let metrics = report::summarize(
+            &defs,
+            &modes,
+            &samples,
+            &[
+                ("ebpf", "vxlan"),
+                ("vxlan-nexthop", "vxlan"),
+                ("ebpf-nexthop", "ebpf"),
+            ],
+        );
         (serde_json::to_value(&settings)?, metrics)
     } else {
         let settings = measure::Settings {
