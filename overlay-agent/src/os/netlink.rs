@@ -602,14 +602,14 @@ impl Netlink {
     /// Adds or replaces a route in the main table (`ip route replace`), proto boot like
     /// `ip route add` and flannel.
     pub async fn replace_route(&self, route: &Route) -> Result<(), NetlinkError> {
-        count_write();
-        self.handle
-            .route()
-            .add(route_message(route))
-            .replace()
-            .execute()
+        self.replace_route_message(route_message(route), format!("replacing route {route}"))
             .await
-            .map_err(NetlinkError::request(format!("replacing route {route}")))
+    }
+
+    /// Deletes a route; one that is already gone is not an error.
+    pub async fn delete_route(&self, route: &Route) -> Result<(), NetlinkError> {
+        self.delete_route_message(route_message(route), format!("deleting route {route}"))
+            .await
     }
 
     /// Adds or replaces the route to `destination` through nexthop object `id` (`ip route
@@ -619,16 +619,11 @@ impl Netlink {
         destination: Ipv4Network,
         id: u32,
     ) -> Result<(), NetlinkError> {
-        count_write();
-        self.handle
-            .route()
-            .add(nexthop_route_message(destination, id))
-            .replace()
-            .execute()
-            .await
-            .map_err(NetlinkError::request(format!(
-                "replacing route {destination} nhid {id}"
-            )))
+        self.replace_route_message(
+            nexthop_route_message(destination, id),
+            format!("replacing route {destination} nhid {id}"),
+        )
+        .await
     }
 
     /// Deletes the route to `destination` through nexthop object `id`; one already gone is
@@ -638,26 +633,34 @@ impl Netlink {
         destination: Ipv4Network,
         id: u32,
     ) -> Result<(), NetlinkError> {
-        count_write();
-        let mut message = nexthop_route_message(destination, id);
-        message.header.protocol = RouteProtocol::Unspec;
-        message.header.scope = RouteScope::NoWhere;
-        let result =
-            self.handle
-                .route()
-                .del(message)
-                .execute()
-                .await
-                .map_err(NetlinkError::request(format!(
-                    "deleting route {destination} nhid {id}"
-                )));
-        ignore_not_found(result)
+        self.delete_route_message(
+            nexthop_route_message(destination, id),
+            format!("deleting route {destination} nhid {id}"),
+        )
+        .await
     }
 
-    /// Deletes a route; one that is already gone is not an error.
-    pub async fn delete_route(&self, route: &Route) -> Result<(), NetlinkError> {
+    async fn replace_route_message(
+        &self,
+        message: RouteMessage,
+        what: String,
+    ) -> Result<(), NetlinkError> {
         count_write();
-        let mut message = route_message(route);
+        self.handle
+            .route()
+            .add(message)
+            .replace()
+            .execute()
+            .await
+            .map_err(NetlinkError::request(what))
+    }
+
+    async fn delete_route_message(
+        &self,
+        mut message: RouteMessage,
+        what: String,
+    ) -> Result<(), NetlinkError> {
+        count_write();
         // Match any protocol/scope so we can delete what the kernel reports back to us.
         message.header.protocol = RouteProtocol::Unspec;
         message.header.scope = RouteScope::NoWhere;
@@ -667,7 +670,7 @@ impl Netlink {
             .del(message)
             .execute()
             .await
-            .map_err(NetlinkError::request(format!("deleting route {route}")));
+            .map_err(NetlinkError::request(what));
         ignore_not_found(result)
     }
 
