@@ -29,6 +29,14 @@ pub struct EtcdOptions {
     pub enable_v2: bool,
 }
 
+/// The keys API flannel's keys are written through: v3, or the v2 keyspace (flanneld <= 0.17
+/// and the seeds' clusters; etcd must run with [`EtcdOptions::enable_v2`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeysApi {
+    V3,
+    V2,
+}
+
 /// A running etcd-server.
 pub struct EtcdServer {
     child: Child,
@@ -311,6 +319,29 @@ impl EtcdServer {
 
     pub fn delete(&self, key: &str) {
         self.etcdctl(&["del", "--", key]);
+    }
+
+    /// Writes the network config at `<prefix>/config` through `api`; v2 with `etcdctl mk`, as the
+    /// seeds' getting-started guide does.
+    pub fn put_config_in(&self, api: KeysApi, prefix: &str, json: &str) {
+        let key = format!("{prefix}/config");
+        match api {
+            KeysApi::V3 => self.put(&key, json),
+            KeysApi::V2 => {
+                self.etcdctl_v2(&["mk", &key, json]);
+            }
+        }
+    }
+
+    /// Writes a subnet lease through `api`; v2 as flanneld 0.7 does, with `set --ttl` and its
+    /// 24 h lease time.
+    pub fn put_lease_in(&self, api: KeysApi, key: &str, json: &str) {
+        match api {
+            KeysApi::V3 => self.put(key, json),
+            KeysApi::V2 => {
+                self.etcdctl_v2(&["set", "--ttl", "86400", key, json]);
+            }
+        }
     }
 
     /// Keys under `prefix`, sorted.

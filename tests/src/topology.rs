@@ -14,11 +14,18 @@ use std::{
     collections::HashMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use tempfile::TempDir;
 
-use crate::{etcd::EtcdServer, netns::NetNs, unique_name};
+use crate::{
+    agent::AgentProcess,
+    bpffs::{PIN_ROOT, ensure_bpffs},
+    etcd::{EtcdOptions, EtcdServer},
+    netns::NetNs,
+    try_wait_until, unique_name,
+};
 
 /// The underlay network's addresses.
 pub const UNDERLAY_PREFIX: &str = "192.168.100";
@@ -69,6 +76,12 @@ impl Pod {
             .status
             .success()
     }
+
+    /// Pings `ip` until it answers; panics naming `what` after `timeout`.
+    pub fn wait_ping(&self, ip: Ipv4Addr, timeout: Duration, what: &str) {
+        let found = try_wait_until(timeout, || self.ping_once(ip));
+        assert!(found, "ping {what} ({} -> {ip}) never answered", self.ip);
+    }
 }
 
 /// A node: a namespace with the underlay on eth0, and its own scratch directory.
@@ -104,6 +117,33 @@ impl Node {
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .collect(),
         )
+    }
+
+    /// Waits until the agent of this node wrote its subnet file (panics with the agent's log
+    /// after `timeout`); returns (FLANNEL_SUBNET, FLANNEL_MTU).
+    pub fn wait_subnet_env(&self, agent: &AgentProcess, timeout: Duration) -> (String, u32) {
+        let found = try_wait_until(timeout, || self.subnet_env().is_some());
+        assert!(
+            found,
+            "node {} wrote no subnet.env; log:\n{}",
+            self.index,
+            agent.log()
+        );
+        let env = self.subnet_env().expect("subnet.env");
+        (
+            env["FLANNEL_SUBNET"].clone(),
+            env["FLANNEL_MTU"].parse().expect("FLANNEL_MTU"),
+        )
+    }
+
+    /// The pods' veth ends on this node (the veth ports of `cni0`), in ifindex order.
+    pub fn pod_host_veths(&self) -> Vec<String> {
+        self.ns
+            .stdout(&["ip", "-o", "link", "show", "master", "cni0", "type", "veth"])
+            .lines()
+            .filter_map(|line| line.split(':').nth(1))
+            .map(|name| name.trim().split('@').next().unwrap_or("").to_owned())
+            .collect()
     }
 
     /// Standard agent arguments for this node: etcd endpoint, subnet file, pin dir, uplink.
@@ -195,6 +235,8 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     pub fabric: NetNs,
     pub underlay: UnderlayKind,
+    /// Where etcd listens (on the fabric), as the nodes reach it.
+    etcd_ip: Ipv4Addr,
 }
 
 impl Cluster {
@@ -216,7 +258,7 @@ impl Cluster {
             let ns = NetNs::new("on");
             ns.sysctl("net.ipv4.ip_forward", "1");
             let ip: Ipv4Addr = format!("{UNDERLAY_PREFIX}.{index}").parse().expect("ip");
-            let pin_dir = PathBuf::from("/sys/fs/bpf/overlay-test").join(ns.name());
+            let pin_dir = Path::new(PIN_ROOT).join(ns.name());
             let dir = tempfile::Builder::new()
                 .prefix("overlay-node-")
                 .tempdir()
@@ -353,7 +395,19 @@ impl Cluster {
             nodes,
             fabric,
             underlay: options.underlay,
+            etcd_ip,
         }
+    }
+
+    /// Starts etcd with `options` (mTLS, the v2 keys API) where the nodes reach it, for a
+    /// cluster built without one (`etcd: false`).
+    pub fn start_etcd(&mut self, options: &EtcdOptions) -> &mut EtcdServer {
+        assert!(self.etcd.is_none(), "this cluster already runs etcd");
+        self.etcd.insert(EtcdServer::start_in_with(
+            &self.fabric,
+            self.etcd_ip,
+            options,
+        ))
     }
 
     /// The running etcd (panics when the cluster was built without one).
@@ -381,22 +435,6 @@ fn setup_node_link(node: &Node, name: &str, cidr: &str) {
     node.ns.run(&["ip", "link", "set", name, "up"]);
 }
 
-/// Mounts bpffs at /sys/fs/bpf when it is not mounted (pinning needs it).
-pub fn ensure_bpffs() {
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    if !mounts
-        .lines()
-        .any(|line| line.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
-    {
-        crate::run_checked(std::process::Command::new("mount").args([
-            "-t",
-            "bpf",
-            "bpf",
-            "/sys/fs/bpf",
-        ]));
-    }
-}
-
 /// Parses "a.b.c.d/len".
 pub fn parse_cidr(cidr: &str) -> (Ipv4Addr, u8) {
     let (ip, len) = cidr
@@ -410,12 +448,15 @@ pub fn parse_cidr(cidr: &str) -> (Ipv4Addr, u8) {
     )
 }
 
+/// The network address of `ip`/`prefix_len` (host bits cleared).
+pub fn network(ip: Ipv4Addr, prefix_len: u8) -> Ipv4Addr {
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(prefix_len))
+        .unwrap_or(0);
+    Ipv4Addr::from(u32::from(ip) & mask)
+}
+
 /// The first host address of the network containing `ip`.
 pub fn first_host(ip: Ipv4Addr, prefix_len: u8) -> Ipv4Addr {
-    let mask = if prefix_len == 0 {
-        0
-    } else {
-        u32::MAX << (32 - prefix_len)
-    };
-    Ipv4Addr::from((u32::from(ip) & mask) + 1)
+    Ipv4Addr::from(u32::from(network(ip, prefix_len)) + 1)
 }
