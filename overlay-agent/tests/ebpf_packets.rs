@@ -24,6 +24,7 @@ use overlay_common::{
     DatapathConfig, Endpoint, FLOW_FRESH_NS, FlowKey, FlowState, PeerSource, config_flags,
     peer_flags, program_names, stat,
 };
+use overlay_tests::stats::moved;
 
 /// A pod of an incomplete (not VALID) peer lease (10.5.3.0/24).
 const INVALID_PEER_POD: [u8; 4] = [10, 5, 3, 4];
@@ -266,16 +267,6 @@ impl Harness {
         self.expect_pass(prog, good, stat::KERNEL_NOT_LEARNED, "never learned");
         self.learn(udp_flow(), fresh());
     }
-}
-
-fn moved(before: &[u64], after: &[u64]) -> Vec<(&'static str, u64)> {
-    before
-        .iter()
-        .zip(after)
-        .enumerate()
-        .filter(|(_, (b, a))| a != b)
-        .map(|(i, (b, a))| (stat::NAMES[i], a - b))
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
