@@ -367,41 +367,12 @@ fn vxlan_snapshot_sweeps_only_its_own_stale_state() {
             .await
             .expect("activate");
         // Left over on our device by an earlier run: a peer that is gone now.
-        ns.run(&[
-            "ip",
-            "neigh",
-            "replace",
-            "10.5.7.0",
-            "lladdr",
-            "02:77:00:00:00:07",
-            "dev",
-            "flannel.1",
-            "nud",
-            "permanent",
-        ]);
-        ns.run(&[
-            "bridge",
-            "fdb",
-            "replace",
-            "02:77:00:00:00:07",
-            "dev",
-            "flannel.1",
-            "dst",
-            "192.168.100.7",
-            "self",
-            "permanent",
-        ]);
-        ns.run(&[
-            "ip",
-            "route",
-            "replace",
+        flanneld::add_peer(
+            &ns,
             "10.5.7.0/24",
-            "via",
-            "10.5.7.0",
-            "dev",
-            "flannel.1",
-            "onlink",
-        ]);
+            "02:77:00:00:00:07",
+            Ipv4Addr::new(192, 168, 100, 7),
+        );
         // Not ours: a route on the uplink into the cluster network, one elsewhere, another table.
         ns.run(&[
             "ip",
