@@ -382,6 +382,97 @@ impl Drop for EtcdServer {
     }
 }
 
+/// A three-member etcd cluster on loopback (for endpoint failover); members killed on drop.
+pub struct EtcdCluster {
+    pub endpoints: Vec<String>,
+    members: Vec<Option<Child>>,
+    args: Vec<Vec<String>>,
+    dir: tempfile::TempDir,
+}
+
+impl EtcdCluster {
+    pub fn start() -> EtcdCluster {
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let args: Vec<Vec<String>> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (client, peer))| {
+                vec![
+                    format!("--name=m{i}"),
+                    format!("--data-dir={}", dir.path().join(format!("m{i}")).display()),
+                    format!("--listen-client-urls=http://127.0.0.1:{client}"),
+                    format!("--advertise-client-urls=http://127.0.0.1:{client}"),
+                    format!("--listen-peer-urls=http://127.0.0.1:{peer}"),
+                    format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"),
+                    format!("--initial-cluster={}", initial.join(",")),
+                    "--initial-cluster-state=new".to_string(),
+                    "--log-level=warn".to_string(),
+                ]
+            })
+            .collect();
+        let mut cluster = EtcdCluster {
+            endpoints: ports
+                .iter()
+                .map(|(c, _)| format!("http://127.0.0.1:{c}"))
+                .collect(),
+            members: vec![None, None, None],
+            args,
+            dir,
+        };
+        for i in 0..3 {
+            cluster.spawn(i);
+        }
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("m{i}.log")))
+            .expect("log");
+        let child = Command::new("etcd")
+            .args(&self.args[i])
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|err| {
+                panic!(
+                    "cannot start etcd (install Debian's etcd-server: `cargo xtask setup`): {err}"
+                )
+            });
+        self.members[i] = Some(child);
+    }
+
+    /// SIGKILLs member `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].take() {
+            kill_and_reap(&mut child);
+        }
+    }
+
+    /// Starts member `i` again with its data.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i);
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..3 {
+            self.kill(i);
+        }
+    }
+}
+
 fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|listener| listener.local_addr())
