@@ -1043,12 +1043,14 @@ async fn run_waits_for_a_valid_config_logging_each_problem_once() {
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("agent.log");
     // An interface that does not exist: once the config is valid the agent goes on to
-    // choose the uplink and stops there, touching nothing on this host.
+    // choose the uplink and stops there, touching nothing on this host. -v: its debug line
+    // per re-check shows how many re-checks passed.
     let mut child = spawn_agent(
         &[
             &format!("-etcd-endpoints={}", etcd.endpoint),
             "-etcd-prefix=/wait",
             "-iface=ovl-none0",
+            "-v=1",
             &format!("-subnet-file={}", dir.path().join("subnet.env").display()),
         ],
         &log_path,
@@ -1071,9 +1073,19 @@ async fn run_waits_for_a_valid_config_logging_each_problem_once() {
         async move { t.contains("\"SubnetLen\" 8 is too short") }
     })
     .await;
-    // Several re-checks (every 2 s) pass without repeating the same line.
+    // Several re-checks (every 2 s) pass without repeating the same line: the one that
+    // logged it and two more.
     c.put("/wait/unrelated", "1", None).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    wait_until(LONG, "two re-checks after the invalid-config line", || {
+        let t = read();
+        async move {
+            let after = t
+                .find("\"SubnetLen\" 8 is too short")
+                .map_or("", |at| &t[at..]);
+            after.matches("no usable network config yet").count() >= 3
+        }
+    })
+    .await;
     let text = read();
     assert_eq!(
         text.matches("no network config at /wait/config").count(),
@@ -1184,6 +1196,14 @@ async fn healthz_is_up_and_readyz_turns_ready_only_once_the_node_holds_a_lease()
         s.read_to_string(&mut out).await.unwrap();
         out.lines().next().unwrap_or_default().to_string()
     }
+    // The node's debug line per failed acquisition, among every test's lines.
+    let logs = common::capture_logs();
+    let failed_acquisitions = || {
+        logs.text()
+            .lines()
+            .filter(|l| l.contains("no subnet lease yet") && l.contains(r#"prefix="/ready""#))
+            .count()
+    };
     let etcd = Etcd::start();
     let mut c = client(&etcd.endpoint).await;
     // Three leasable subnets (10.12.0.64/26 .. 10.12.0.192/26), all held by other nodes:
@@ -1222,7 +1242,11 @@ async fn healthz_is_up_and_readyz_turns_ready_only_once_the_node_holds_a_lease()
         .await;
         // Several failed acquisitions later (one per 5 s; the first is immediate) it is
         // still not ready.
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        wait_until(LONG, "two failed lease acquisitions", || {
+            let failed = failed_acquisitions();
+            async move { failed >= 2 }
+        })
+        .await;
         assert_eq!(
             status(addr, "/readyz").await,
             "HTTP/1.1 503 Service Unavailable"
