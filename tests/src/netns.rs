@@ -94,6 +94,17 @@ impl NetNs {
         self.run(&["sysctl", "-qw", &format!("{key}={value}")]);
     }
 
+    /// `GET path` (HTTP/1.0) from 127.0.0.1:`port` inside the namespace, through bash's
+    /// /dev/tcp: the whole response, status line and headers included; empty when nothing
+    /// answers.
+    pub fn http_get(&self, port: u16, path: &str) -> String {
+        let script = format!(
+            "exec 3<>/dev/tcp/127.0.0.1/{port} && printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3"
+        );
+        let out = self.try_run(&["bash", "-c", &script]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Appends the nat rule kube-proxy installs for a ClusterIP (and the portmap plugin for a
     /// hostPort): TCP to `dest`:`dport` is DNATed to `to` ("ip:port"). Returns the output
     /// whatever the status.
