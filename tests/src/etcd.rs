@@ -78,14 +78,7 @@ fn spawn(spec: &Spec, dir: &Path) -> Child {
         .append(true)
         .open(dir.join("etcd.log"))
         .expect("etcd log file");
-    let mut command = match &spec.netns {
-        Some(ns) => {
-            let mut command = Command::new("ip");
-            command.args(["netns", "exec", ns, "etcd"]);
-            command
-        }
-        None => Command::new("etcd"),
-    };
+    let mut command = in_netns(spec.netns.as_deref(), "etcd");
     command
         .arg("--name=test")
         .arg(format!("--data-dir={}", dir.join("data").display()))
@@ -226,14 +219,7 @@ impl EtcdServer {
 
     /// Runs `etcdctl` (v3 API) against this server; returns the output whatever its status.
     pub fn etcdctl_output(&self, args: &[&str]) -> Output {
-        let mut command = match &self.netns {
-            Some(ns) => {
-                let mut command = Command::new("ip");
-                command.args(["netns", "exec", ns, "etcdctl"]);
-                command
-            }
-            None => Command::new("etcdctl"),
-        };
+        let mut command = in_netns(self.netns.as_deref(), "etcdctl");
         command
             .env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", self.endpoint))
@@ -256,14 +242,7 @@ impl EtcdServer {
     /// Runs `ETCDCTL_API=2 etcdctl` (the v2 keys API: `mk`, `set --ttl`, `get`, `rm`, `ls`)
     /// against this server; returns the output whatever its status.
     pub fn etcdctl_v2_output(&self, args: &[&str]) -> Output {
-        let mut command = match &self.netns {
-            Some(ns) => {
-                let mut command = Command::new("ip");
-                command.args(["netns", "exec", ns, "etcdctl"]);
-                command
-            }
-            None => Command::new("etcdctl"),
-        };
+        let mut command = in_netns(self.netns.as_deref(), "etcdctl");
         command
             .env("ETCDCTL_API", "2")
             .arg(format!("--endpoints={}", self.endpoint))
@@ -282,28 +261,12 @@ impl EtcdServer {
 
     /// Runs `ETCDCTL_API=2 etcdctl`; panics with its output on failure; returns stdout.
     pub fn etcdctl_v2(&self, args: &[&str]) -> String {
-        let output = self.etcdctl_v2_output(args);
-        if !output.status.success() {
-            panic!(
-                "ETCDCTL_API=2 etcdctl {args:?} failed: {}{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        stdout_of_success("ETCDCTL_API=2 etcdctl", args, self.etcdctl_v2_output(args))
     }
 
     /// Runs `etcdctl`; panics with its output on failure; returns stdout.
     pub fn etcdctl(&self, args: &[&str]) -> String {
-        let output = self.etcdctl_output(args);
-        if !output.status.success() {
-            panic!(
-                "etcdctl {args:?} failed: {}{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        stdout_of_success("etcdctl", args, self.etcdctl_output(args))
     }
 
     pub fn put(&self, key: &str, value: &str) {
@@ -471,6 +434,30 @@ impl Drop for EtcdCluster {
             self.kill(i);
         }
     }
+}
+
+/// `program` in the namespace named `netns` (`ip netns exec`), or here.
+fn in_netns(netns: Option<&str>, program: &str) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", ns, program]);
+            command
+        }
+        None => Command::new(program),
+    }
+}
+
+/// The stdout of `output`; panics with all of it when the command failed.
+fn stdout_of_success(what: &str, args: &[&str], output: Output) -> String {
+    if !output.status.success() {
+        panic!(
+            "{what} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 fn free_port() -> u16 {

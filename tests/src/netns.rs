@@ -89,6 +89,19 @@ impl NetNs {
             .unwrap_or_else(|err| panic!("cannot run {argv:?} in {}: {err}", self.name))
     }
 
+    /// A veth pair: `name` here, `peer_name` in `peer`, both at `mtu` (None: the kernel's
+    /// default). Neither end is up.
+    pub fn add_veth(&self, name: &str, peer: &NetNs, peer_name: &str, mtu: Option<u32>) {
+        let mtu = mtu.map(|mtu| mtu.to_string());
+        let mtu_args: Vec<&str> = mtu.iter().flat_map(|mtu| ["mtu", mtu.as_str()]).collect();
+        let mut argv = vec!["ip", "link", "add", name];
+        argv.extend(&mtu_args);
+        argv.extend(["type", "veth", "peer", "name", peer_name]);
+        argv.extend(&mtu_args);
+        argv.extend(["netns", peer.name()]);
+        self.run(&argv);
+    }
+
     /// Sets a sysctl inside the namespace.
     pub fn sysctl(&self, key: &str, value: &str) {
         self.run(&["sysctl", "-qw", &format!("{key}={value}")]);

@@ -169,39 +169,17 @@ impl Node {
             .status
             .success();
         if !has_bridge {
-            self.ns
-                .run(&["ip", "link", "add", "cni0", "type", "bridge"]);
-            self.ns.run(&[
-                "ip",
-                "addr",
-                "add",
-                &format!("{gateway}/{prefix_len}"),
-                "dev",
+            add_bridge(
+                &self.ns,
                 "cni0",
-            ]);
-            self.ns
-                .run(&["ip", "link", "set", "cni0", "mtu", &mtu.to_string(), "up"]);
+                &format!("{gateway}/{prefix_len}"),
+                Some(mtu),
+            );
         }
         let pod_ip = Ipv4Addr::from(u32::from(gateway) + 1 + self.pods.len() as u32);
         let pod_ns = NetNs::new("op");
         let host_end = unique_name("vp");
-        self.ns.run(&[
-            "ip",
-            "link",
-            "add",
-            &host_end,
-            "mtu",
-            &mtu.to_string(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "mtu",
-            &mtu.to_string(),
-            "netns",
-            pod_ns.name(),
-        ]);
+        self.ns.add_veth(&host_end, &pod_ns, "eth0", Some(mtu));
         self.ns
             .run(&["ip", "link", "set", &host_end, "master", "cni0", "up"]);
         pod_ns.run(&[
@@ -252,7 +230,7 @@ impl Cluster {
         crate::require_root();
         ensure_bpffs();
         let fabric = NetNs::new("of");
-        let mtu = options.underlay_mtu.to_string();
+        let mtu = Some(options.underlay_mtu);
         let mut nodes = Vec::new();
         for index in 1..=options.nodes {
             let ns = NetNs::new("on");
@@ -275,35 +253,10 @@ impl Cluster {
         let etcd_ip: Ipv4Addr;
         match options.underlay {
             UnderlayKind::Switch => {
-                fabric.run(&["ip", "link", "add", "sw0", "mtu", &mtu, "type", "bridge"]);
-                fabric.run(&[
-                    "ip",
-                    "addr",
-                    "add",
-                    &format!("{UNDERLAY_PREFIX}.254/24"),
-                    "dev",
-                    "sw0",
-                ]);
-                fabric.run(&["ip", "link", "set", "sw0", "up"]);
+                add_bridge(&fabric, "sw0", &format!("{UNDERLAY_PREFIX}.254/24"), mtu);
                 for node in &nodes {
                     let port = format!("p{}", node.index);
-                    fabric.run(&[
-                        "ip",
-                        "link",
-                        "add",
-                        &port,
-                        "mtu",
-                        &mtu,
-                        "type",
-                        "veth",
-                        "peer",
-                        "name",
-                        "eth0",
-                        "mtu",
-                        &mtu,
-                        "netns",
-                        node.ns.name(),
-                    ]);
+                    fabric.add_veth(&port, &node.ns, "eth0", mtu);
                     fabric.run(&["ip", "link", "set", &port, "master", "sw0", "up"]);
                     setup_node_link(node, "eth0", &format!("{}/24", node.ip));
                     node.ns.run(&[
@@ -322,49 +275,12 @@ impl Cluster {
                     options.nodes, 2,
                     "a direct veth underlay joins exactly two nodes"
                 );
-                nodes[0].ns.run(&[
-                    "ip",
-                    "link",
-                    "add",
-                    "eth0",
-                    "mtu",
-                    &mtu,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "eth0",
-                    "mtu",
-                    &mtu,
-                    "netns",
-                    nodes[1].ns.name(),
-                ]);
-                fabric.run(&["ip", "link", "add", "mg0", "type", "bridge"]);
-                fabric.run(&[
-                    "ip",
-                    "addr",
-                    "add",
-                    &format!("{MGMT_PREFIX}.254/24"),
-                    "dev",
-                    "mg0",
-                ]);
-                fabric.run(&["ip", "link", "set", "mg0", "up"]);
+                nodes[0].ns.add_veth("eth0", &nodes[1].ns, "eth0", mtu);
+                add_bridge(&fabric, "mg0", &format!("{MGMT_PREFIX}.254/24"), None);
                 for node in &nodes {
                     setup_node_link(node, "eth0", &format!("{}/24", node.ip));
                     let port = format!("m{}", node.index);
-                    fabric.run(&[
-                        "ip",
-                        "link",
-                        "add",
-                        &port,
-                        "type",
-                        "veth",
-                        "peer",
-                        "name",
-                        "eth1",
-                        "netns",
-                        node.ns.name(),
-                    ]);
+                    fabric.add_veth(&port, &node.ns, "eth1", None);
                     fabric.run(&["ip", "link", "set", &port, "master", "mg0", "up"]);
                     setup_node_link(node, "eth1", &format!("{MGMT_PREFIX}.{}/24", node.index));
                 }
@@ -428,6 +344,19 @@ impl Cluster {
     pub fn put_config(&self, prefix: &str, json: &str) {
         self.etcd().put(&format!("{prefix}/config"), json);
     }
+}
+
+/// A bridge `name` holding `cidr`, up, at `mtu` (None: the kernel's default).
+fn add_bridge(ns: &NetNs, name: &str, cidr: &str, mtu: Option<u32>) {
+    let mtu = mtu.map(|mtu| mtu.to_string());
+    let mut argv = vec!["ip", "link", "add", name];
+    if let Some(mtu) = &mtu {
+        argv.extend(["mtu", mtu.as_str()]);
+    }
+    argv.extend(["type", "bridge"]);
+    ns.run(&argv);
+    ns.run(&["ip", "addr", "add", cidr, "dev", name]);
+    ns.run(&["ip", "link", "set", name, "up"]);
 }
 
 fn setup_node_link(node: &Node, name: &str, cidr: &str) {
