@@ -24,8 +24,8 @@
 //!   included), and on a sample, exactly one reason counter moves per run.
 //!
 //! Seed: `OVERLAY_FUZZ_SEED` (default fixed, printed); count: `OVERLAY_FUZZ_PACKETS`
-//! (default 1,000,000 run by each program; inputs test-run refuses are extra). Needs root and
-//! bpffs: fails loudly otherwise.
+//! (default 1,000,000 run by each program; inputs test-run refuses are extra). Needs root:
+//! fails loudly otherwise (bpffs is mounted when missing).
 
 mod bpf;
 

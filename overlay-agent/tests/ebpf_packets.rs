@@ -3,7 +3,8 @@
 //! up by the test (config, peers, peer sources, endpoints, learned flows), fed hand-built
 //! packets. See ../../shared/design/fastpath.md (R1, R2, R3, R4).
 //!
-//! Needs root (CAP_BPF, CAP_NET_ADMIN) and bpffs at /sys/fs/bpf: fails loudly otherwise.
+//! Needs root (CAP_BPF, CAP_NET_ADMIN): fails loudly otherwise; bpffs at /sys/fs/bpf is
+//! mounted when missing.
 //!
 //! Notes on test-run:
 //! - the program runs with skb->dev = loopback (ifindex 1): endpoints of "this veth" have
