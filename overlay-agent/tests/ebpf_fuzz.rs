@@ -1914,11 +1914,11 @@ fn vxlan_from_a_source_without_lease_is_dropped_on_a_real_link() {
     // Control, no program attached: the kernel vxlan device accepts VXLAN from anyone, in
     // every shape, so the stranger's packets reach the pod (they are right; only the filter
     // can stop them).
-    let in_before = udp_in_datagrams(&node);
+    let in_before = udp_in_datagrams(node);
     for shape in [Shape::Plain, Shape::IpOptions, Shape::Fragmented] {
         let data = data_for(shape, "control");
         send_vxlan(
-            &sender,
+            sender,
             STRANGER_IP,
             &vxlan_payload(LOCAL_VTEP, &data),
             shape,
@@ -1935,7 +1935,7 @@ fn vxlan_from_a_source_without_lease_is_dropped_on_a_real_link() {
         assert_eq!(got, Some(data), "control ({shape:?})");
     }
     assert!(
-        udp_in_datagrams(&node) >= in_before + 3,
+        udp_in_datagrams(node) >= in_before + 3,
         "the kernel vxlan socket counts what it decapsulates (else the check below is vacuous)"
     );
 
@@ -1962,8 +1962,8 @@ fn vxlan_from_a_source_without_lease_is_dropped_on_a_real_link() {
             [10, 5, 1, 2],
             Endpoint {
                 host_ifindex: vpod,
-                pod_mac: mac_of(&pod, "eth0"),
-                gateway_mac: mac_of(&node, "cni0"),
+                pod_mac: mac_of(pod, "eth0"),
+                gateway_mac: mac_of(node, "cni0"),
                 generation: 1,
             },
             0,
@@ -1984,10 +1984,10 @@ fn vxlan_from_a_source_without_lease_is_dropped_on_a_real_link() {
 
     for shape in [Shape::Plain, Shape::IpOptions, Shape::Fragmented] {
         let before = h.stats();
-        let in_before = udp_in_datagrams(&node);
+        let in_before = udp_in_datagrams(node);
         let stranger = data_for(shape, "stranger");
         send_vxlan(
-            &sender,
+            sender,
             STRANGER_IP,
             &vxlan_payload(LOCAL_VTEP, &stranger),
             shape,
@@ -2017,7 +2017,7 @@ fn vxlan_from_a_source_without_lease_is_dropped_on_a_real_link() {
                 0,
             )
             .expect("learned flow");
-        send_vxlan(&sender, PEER_IP, &vxlan_payload(LOCAL_VTEP, &peer), shape);
+        send_vxlan(sender, PEER_IP, &vxlan_payload(LOCAL_VTEP, &peer), shape);
         let mut got = None;
         wait_until(
             Duration::from_secs(20),
@@ -2053,13 +2053,13 @@ fn vxlan_from_a_source_without_lease_is_dropped_on_a_real_link() {
                 "the peer's packet is decapsulated by the program and delivered into the pod; counters moved: {moved:?}"
             );
             assert_eq!(
-                udp_in_datagrams(&node),
+                udp_in_datagrams(node),
                 in_before,
                 "nothing reached the node's kernel vxlan socket (stranger dropped, peer decapsulated in BPF)"
             );
         } else {
             assert!(
-                udp_in_datagrams(&node) > in_before,
+                udp_in_datagrams(node) > in_before,
                 "{shape:?}: the peer's packet took the kernel vxlan device"
             );
         }

@@ -33,6 +33,10 @@ pub struct PinDir {
 impl PinDir {
     /// Needs root and bpffs (mounted when missing). Like namespace names, the name comes from
     /// the pid: one a killed run with the same pid left behind is skipped.
+    #[expect(
+        clippy::new_without_default,
+        reason = "it needs root and picks a fresh directory: no default value"
+    )]
     pub fn new() -> PinDir {
         crate::require_root();
         ensure_bpffs();

@@ -250,8 +250,7 @@ impl Cluster {
                 dir,
             });
         }
-        let etcd_ip: Ipv4Addr;
-        match options.underlay {
+        let etcd_ip: Ipv4Addr = match options.underlay {
             UnderlayKind::Switch => {
                 add_bridge(&fabric, "sw0", &format!("{UNDERLAY_PREFIX}.254/24"), mtu);
                 for node in &nodes {
@@ -268,7 +267,7 @@ impl Cluster {
                         &format!("{UNDERLAY_PREFIX}.254"),
                     ]);
                 }
-                etcd_ip = format!("{UNDERLAY_PREFIX}.254").parse().expect("ip");
+                format!("{UNDERLAY_PREFIX}.254").parse().expect("ip")
             }
             UnderlayKind::DirectVeth => {
                 assert_eq!(
@@ -302,9 +301,9 @@ impl Cluster {
                     "via",
                     &nodes[0].ip.to_string(),
                 ]);
-                etcd_ip = format!("{MGMT_PREFIX}.254").parse().expect("ip");
+                format!("{MGMT_PREFIX}.254").parse().expect("ip")
             }
-        }
+        };
         let etcd = options.etcd.then(|| EtcdServer::start_in(&fabric, etcd_ip));
         Cluster {
             etcd,
