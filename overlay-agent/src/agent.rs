@@ -12,7 +12,7 @@ use std::{
 
 use etcd_client::Client;
 use tokio::sync::{mpsc, watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     cli::flags::Flags,
@@ -193,6 +193,9 @@ pub async fn wait_for_config<S: KvStore>(
                 "cannot read {key} from etcd: {err}; re-checking every {CONFIG_RECHECK:?}"
             )),
         }
+        // The warning above comes once per distinct problem; this line comes every time, so
+        // that -v shows the agent is still looking (and tests can count the re-checks).
+        debug!(key = ?key, "no usable network config yet; re-checking in {CONFIG_RECHECK:?}");
         if wait_or_shutdown(CONFIG_RECHECK, shutdown).await {
             return None;
         }
@@ -375,7 +378,9 @@ impl<S: KvStore> ControlLoop<'_, S> {
             }
         };
         let mut problems = ProblemLog::default();
+        let mut attempt = 0u64;
         loop {
+            attempt += 1;
             match lessor.acquire(previous).await {
                 Ok(held) => {
                     problems.resolved("subnet lease acquired after earlier failures");
@@ -383,6 +388,9 @@ impl<S: KvStore> ControlLoop<'_, S> {
                 }
                 Err(err) => problems.report(format!("{err}; retrying every {LEASE_RETRY:?}")),
             }
+            // As in wait_for_config: the warning comes once per distinct problem, this line
+            // on every failed attempt (for -v, and for tests that count attempts).
+            debug!(attempt, prefix = ?self.opts.prefix, "no subnet lease yet; retrying in {LEASE_RETRY:?}");
             if wait_or_shutdown(LEASE_RETRY, shutdown).await {
                 return None;
             }

@@ -5,14 +5,13 @@
 
 mod common;
 
-use std::{
-    collections::HashSet,
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{collections::HashSet, net::Ipv4Addr, time::Duration};
 
-use common::{Etcd, Recorded, RecordingDataplane, Tls, client, wait_until};
+use common::{
+    Etcd, LONG, Recorded, RecordingDataplane, SEEDS_CONFIG, SEEDS_PREFIX, Tls, agent_bin, client,
+    mac, mtls_opts, next_event, opts, run_cli, run_cli_env, seed_flags, spawn_agent, vxlan_lease,
+    wait_until,
+};
 use etcd_client::GetOptions;
 use ipnetwork::Ipv4Network;
 use overlay_agent::{
@@ -28,35 +27,6 @@ use overlay_agent::{
     peer::{LeaseBackend, MacAddr6, Peer, PeerEvent},
 };
 use tokio::sync::{mpsc, watch};
-
-/// The config the seeds' getting-started guide writes (there with etcdctl v2 `mk`).
-const SEEDS_CONFIG: &str =
-    r#"{ "Network": "172.30.0.0/16", "SubnetLen": 24, "Backend": { "Type": "vxlan" } }"#;
-const SEEDS_PREFIX: &str = "/kube-centos/network";
-const LONG: Duration = Duration::from_secs(20);
-
-fn mac(last: u8) -> MacAddr6 {
-    MacAddr6::new(0xc6, 0xd2, 0x32, 0x6f, 0x8f, last)
-}
-
-fn flags(endpoint: &str, prefix: &str, subnet_file: &Path) -> Flags {
-    Cli::try_parse_args([
-        "overlay-agent".to_string(),
-        format!("-etcd-endpoints={endpoint}"),
-        format!("-etcd-prefix={prefix}"),
-        format!("--subnet-file={}", subnet_file.display()),
-    ])
-    .unwrap()
-    .flags
-}
-
-fn opts(endpoint: &str, prefix: &str) -> EtcdOptions {
-    EtcdOptions {
-        endpoints: vec![endpoint.to_string()],
-        prefix: prefix.to_string(),
-        ..Default::default()
-    }
-}
 
 async fn get(c: &mut etcd_client::Client, key: &str) -> Option<String> {
     let resp = c.get(key, None).await.unwrap();
@@ -130,7 +100,7 @@ async fn seeds_config_gives_flannels_lease_json_and_subnet_env_and_restart_reuse
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let subnet_file = dir.path().join("run/flannel/subnet.env");
-    let flags = flags(&etcd.endpoint, SEEDS_PREFIX, &subnet_file);
+    let flags = seed_flags(&etcd.endpoint, SEEDS_PREFIX, &subnet_file);
     let public_ip = Ipv4Addr::new(192, 168, 64, 3);
 
     let (subnet, seen) = with_node(&flags, public_ip, mac(0x44), async |mut ready, log| {
@@ -440,23 +410,6 @@ fn rules(network: &str, own_ip: &str) -> PeerRules {
     }
 }
 
-fn vxlan_value(ip: &str, m: &str) -> String {
-    format!(
-        r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{m}"}}}}"#
-    )
-}
-
-async fn next_event(rx: &mut mpsc::Receiver<DataplaneCommand>) -> PeerEvent {
-    match tokio::time::timeout(LONG, rx.recv())
-        .await
-        .expect("a peer event in time")
-        .expect("channel open")
-    {
-        DataplaneCommand::Peers(ev) => ev,
-        other => panic!("unexpected command {other:?}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_leases_reach_the_dataplane_as_the_right_events() {
     let mut etcd = Etcd::start();
@@ -468,14 +421,14 @@ async fn peer_leases_reach_the_dataplane_as_the_right_events() {
     // Before the watcher starts: our own lease, one peer, a host-gw lease and garbage.
     c.put(
         "/peers/subnets/10.5.1.0-24",
-        vxlan_value("192.168.1.1", "c6:d2:32:6f:8f:01"),
+        vxlan_lease("192.168.1.1", "c6:d2:32:6f:8f:01"),
         None,
     )
     .await
     .unwrap();
     c.put(
         "/peers/subnets/10.5.2.0-24",
-        vxlan_value("192.168.1.2", "c6:d2:32:6f:8f:02"),
+        vxlan_lease("192.168.1.2", "c6:d2:32:6f:8f:02"),
         None,
     )
     .await
@@ -519,7 +472,7 @@ async fn peer_leases_reach_the_dataplane_as_the_right_events() {
     // Appearing.
     c.put(
         "/peers/subnets/10.5.3.0-24",
-        vxlan_value("192.168.1.3", "c6:d2:32:6f:8f:03"),
+        vxlan_lease("192.168.1.3", "c6:d2:32:6f:8f:03"),
         None,
     )
     .await
@@ -539,7 +492,7 @@ async fn peer_leases_reach_the_dataplane_as_the_right_events() {
         .unwrap();
     c.put(
         "/peers/subnets/10.5.1.0-24",
-        vxlan_value("192.168.1.1", "c6:d2:32:6f:8f:11"),
+        vxlan_lease("192.168.1.1", "c6:d2:32:6f:8f:11"),
         None,
     )
     .await
@@ -554,7 +507,7 @@ async fn peer_leases_reach_the_dataplane_as_the_right_events() {
     // Changing (new VtepMAC, e.g. the peer restarted).
     c.put(
         "/peers/subnets/10.5.3.0-24",
-        vxlan_value("192.168.1.3", "c6:d2:32:6f:8f:33"),
+        vxlan_lease("192.168.1.3", "c6:d2:32:6f:8f:33"),
         None,
     )
     .await
@@ -583,7 +536,7 @@ async fn peer_leases_reach_the_dataplane_as_the_right_events() {
     // Reconnect: etcd restarts; the watcher lists again and sends a snapshot (not removals).
     c.put(
         "/peers/subnets/10.5.2.0-24",
-        vxlan_value("192.168.1.2", "c6:d2:32:6f:8f:02"),
+        vxlan_lease("192.168.1.2", "c6:d2:32:6f:8f:02"),
         None,
     )
     .await
@@ -593,7 +546,7 @@ async fn peer_leases_reach_the_dataplane_as_the_right_events() {
     let mut c = client(&etcd.endpoint).await;
     c.put(
         "/peers/subnets/10.5.3.0-24",
-        vxlan_value("192.168.1.3", "c6:d2:32:6f:8f:03"),
+        vxlan_lease("192.168.1.3", "c6:d2:32:6f:8f:03"),
         None,
     )
     .await
@@ -639,7 +592,7 @@ async fn compaction_round(etcd: &Etcd, prefix: &str) {
     let own: Ipv4Network = "10.6.1.0/24".parse().unwrap();
     c.put(
         format!("{prefix}/subnets/10.6.2.0-24"),
-        vxlan_value("192.168.2.2", "c6:d2:32:6f:8f:02"),
+        vxlan_lease("192.168.2.2", "c6:d2:32:6f:8f:02"),
         None,
     )
     .await
@@ -676,7 +629,7 @@ async fn compaction_round(etcd: &Etcd, prefix: &str) {
     }
     c.put(
         format!("{prefix}/subnets/10.6.3.0-24"),
-        vxlan_value("192.168.2.3", "c6:d2:32:6f:8f:03"),
+        vxlan_lease("192.168.2.3", "c6:d2:32:6f:8f:03"),
         None,
     )
     .await
@@ -720,17 +673,17 @@ async fn leases_outside_the_network_or_with_our_public_ip_are_refused_naming_the
     let ours = "/foreign/subnets/10.7.9.0-24";
     c.put(
         outside,
-        vxlan_value("192.168.7.8", "c6:d2:32:6f:8f:08"),
+        vxlan_lease("192.168.7.8", "c6:d2:32:6f:8f:08"),
         None,
     )
     .await
     .unwrap();
-    c.put(ours, vxlan_value("192.168.7.1", "c6:d2:32:6f:8f:09"), None)
+    c.put(ours, vxlan_lease("192.168.7.1", "c6:d2:32:6f:8f:09"), None)
         .await
         .unwrap();
     c.put(
         "/foreign/subnets/10.7.2.0-24",
-        vxlan_value("192.168.7.2", "c6:d2:32:6f:8f:02"),
+        vxlan_lease("192.168.7.2", "c6:d2:32:6f:8f:02"),
         None,
     )
     .await
@@ -762,21 +715,21 @@ async fn leases_outside_the_network_or_with_our_public_ip_are_refused_naming_the
     let ours_later = "/foreign/subnets/10.7.10.0-24";
     c.put(
         outside_later,
-        vxlan_value("192.168.7.11", "c6:d2:32:6f:8f:11"),
+        vxlan_lease("192.168.7.11", "c6:d2:32:6f:8f:11"),
         None,
     )
     .await
     .unwrap();
     c.put(
         ours_later,
-        vxlan_value("192.168.7.1", "c6:d2:32:6f:8f:10"),
+        vxlan_lease("192.168.7.1", "c6:d2:32:6f:8f:10"),
         None,
     )
     .await
     .unwrap();
     c.put(
         "/foreign/subnets/10.7.3.0-24",
-        vxlan_value("192.168.7.3", "c6:d2:32:6f:8f:03"),
+        vxlan_lease("192.168.7.3", "c6:d2:32:6f:8f:03"),
         None,
     )
     .await
@@ -809,14 +762,7 @@ async fn leases_outside_the_network_or_with_our_public_ip_are_refused_naming_the
 async fn mutual_tls_works_and_a_wrong_certificate_fails_clearly() {
     let tls = Tls::generate();
     let etcd = Etcd::start_tls(&tls);
-    let good = EtcdOptions {
-        endpoints: vec![etcd.endpoint.clone()],
-        prefix: "/tls".into(),
-        cafile: Some(tls.path("ca.pem")),
-        certfile: Some(tls.path("client.pem")),
-        keyfile: Some(tls.path("client.key")),
-        ..Default::default()
-    };
+    let good = mtls_opts(&etcd.endpoint, "/tls", &tls);
     // etcd needs a moment to be ready; the first good connection proves mTLS end to end.
     let deadline = std::time::Instant::now() + LONG;
     let mut c = loop {
@@ -954,24 +900,6 @@ async fn username_and_password_work_and_a_wrong_password_fails_clearly() {
 
 // ---- The binary: subcommands, environment, one-dash flags, config waiting. ----
 
-fn agent_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_overlay-agent"))
-}
-
-fn run_cli(args: &[&str], envs: &[(&str, &str)]) -> (bool, String, String) {
-    let out = std::process::Command::new(agent_bin())
-        .args(args)
-        .envs(envs.iter().copied())
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subcommands_validate_show_list_and_release() {
     let etcd = Etcd::start();
@@ -979,31 +907,25 @@ async fn subcommands_validate_show_list_and_release() {
     let ep = format!("-etcd-endpoints={}", etcd.endpoint);
 
     // An invalid config is refused before anything is written, with the reason.
-    let (ok, _, err) = run_cli(
-        &[
-            &ep,
-            "-etcd-prefix=/cli",
-            "config",
-            "set",
-            r#"{"Network":"10.0.0.0/30"}"#,
-        ],
-        &[],
-    );
+    let (ok, _, err) = run_cli(&[
+        &ep,
+        "-etcd-prefix=/cli",
+        "config",
+        "set",
+        r#"{"Network":"10.0.0.0/30"}"#,
+    ]);
     assert!(!ok);
     assert!(err.contains("network 10.0.0.0/30 is too small"), "{err}");
     assert!(get(&mut c, "/cli/config").await.is_none());
 
     // A valid one is written as given and printed normalized.
-    let (ok, out, err) = run_cli(
-        &[
-            &ep,
-            "-etcd-prefix=/cli",
-            "config",
-            "set",
-            r#"{"network":"10.5.0.0/16"}"#,
-        ],
-        &[],
-    );
+    let (ok, out, err) = run_cli(&[
+        &ep,
+        "-etcd-prefix=/cli",
+        "config",
+        "set",
+        r#"{"network":"10.5.0.0/16"}"#,
+    ]);
     assert!(ok, "{err}");
     assert!(
         out.contains(r#""SubnetMin":"10.5.1.0""#) && out.contains("no Backend given"),
@@ -1015,7 +937,7 @@ async fn subcommands_validate_show_list_and_release() {
     );
 
     // The prefix from FLANNELD_ETCD_PREFIX; the command line wins over the environment.
-    let (ok, out, err) = run_cli(
+    let (ok, out, err) = run_cli_env(
         &["config", "show"],
         &[
             ("FLANNELD_ETCD_ENDPOINTS", &etcd.endpoint),
@@ -1027,7 +949,7 @@ async fn subcommands_validate_show_list_and_release() {
         out.contains("/cli/config") && out.contains("normalized:"),
         "{out}"
     );
-    let (ok, _, err) = run_cli(
+    let (ok, _, err) = run_cli_env(
         &["config", "show", "--etcd-prefix=/elsewhere"],
         &[
             ("FLANNELD_ETCD_ENDPOINTS", &etcd.endpoint),
@@ -1048,17 +970,14 @@ async fn subcommands_validate_show_list_and_release() {
     )
     .unwrap();
     let file_arg = file.display().to_string();
-    let (ok, out, err) = run_cli(
-        &[
-            &ep,
-            "-etcd-prefix=/file",
-            "config",
-            "set",
-            "--file",
-            &file_arg,
-        ],
-        &[],
-    );
+    let (ok, out, err) = run_cli(&[
+        &ep,
+        "-etcd-prefix=/file",
+        "config",
+        "set",
+        "--file",
+        &file_arg,
+    ]);
     assert!(ok, "{err}");
     assert!(out.contains(r#""Type":"host-gw""#), "{out}");
     c.put(
@@ -1068,7 +987,7 @@ async fn subcommands_validate_show_list_and_release() {
     )
     .await
     .unwrap();
-    let (ok, out, err) = run_cli(&[&ep, "-etcd-prefix=/bad", "config", "show"], &[]);
+    let (ok, out, err) = run_cli(&[&ep, "-etcd-prefix=/bad", "config", "show"]);
     assert!(ok, "{err}");
     assert!(
         out.contains("INVALID: backend type \"udp\" is not supported"),
@@ -1080,7 +999,7 @@ async fn subcommands_validate_show_list_and_release() {
     let config = NetworkConfig::parse(r#"{"network":"10.5.0.0/16"}"#).unwrap();
     let held = lessor(&c, &o, &config, 4).acquire(None).await.unwrap();
     c.put("/cli/subnets/garbage", "x", None).await.unwrap();
-    let (ok, out, err) = run_cli(&[&ep, "-etcd-prefix=/cli", "leases"], &[]);
+    let (ok, out, err) = run_cli(&[&ep, "-etcd-prefix=/cli", "leases"]);
     assert!(ok, "{err}");
     assert!(
         out.contains(&held.subnet.to_string())
@@ -1093,16 +1012,13 @@ async fn subcommands_validate_show_list_and_release() {
         out.contains("/cli/subnets/garbage (not a subnet key"),
         "{out}"
     );
-    let (ok, out, err) = run_cli(
-        &[
-            &ep,
-            "-etcd-prefix=/cli",
-            "lease",
-            "release",
-            &held.subnet.to_string(),
-        ],
-        &[],
-    );
+    let (ok, out, err) = run_cli(&[
+        &ep,
+        "-etcd-prefix=/cli",
+        "lease",
+        "release",
+        &held.subnet.to_string(),
+    ]);
     assert!(ok, "{err}");
     assert!(out.contains("released"), "{out}");
     assert!(
@@ -1110,16 +1026,13 @@ async fn subcommands_validate_show_list_and_release() {
             .await
             .is_none()
     );
-    let (ok, _, err) = run_cli(
-        &[
-            &ep,
-            "-etcd-prefix=/cli",
-            "lease",
-            "release",
-            &held.subnet.to_string(),
-        ],
-        &[],
-    );
+    let (ok, _, err) = run_cli(&[
+        &ep,
+        "-etcd-prefix=/cli",
+        "lease",
+        "release",
+        &held.subnet.to_string(),
+    ]);
     assert!(!ok && err.contains("no lease for"), "{err}");
 }
 
@@ -1129,28 +1042,19 @@ async fn run_waits_for_a_valid_config_logging_each_problem_once() {
     let mut c = client(&etcd.endpoint).await;
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("agent.log");
-    let log = std::fs::File::create(&log_path).unwrap();
     // An interface that does not exist: once the config is valid the agent goes on to
-    // choose the uplink and stops there, touching nothing on this host.
-    let child = std::process::Command::new(agent_bin())
-        .args([
+    // choose the uplink and stops there, touching nothing on this host. -v: its debug line
+    // per re-check shows how many re-checks passed.
+    let mut child = spawn_agent(
+        &[
             &format!("-etcd-endpoints={}", etcd.endpoint),
             "-etcd-prefix=/wait",
             "-iface=ovl-none0",
+            "-v=1",
             &format!("-subnet-file={}", dir.path().join("subnet.env").display()),
-        ])
-        .env_remove("RUST_LOG")
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Kill(child);
+        ],
+        &log_path,
+    );
     let read = || std::fs::read_to_string(&log_path).unwrap_or_default();
     wait_until(LONG, "the missing-config line", || {
         let t = read();
@@ -1169,9 +1073,19 @@ async fn run_waits_for_a_valid_config_logging_each_problem_once() {
         async move { t.contains("\"SubnetLen\" 8 is too short") }
     })
     .await;
-    // Several re-checks (every 2 s) pass without repeating the same line.
+    // Several re-checks (every 2 s) pass without repeating the same line: the one that
+    // logged it and two more.
     c.put("/wait/unrelated", "1", None).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    wait_until(LONG, "two re-checks after the invalid-config line", || {
+        let t = read();
+        async move {
+            let after = t
+                .find("\"SubnetLen\" 8 is too short")
+                .map_or("", |at| &t[at..]);
+            after.matches("no usable network config yet").count() >= 3
+        }
+    })
+    .await;
     let text = read();
     assert_eq!(
         text.matches("no network config at /wait/config").count(),
@@ -1195,18 +1109,7 @@ async fn run_waits_for_a_valid_config_logging_each_problem_once() {
         },
     )
     .await;
-    let status = tokio::task::block_in_place(|| {
-        let deadline = std::time::Instant::now() + LONG;
-        loop {
-            if let Some(s) = child.0.try_wait().unwrap() {
-                return Some(s);
-            }
-            if std::time::Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    });
+    let status = tokio::task::block_in_place(|| child.wait_exit(LONG));
     let status = status.expect("the agent exits when the interface cannot be chosen");
     assert!(!status.success());
     // The reason, once: not repeated by the error chain, not printed a second time.
@@ -1293,6 +1196,14 @@ async fn healthz_is_up_and_readyz_turns_ready_only_once_the_node_holds_a_lease()
         s.read_to_string(&mut out).await.unwrap();
         out.lines().next().unwrap_or_default().to_string()
     }
+    // The node's debug line per failed acquisition, among every test's lines.
+    let logs = common::capture_logs();
+    let failed_acquisitions = || {
+        logs.text()
+            .lines()
+            .filter(|l| l.contains("no subnet lease yet") && l.contains(r#"prefix="/ready""#))
+            .count()
+    };
     let etcd = Etcd::start();
     let mut c = client(&etcd.endpoint).await;
     // Three leasable subnets (10.12.0.64/26 .. 10.12.0.192/26), all held by other nodes:
@@ -1307,7 +1218,7 @@ async fn healthz_is_up_and_readyz_turns_ready_only_once_the_node_holds_a_lease()
     for (n, net) in ["64", "128", "192"].into_iter().enumerate() {
         c.put(
             format!("/ready/subnets/10.12.0.{net}-26"),
-            vxlan_value(&format!("192.168.12.{}", n + 2), "c6:d2:32:6f:8f:0c"),
+            vxlan_lease(&format!("192.168.12.{}", n + 2), "c6:d2:32:6f:8f:0c"),
             None,
         )
         .await
@@ -1315,7 +1226,7 @@ async fn healthz_is_up_and_readyz_turns_ready_only_once_the_node_holds_a_lease()
     }
     let dir = tempfile::tempdir().unwrap();
     let subnet_file = dir.path().join("subnet.env");
-    let flags = flags(&etcd.endpoint, "/ready", &subnet_file);
+    let flags = seed_flags(&etcd.endpoint, "/ready", &subnet_file);
     let public_ip = Ipv4Addr::new(192, 168, 12, 1);
     let ((), _) = with_node(&flags, public_ip, mac(0x0c), async |ready, _log| {
         // The health server reads the status the running node publishes.
@@ -1331,7 +1242,11 @@ async fn healthz_is_up_and_readyz_turns_ready_only_once_the_node_holds_a_lease()
         .await;
         // Several failed acquisitions later (one per 5 s; the first is immediate) it is
         // still not ready.
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        wait_until(LONG, "two failed lease acquisitions", || {
+            let failed = failed_acquisitions();
+            async move { failed >= 2 }
+        })
+        .await;
         assert_eq!(
             status(addr, "/readyz").await,
             "HTTP/1.1 503 Service Unavailable"
@@ -1428,7 +1343,7 @@ async fn several_endpoints_work_when_one_of_them_is_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_events_keep_flowing_when_the_etcd_member_in_use_dies() {
-    let mut cluster = common::EtcdCluster::start();
+    let mut cluster = overlay_tests::etcd::EtcdCluster::start();
     // The agent knows members 0 and 1; member 2 keeps quorum while either of them is down.
     let o = EtcdOptions {
         endpoints: cluster.endpoints[..2].to_vec(),
@@ -1468,7 +1383,7 @@ async fn peer_events_keep_flowing_when_the_etcd_member_in_use_dies() {
         let n = 2 + round as u8;
         // A new leader may take a moment to be elected when the leader died.
         let key = format!("/failover/subnets/10.11.{n}.0-24");
-        let value = vxlan_value(
+        let value = vxlan_lease(
             &format!("192.168.11.{n}"),
             &format!("c6:d2:32:6f:8f:{n:02x}"),
         );

@@ -24,8 +24,8 @@
 //!   included), and on a sample, exactly one reason counter moves per run.
 //!
 //! Seed: `OVERLAY_FUZZ_SEED` (default fixed, printed); count: `OVERLAY_FUZZ_PACKETS`
-//! (default 1,000,000 run by each program; inputs test-run refuses are extra). Needs root and
-//! bpffs: fails loudly otherwise.
+//! (default 1,000,000 run by each program; inputs test-run refuses are extra). Needs root:
+//! fails loudly otherwise (bpffs is mounted when missing).
 
 mod bpf;
 
@@ -45,7 +45,12 @@ use overlay_common::{
     DatapathConfig, Endpoint, FLOW_FRESH_NS, FlowKey, FlowState, config_flags, peer_flags,
     program_names, stat,
 };
-use overlay_tests::{netns::NetNs, wait_until};
+use overlay_tests::{
+    flanneld,
+    netns::NetNs,
+    topology::{Cluster, ClusterOptions, UnderlayKind},
+    wait_until,
+};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 /// The mark every run starts with: delivery must clear it, anything else keep it.
@@ -1872,50 +1877,20 @@ fn receive(socket: &UdpSocket) -> Option<Vec<u8>> {
 #[test]
 fn vxlan_from_a_source_without_lease_is_dropped_on_a_real_link() {
     let mut h = Harness::new();
-    let sender = NetNs::new("fzs");
-    let node = NetNs::new("fzn");
-    let pod = NetNs::new("fzp");
-
-    node.run(&[
-        "ip",
-        "link",
-        "add",
-        "eth0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "up0",
-        "netns",
-        sender.name(),
-    ]);
-    sender.run(&["ip", "addr", "add", "192.168.100.2/24", "dev", "up0"]);
-    sender.run(&["ip", "addr", "add", "192.168.100.77/24", "dev", "up0"]);
-    sender.run(&["ip", "link", "set", "up0", "up"]);
-    node.run(&["ip", "addr", "add", "192.168.100.1/24", "dev", "eth0"]);
-    node.run(&["ip", "link", "set", "eth0", "up"]);
-    let vtep = "02:00:00:00:01:01";
-    node.run(&[
-        "ip",
-        "link",
-        "add",
-        "flannel.1",
-        "address",
-        vtep,
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "local",
-        "192.168.100.1",
-        "dev",
-        "eth0",
-        "dstport",
-        "8472",
-        "nolearning",
-    ]);
-    node.run(&["ip", "link", "set", "flannel.1", "mtu", "1450", "up"]);
-    node.run(&["ip", "addr", "add", "10.5.1.0/32", "dev", "flannel.1"]);
+    // Node 1 (192.168.100.1) is the receiver; node 2, on the other end of its eth0, sends
+    // from the peer's address (its own, 192.168.100.2) and from a stranger's (.77).
+    let mut cluster = Cluster::with(ClusterOptions {
+        nodes: 2,
+        underlay: UnderlayKind::DirectVeth,
+        etcd: false,
+        ..ClusterOptions::default()
+    });
+    // The pod's link at 1500: the fragmented shape's inner packet must fit it.
+    cluster.nodes[0].add_pod("10.5.1.1/24", 1500);
+    let receiver = &cluster.nodes[0];
+    let (node, pod, sender) = (&receiver.ns, &receiver.pods[0].ns, &cluster.nodes[1].ns);
+    sender.run(&["ip", "addr", "add", "192.168.100.77/24", "dev", "eth0"]);
+    flanneld::add_device(node, receiver.ip, "10.5.1.0/24", Some("02:00:00:00:01:01"));
     node.run(&[
         "ip",
         "route",
@@ -1927,31 +1902,10 @@ fn vxlan_from_a_source_without_lease_is_dropped_on_a_real_link() {
         "flannel.1",
         "onlink",
     ]);
-    node.run(&["ip", "link", "add", "cni0", "type", "bridge"]);
-    node.run(&["ip", "addr", "add", "10.5.1.1/24", "dev", "cni0"]);
-    node.run(&["ip", "link", "set", "cni0", "up"]);
-    node.run(&[
-        "ip",
-        "link",
-        "add",
-        "vpod",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        pod.name(),
-    ]);
-    node.run(&["ip", "link", "set", "vpod", "master", "cni0", "up"]);
-    node.sysctl("net.ipv4.ip_forward", "1");
     for conf in ["all", "default", "flannel.1"] {
         // Slash form: the device name has a dot.
         node.sysctl(&format!("net/ipv4/conf/{conf}/rp_filter"), "0");
     }
-    pod.run(&["ip", "addr", "add", "10.5.1.2/24", "dev", "eth0"]);
-    pod.run(&["ip", "link", "set", "eth0", "up"]);
-    pod.run(&["ip", "route", "add", "default", "via", "10.5.1.1"]);
     let socket = pod.enter(|| UdpSocket::bind("10.5.1.2:7777").expect("pod socket"));
     socket
         .set_read_timeout(Some(Duration::from_millis(200)))
@@ -1960,11 +1914,11 @@ fn vxlan_from_a_source_without_lease_is_dropped_on_a_real_link() {
     // Control, no program attached: the kernel vxlan device accepts VXLAN from anyone, in
     // every shape, so the stranger's packets reach the pod (they are right; only the filter
     // can stop them).
-    let in_before = udp_in_datagrams(&node);
+    let in_before = udp_in_datagrams(node);
     for shape in [Shape::Plain, Shape::IpOptions, Shape::Fragmented] {
         let data = data_for(shape, "control");
         send_vxlan(
-            &sender,
+            sender,
             STRANGER_IP,
             &vxlan_payload(LOCAL_VTEP, &data),
             shape,
@@ -1981,7 +1935,7 @@ fn vxlan_from_a_source_without_lease_is_dropped_on_a_real_link() {
         assert_eq!(got, Some(data), "control ({shape:?})");
     }
     assert!(
-        udp_in_datagrams(&node) >= in_before + 3,
+        udp_in_datagrams(node) >= in_before + 3,
         "the kernel vxlan socket counts what it decapsulates (else the check below is vacuous)"
     );
 
@@ -1994,11 +1948,10 @@ fn vxlan_from_a_source_without_lease_is_dropped_on_a_real_link() {
     cfg.vxlan_ifindex = node.ifindex("flannel.1");
     cfg.bridge_ifindex = node.ifindex("cni0");
     h.config.set(0, cfg, 0).expect("config");
-    let vpod = node.ifindex("vpod");
+    let vpod = node.ifindex(&receiver.pod_host_veths()[0]);
     let mac_of = |ns: &NetNs, dev: &str| -> [u8; 6] {
-        let text = ns.stdout(&["cat", &format!("/sys/class/net/{dev}/address")]);
-        let bytes: Vec<u8> = text
-            .trim()
+        let bytes: Vec<u8> = ns
+            .mac(dev)
             .split(':')
             .map(|b| u8::from_str_radix(b, 16).expect("MAC byte"))
             .collect();
@@ -2009,8 +1962,8 @@ fn vxlan_from_a_source_without_lease_is_dropped_on_a_real_link() {
             [10, 5, 1, 2],
             Endpoint {
                 host_ifindex: vpod,
-                pod_mac: mac_of(&pod, "eth0"),
-                gateway_mac: mac_of(&node, "cni0"),
+                pod_mac: mac_of(pod, "eth0"),
+                gateway_mac: mac_of(node, "cni0"),
                 generation: 1,
             },
             0,
@@ -2031,10 +1984,10 @@ fn vxlan_from_a_source_without_lease_is_dropped_on_a_real_link() {
 
     for shape in [Shape::Plain, Shape::IpOptions, Shape::Fragmented] {
         let before = h.stats();
-        let in_before = udp_in_datagrams(&node);
+        let in_before = udp_in_datagrams(node);
         let stranger = data_for(shape, "stranger");
         send_vxlan(
-            &sender,
+            sender,
             STRANGER_IP,
             &vxlan_payload(LOCAL_VTEP, &stranger),
             shape,
@@ -2064,7 +2017,7 @@ fn vxlan_from_a_source_without_lease_is_dropped_on_a_real_link() {
                 0,
             )
             .expect("learned flow");
-        send_vxlan(&sender, PEER_IP, &vxlan_payload(LOCAL_VTEP, &peer), shape);
+        send_vxlan(sender, PEER_IP, &vxlan_payload(LOCAL_VTEP, &peer), shape);
         let mut got = None;
         wait_until(
             Duration::from_secs(20),
@@ -2100,13 +2053,13 @@ fn vxlan_from_a_source_without_lease_is_dropped_on_a_real_link() {
                 "the peer's packet is decapsulated by the program and delivered into the pod; counters moved: {moved:?}"
             );
             assert_eq!(
-                udp_in_datagrams(&node),
+                udp_in_datagrams(node),
                 in_before,
                 "nothing reached the node's kernel vxlan socket (stranger dropped, peer decapsulated in BPF)"
             );
         } else {
             assert!(
-                udp_in_datagrams(&node) > in_before,
+                udp_in_datagrams(node) > in_before,
                 "{shape:?}: the peer's packet took the kernel vxlan device"
             );
         }

@@ -3,7 +3,8 @@
 //! up by the test (config, peers, peer sources, endpoints, learned flows), fed hand-built
 //! packets. See ../../shared/design/fastpath.md (R1, R2, R3, R4).
 //!
-//! Needs root (CAP_BPF, CAP_NET_ADMIN) and bpffs at /sys/fs/bpf: fails loudly otherwise.
+//! Needs root (CAP_BPF, CAP_NET_ADMIN): fails loudly otherwise; bpffs at /sys/fs/bpf is
+//! mounted when missing.
 //!
 //! Notes on test-run:
 //! - the program runs with skb->dev = loopback (ifindex 1): endpoints of "this veth" have
@@ -24,6 +25,7 @@ use overlay_common::{
     DatapathConfig, Endpoint, FLOW_FRESH_NS, FlowKey, FlowState, PeerSource, config_flags,
     peer_flags, program_names, stat,
 };
+use overlay_tests::stats::moved;
 
 /// A pod of an incomplete (not VALID) peer lease (10.5.3.0/24).
 const INVALID_PEER_POD: [u8; 4] = [10, 5, 3, 4];
@@ -266,16 +268,6 @@ impl Harness {
         self.expect_pass(prog, good, stat::KERNEL_NOT_LEARNED, "never learned");
         self.learn(udp_flow(), fresh());
     }
-}
-
-fn moved(before: &[u64], after: &[u64]) -> Vec<(&'static str, u64)> {
-    before
-        .iter()
-        .zip(after)
-        .enumerate()
-        .filter(|(_, (b, a))| a != b)
-        .map(|(i, (b, a))| (stat::NAMES[i], a - b))
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -8,85 +8,29 @@
 
 mod common;
 
-use std::{
-    collections::BTreeMap,
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
-use common::{Etcd, Recorded, RecordingDataplane, Tls, wait_until};
+use common::{
+    Etcd, LONG, Recorded, RecordingDataplane, SEEDS_CONFIG, SEEDS_PREFIX, Tls, mac, mtls_opts,
+    next_event, opts, run_cli, seed_flags, spawn_agent, vxlan_lease, wait_until,
+};
 use ipnetwork::Ipv4Network;
 use overlay_agent::{
     agent::{self, NodeSetup},
-    cli::flags::{Cli, Flags},
     control::config::NetworkConfig,
     control::etcd::EtcdOptions,
     control::lease::{LEASE_TTL, Lessor},
     control::store::{self, EtcdApi, EtcdApiChoice, KvStore, V2Client},
     control::watch::PeerWatcher,
-    dataplane::{DataplaneCommand, LeaseAttrs},
+    dataplane::LeaseAttrs,
     observe::status::AgentStatus,
-    peer::{LeaseBackend, MacAddr6, Peer, PeerEvent},
+    peer::{LeaseBackend, Peer, PeerEvent},
 };
 use tokio::sync::{mpsc, watch};
-
-const SEEDS_CONFIG: &str =
-    r#"{ "Network": "172.30.0.0/16", "SubnetLen": 24, "Backend": { "Type": "vxlan" } }"#;
-const SEEDS_PREFIX: &str = "/kube-centos/network";
-const LONG: Duration = Duration::from_secs(20);
-
-fn mac(last: u8) -> MacAddr6 {
-    MacAddr6::new(0xc6, 0xd2, 0x32, 0x6f, 0x8f, last)
-}
 
 /// A lease as flanneld 0.7 wrote it: no PublicIPv6, no VNI.
 fn old_lease(ip: &str, m: &str) -> String {
     format!(r#"{{"PublicIP":"{ip}","BackendType":"vxlan","BackendData":{{"VtepMAC":"{m}"}}}}"#)
-}
-
-fn new_lease(ip: &str, m: &str) -> String {
-    format!(
-        r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{m}"}}}}"#
-    )
-}
-
-/// The seeds' systemd unit flags: no --etcd-api.
-fn seed_flags(endpoint: &str, prefix: &str, subnet_file: &Path) -> Flags {
-    Cli::try_parse_args([
-        "overlay-agent".to_string(),
-        format!("-etcd-endpoints={endpoint}"),
-        format!("-etcd-prefix={prefix}"),
-        format!("--subnet-file={}", subnet_file.display()),
-    ])
-    .unwrap()
-    .flags
-}
-
-fn opts(endpoint: &str, prefix: &str) -> EtcdOptions {
-    EtcdOptions {
-        endpoints: vec![endpoint.to_string()],
-        prefix: prefix.to_string(),
-        ..Default::default()
-    }
-}
-
-fn agent_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_overlay-agent"))
-}
-
-fn run_cli(args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(agent_bin())
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env_remove("FLANNELD_ETCD_API")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// `ETCDCTL_API=2 etcdctl -o extended get KEY`: (value, TTL).
@@ -181,7 +125,7 @@ async fn seed_flags_on_a_v2_cluster_take_a_v2_lease_and_follow_flanneld_0_7_peer
         // Our lease: a v2 key with flannel's JSON and a ~24 h TTL; nothing in v3.
         let key = format!("{SEEDS_PREFIX}/subnets/{}-24", subnet.ip());
         let (value, ttl) = v2_get_with_ttl(&etcd, &key).expect("our lease is a v2 key");
-        assert_eq!(value, new_lease("192.168.64.3", "c6:d2:32:6f:8f:44"));
+        assert_eq!(value, vxlan_lease("192.168.64.3", "c6:d2:32:6f:8f:44"));
         assert!((86_000..=86_400).contains(&ttl), "TTL {ttl}");
         assert!(v3_keys(&etcd, SEEDS_PREFIX).is_empty(), "nothing in v3");
 
@@ -337,17 +281,6 @@ fn apply(state: &mut BTreeMap<Ipv4Network, Peer>, event: &PeerEvent) {
     }
 }
 
-async fn next_event(rx: &mut mpsc::Receiver<DataplaneCommand>) -> PeerEvent {
-    match tokio::time::timeout(LONG, rx.recv())
-        .await
-        .expect("a peer event in time")
-        .expect("channel open")
-    {
-        DataplaneCommand::Peers(ev) => ev,
-        other => panic!("unexpected command {other:?}"),
-    }
-}
-
 fn peer(n: u8) -> Peer {
     Peer {
         subnet: format!("10.5.{n}.0/24").parse().unwrap(),
@@ -445,14 +378,7 @@ async fn an_outdated_watch_index_and_an_etcd_restart_recover_by_listing_again() 
 async fn v2_over_mutual_tls_works_and_a_foreign_certificate_fails_clearly() {
     let tls = Tls::generate();
     let etcd = Etcd::start_tls_with(&tls, true);
-    let good = EtcdOptions {
-        endpoints: vec![etcd.endpoint.clone()],
-        prefix: "/tls".into(),
-        cafile: Some(tls.path("ca.pem")),
-        certfile: Some(tls.path("client.pem")),
-        keyfile: Some(tls.path("client.key")),
-        ..Default::default()
-    };
+    let good = mtls_opts(&etcd.endpoint, "/tls", &tls);
     assert!(etcd.endpoint.starts_with("https://"));
     let mut c = V2Client::connect(&good).await.expect("mTLS accepted");
     c.put("/tls/config", r#"{"Network":"10.8.0.0/16"}"#)
@@ -461,7 +387,7 @@ async fn v2_over_mutual_tls_works_and_a_foreign_certificate_fails_clearly() {
     assert!(
         c.create(
             "/tls/subnets/10.8.1.0-24",
-            &new_lease("10.0.0.1", "c6:d2:32:6f:8f:01"),
+            &vxlan_lease("10.0.0.1", "c6:d2:32:6f:8f:01"),
             Duration::from_secs(60)
         )
         .await
@@ -517,30 +443,17 @@ async fn v2_over_mutual_tls_works_and_a_foreign_certificate_fails_clearly() {
 fn agent_log_until_exit(endpoint: &str, prefix: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("agent.log");
-    let mut child = std::process::Command::new(agent_bin())
-        .args([
+    let mut child = spawn_agent(
+        &[
             &format!("-etcd-endpoints={endpoint}"),
             &format!("-etcd-prefix={prefix}"),
             "-iface=ovl-none0",
             &format!("-subnet-file={}", dir.path().join("subnet.env").display()),
-        ])
-        .env_remove("RUST_LOG")
-        .env_remove("FLANNELD_ETCD_API")
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + LONG;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+        ],
+        &log_path,
+    );
+    let status = child.wait_exit(LONG);
+    drop(child);
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     let status =
         status.unwrap_or_else(|| panic!("the agent did not stop at the interface:\n{log}"));
@@ -582,25 +495,14 @@ async fn auto_chooses_v3_v2_or_v3_with_a_split_warning() {
     // Neither: it waits and names the key it looked for in both keyspaces.
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("agent.log");
-    let child = std::process::Command::new(agent_bin())
-        .args([
+    let _child = spawn_agent(
+        &[
             &format!("-etcd-endpoints={}", etcd.endpoint),
             "-etcd-prefix=/none",
             "-iface=ovl-none0",
-        ])
-        .env_remove("RUST_LOG")
-        .env_remove("FLANNELD_ETCD_API")
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _child = Kill(child);
+        ],
+        &log_path,
+    );
     wait_until(LONG, "the line naming both keyspaces", || {
         let t = std::fs::read_to_string(&log_path).unwrap_or_default();
         async move {
@@ -646,7 +548,7 @@ async fn subcommands_work_on_v2_and_migration_copies_exactly_once_and_refuses_co
     );
 
     let one = old_lease("192.168.1.1", "c6:d2:32:6f:8f:01");
-    let two = new_lease("192.168.1.2", "c6:d2:32:6f:8f:02");
+    let two = vxlan_lease("192.168.1.2", "c6:d2:32:6f:8f:02");
     etcd.v2(&["set", "--ttl", "3600", "/mig/subnets/10.5.1.0-24", &one]);
     etcd.v2(&["set", "--ttl", "7200", "/mig/subnets/10.5.2.0-24", &two]);
     let (ok, out, err) = cli(&["leases"]);
@@ -672,7 +574,7 @@ async fn subcommands_work_on_v2_and_migration_copies_exactly_once_and_refuses_co
         "--ttl",
         "60",
         "/mig/subnets/10.5.3.0-24",
-        &new_lease("192.168.1.3", "c6:d2:32:6f:8f:03"),
+        &vxlan_lease("192.168.1.3", "c6:d2:32:6f:8f:03"),
     ]);
     let (ok, out, err) = cli(&["lease", "release", "10.5.3.0/24"]);
     assert!(ok && out.contains("released 10.5.3.0/24"), "{out}{err}");
@@ -735,7 +637,7 @@ async fn subcommands_work_on_v2_and_migration_copies_exactly_once_and_refuses_co
     // Different data in the target: refused, and nothing else written either.
     c.put(
         "/mig/subnets/10.5.2.0-24",
-        new_lease("192.168.1.99", "c6:d2:32:6f:8f:99"),
+        vxlan_lease("192.168.1.99", "c6:d2:32:6f:8f:99"),
         None,
     )
     .await
@@ -745,7 +647,7 @@ async fn subcommands_work_on_v2_and_migration_copies_exactly_once_and_refuses_co
         "--ttl",
         "600",
         "/mig/subnets/10.5.4.0-24",
-        &new_lease("192.168.1.4", "c6:d2:32:6f:8f:04"),
+        &vxlan_lease("192.168.1.4", "c6:d2:32:6f:8f:04"),
     ]);
     let (ok, out, err) = cli(&["migrate-etcd", "--from", "v2", "--to", "v3", "--apply"]);
     assert!(!ok, "{out}");
@@ -781,7 +683,7 @@ async fn v2_basic_auth_works_and_a_wrong_password_fails_clearly() {
     assert!(
         c.create(
             "/auth/subnets/10.4.1.0-24",
-            &new_lease("10.0.0.1", "c6:d2:32:6f:8f:01"),
+            &vxlan_lease("10.0.0.1", "c6:d2:32:6f:8f:01"),
             Duration::from_secs(60)
         )
         .await
@@ -830,7 +732,7 @@ async fn v2_uses_the_endpoints_that_answer() {
         assert!(
             c.create(
                 &key,
-                &new_lease("10.0.0.1", "c6:d2:32:6f:8f:01"),
+                &vxlan_lease("10.0.0.1", "c6:d2:32:6f:8f:01"),
                 Duration::from_secs(60)
             )
             .await

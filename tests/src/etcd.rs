@@ -29,6 +29,14 @@ pub struct EtcdOptions {
     pub enable_v2: bool,
 }
 
+/// The keys API flannel's keys are written through: v3, or the v2 keyspace (flanneld <= 0.17
+/// and the seeds' clusters; etcd must run with [`EtcdOptions::enable_v2`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeysApi {
+    V3,
+    V2,
+}
+
 /// A running etcd-server.
 pub struct EtcdServer {
     child: Child,
@@ -70,14 +78,7 @@ fn spawn(spec: &Spec, dir: &Path) -> Child {
         .append(true)
         .open(dir.join("etcd.log"))
         .expect("etcd log file");
-    let mut command = match &spec.netns {
-        Some(ns) => {
-            let mut command = Command::new("ip");
-            command.args(["netns", "exec", ns, "etcd"]);
-            command
-        }
-        None => Command::new("etcd"),
-    };
+    let mut command = in_netns(spec.netns.as_deref(), "etcd");
     command
         .arg("--name=test")
         .arg(format!("--data-dir={}", dir.join("data").display()))
@@ -218,14 +219,7 @@ impl EtcdServer {
 
     /// Runs `etcdctl` (v3 API) against this server; returns the output whatever its status.
     pub fn etcdctl_output(&self, args: &[&str]) -> Output {
-        let mut command = match &self.netns {
-            Some(ns) => {
-                let mut command = Command::new("ip");
-                command.args(["netns", "exec", ns, "etcdctl"]);
-                command
-            }
-            None => Command::new("etcdctl"),
-        };
+        let mut command = in_netns(self.netns.as_deref(), "etcdctl");
         command
             .env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", self.endpoint))
@@ -248,14 +242,7 @@ impl EtcdServer {
     /// Runs `ETCDCTL_API=2 etcdctl` (the v2 keys API: `mk`, `set --ttl`, `get`, `rm`, `ls`)
     /// against this server; returns the output whatever its status.
     pub fn etcdctl_v2_output(&self, args: &[&str]) -> Output {
-        let mut command = match &self.netns {
-            Some(ns) => {
-                let mut command = Command::new("ip");
-                command.args(["netns", "exec", ns, "etcdctl"]);
-                command
-            }
-            None => Command::new("etcdctl"),
-        };
+        let mut command = in_netns(self.netns.as_deref(), "etcdctl");
         command
             .env("ETCDCTL_API", "2")
             .arg(format!("--endpoints={}", self.endpoint))
@@ -274,28 +261,12 @@ impl EtcdServer {
 
     /// Runs `ETCDCTL_API=2 etcdctl`; panics with its output on failure; returns stdout.
     pub fn etcdctl_v2(&self, args: &[&str]) -> String {
-        let output = self.etcdctl_v2_output(args);
-        if !output.status.success() {
-            panic!(
-                "ETCDCTL_API=2 etcdctl {args:?} failed: {}{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        stdout_of_success("ETCDCTL_API=2 etcdctl", args, self.etcdctl_v2_output(args))
     }
 
     /// Runs `etcdctl`; panics with its output on failure; returns stdout.
     pub fn etcdctl(&self, args: &[&str]) -> String {
-        let output = self.etcdctl_output(args);
-        if !output.status.success() {
-            panic!(
-                "etcdctl {args:?} failed: {}{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        stdout_of_success("etcdctl", args, self.etcdctl_output(args))
     }
 
     pub fn put(&self, key: &str, value: &str) {
@@ -311,6 +282,29 @@ impl EtcdServer {
 
     pub fn delete(&self, key: &str) {
         self.etcdctl(&["del", "--", key]);
+    }
+
+    /// Writes the network config at `<prefix>/config` through `api`; v2 with `etcdctl mk`, as the
+    /// seeds' getting-started guide does.
+    pub fn put_config_in(&self, api: KeysApi, prefix: &str, json: &str) {
+        let key = format!("{prefix}/config");
+        match api {
+            KeysApi::V3 => self.put(&key, json),
+            KeysApi::V2 => {
+                self.etcdctl_v2(&["mk", &key, json]);
+            }
+        }
+    }
+
+    /// Writes a subnet lease through `api`; v2 as flanneld 0.7 does, with `set --ttl` and its
+    /// 24 h lease time.
+    pub fn put_lease_in(&self, api: KeysApi, key: &str, json: &str) {
+        match api {
+            KeysApi::V3 => self.put(key, json),
+            KeysApi::V2 => {
+                self.etcdctl_v2(&["set", "--ttl", "86400", key, json]);
+            }
+        }
     }
 
     /// Keys under `prefix`, sorted.
@@ -349,6 +343,121 @@ impl Drop for EtcdServer {
     fn drop(&mut self) {
         kill_and_reap(&mut self.child);
     }
+}
+
+/// A three-member etcd cluster on loopback (for endpoint failover); members killed on drop.
+pub struct EtcdCluster {
+    pub endpoints: Vec<String>,
+    members: Vec<Option<Child>>,
+    args: Vec<Vec<String>>,
+    dir: tempfile::TempDir,
+}
+
+impl EtcdCluster {
+    pub fn start() -> EtcdCluster {
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let args: Vec<Vec<String>> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (client, peer))| {
+                vec![
+                    format!("--name=m{i}"),
+                    format!("--data-dir={}", dir.path().join(format!("m{i}")).display()),
+                    format!("--listen-client-urls=http://127.0.0.1:{client}"),
+                    format!("--advertise-client-urls=http://127.0.0.1:{client}"),
+                    format!("--listen-peer-urls=http://127.0.0.1:{peer}"),
+                    format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"),
+                    format!("--initial-cluster={}", initial.join(",")),
+                    "--initial-cluster-state=new".to_string(),
+                    "--log-level=warn".to_string(),
+                ]
+            })
+            .collect();
+        let mut cluster = EtcdCluster {
+            endpoints: ports
+                .iter()
+                .map(|(c, _)| format!("http://127.0.0.1:{c}"))
+                .collect(),
+            members: vec![None, None, None],
+            args,
+            dir,
+        };
+        for i in 0..3 {
+            cluster.spawn(i);
+        }
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("m{i}.log")))
+            .expect("log");
+        let child = Command::new("etcd")
+            .args(&self.args[i])
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|err| {
+                panic!(
+                    "cannot start etcd (install Debian's etcd-server: `cargo xtask setup`): {err}"
+                )
+            });
+        self.members[i] = Some(child);
+    }
+
+    /// SIGKILLs member `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].take() {
+            kill_and_reap(&mut child);
+        }
+    }
+
+    /// Starts member `i` again with its data.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i);
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..3 {
+            self.kill(i);
+        }
+    }
+}
+
+/// `program` in the namespace named `netns` (`ip netns exec`), or here.
+fn in_netns(netns: Option<&str>, program: &str) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", ns, program]);
+            command
+        }
+        None => Command::new(program),
+    }
+}
+
+/// The stdout of `output`; panics with all of it when the command failed.
+fn stdout_of_success(what: &str, args: &[&str], output: Output) -> String {
+    if !output.status.success() {
+        panic!(
+            "{what} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 fn free_port() -> u16 {

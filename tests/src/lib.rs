@@ -5,9 +5,12 @@
 //! Fixtures panic with context instead of returning errors: a broken fixture is a failed test.
 
 pub mod agent;
+pub mod bpffs;
 pub mod cni;
 pub mod etcd;
+pub mod flanneld;
 pub mod netns;
+pub mod stats;
 pub mod tls;
 pub mod topology;
 

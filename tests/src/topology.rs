@@ -14,11 +14,18 @@ use std::{
     collections::HashMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use tempfile::TempDir;
 
-use crate::{etcd::EtcdServer, netns::NetNs, unique_name};
+use crate::{
+    agent::AgentProcess,
+    bpffs::{PIN_ROOT, ensure_bpffs},
+    etcd::{EtcdOptions, EtcdServer},
+    netns::NetNs,
+    try_wait_until, unique_name,
+};
 
 /// The underlay network's addresses.
 pub const UNDERLAY_PREFIX: &str = "192.168.100";
@@ -69,6 +76,12 @@ impl Pod {
             .status
             .success()
     }
+
+    /// Pings `ip` until it answers; panics naming `what` after `timeout`.
+    pub fn wait_ping(&self, ip: Ipv4Addr, timeout: Duration, what: &str) {
+        let found = try_wait_until(timeout, || self.ping_once(ip));
+        assert!(found, "ping {what} ({} -> {ip}) never answered", self.ip);
+    }
 }
 
 /// A node: a namespace with the underlay on eth0, and its own scratch directory.
@@ -106,6 +119,33 @@ impl Node {
         )
     }
 
+    /// Waits until the agent of this node wrote its subnet file (panics with the agent's log
+    /// after `timeout`); returns (FLANNEL_SUBNET, FLANNEL_MTU).
+    pub fn wait_subnet_env(&self, agent: &AgentProcess, timeout: Duration) -> (String, u32) {
+        let found = try_wait_until(timeout, || self.subnet_env().is_some());
+        assert!(
+            found,
+            "node {} wrote no subnet.env; log:\n{}",
+            self.index,
+            agent.log()
+        );
+        let env = self.subnet_env().expect("subnet.env");
+        (
+            env["FLANNEL_SUBNET"].clone(),
+            env["FLANNEL_MTU"].parse().expect("FLANNEL_MTU"),
+        )
+    }
+
+    /// The pods' veth ends on this node (the veth ports of `cni0`), in ifindex order.
+    pub fn pod_host_veths(&self) -> Vec<String> {
+        self.ns
+            .stdout(&["ip", "-o", "link", "show", "master", "cni0", "type", "veth"])
+            .lines()
+            .filter_map(|line| line.split(':').nth(1))
+            .map(|name| name.trim().split('@').next().unwrap_or("").to_owned())
+            .collect()
+    }
+
     /// Standard agent arguments for this node: etcd endpoint, subnet file, pin dir, uplink.
     pub fn agent_args(&self, etcd_endpoint: &str, backend: &str) -> Vec<String> {
         vec![
@@ -129,39 +169,17 @@ impl Node {
             .status
             .success();
         if !has_bridge {
-            self.ns
-                .run(&["ip", "link", "add", "cni0", "type", "bridge"]);
-            self.ns.run(&[
-                "ip",
-                "addr",
-                "add",
-                &format!("{gateway}/{prefix_len}"),
-                "dev",
+            add_bridge(
+                &self.ns,
                 "cni0",
-            ]);
-            self.ns
-                .run(&["ip", "link", "set", "cni0", "mtu", &mtu.to_string(), "up"]);
+                &format!("{gateway}/{prefix_len}"),
+                Some(mtu),
+            );
         }
         let pod_ip = Ipv4Addr::from(u32::from(gateway) + 1 + self.pods.len() as u32);
         let pod_ns = NetNs::new("op");
         let host_end = unique_name("vp");
-        self.ns.run(&[
-            "ip",
-            "link",
-            "add",
-            &host_end,
-            "mtu",
-            &mtu.to_string(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "mtu",
-            &mtu.to_string(),
-            "netns",
-            pod_ns.name(),
-        ]);
+        self.ns.add_veth(&host_end, &pod_ns, "eth0", Some(mtu));
         self.ns
             .run(&["ip", "link", "set", &host_end, "master", "cni0", "up"]);
         pod_ns.run(&[
@@ -195,6 +213,8 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     pub fabric: NetNs,
     pub underlay: UnderlayKind,
+    /// Where etcd listens (on the fabric), as the nodes reach it.
+    etcd_ip: Ipv4Addr,
 }
 
 impl Cluster {
@@ -210,13 +230,13 @@ impl Cluster {
         crate::require_root();
         ensure_bpffs();
         let fabric = NetNs::new("of");
-        let mtu = options.underlay_mtu.to_string();
+        let mtu = Some(options.underlay_mtu);
         let mut nodes = Vec::new();
         for index in 1..=options.nodes {
             let ns = NetNs::new("on");
             ns.sysctl("net.ipv4.ip_forward", "1");
             let ip: Ipv4Addr = format!("{UNDERLAY_PREFIX}.{index}").parse().expect("ip");
-            let pin_dir = PathBuf::from("/sys/fs/bpf/overlay-test").join(ns.name());
+            let pin_dir = Path::new(PIN_ROOT).join(ns.name());
             let dir = tempfile::Builder::new()
                 .prefix("overlay-node-")
                 .tempdir()
@@ -230,38 +250,12 @@ impl Cluster {
                 dir,
             });
         }
-        let etcd_ip: Ipv4Addr;
-        match options.underlay {
+        let etcd_ip: Ipv4Addr = match options.underlay {
             UnderlayKind::Switch => {
-                fabric.run(&["ip", "link", "add", "sw0", "mtu", &mtu, "type", "bridge"]);
-                fabric.run(&[
-                    "ip",
-                    "addr",
-                    "add",
-                    &format!("{UNDERLAY_PREFIX}.254/24"),
-                    "dev",
-                    "sw0",
-                ]);
-                fabric.run(&["ip", "link", "set", "sw0", "up"]);
+                add_bridge(&fabric, "sw0", &format!("{UNDERLAY_PREFIX}.254/24"), mtu);
                 for node in &nodes {
                     let port = format!("p{}", node.index);
-                    fabric.run(&[
-                        "ip",
-                        "link",
-                        "add",
-                        &port,
-                        "mtu",
-                        &mtu,
-                        "type",
-                        "veth",
-                        "peer",
-                        "name",
-                        "eth0",
-                        "mtu",
-                        &mtu,
-                        "netns",
-                        node.ns.name(),
-                    ]);
+                    fabric.add_veth(&port, &node.ns, "eth0", mtu);
                     fabric.run(&["ip", "link", "set", &port, "master", "sw0", "up"]);
                     setup_node_link(node, "eth0", &format!("{}/24", node.ip));
                     node.ns.run(&[
@@ -273,56 +267,19 @@ impl Cluster {
                         &format!("{UNDERLAY_PREFIX}.254"),
                     ]);
                 }
-                etcd_ip = format!("{UNDERLAY_PREFIX}.254").parse().expect("ip");
+                format!("{UNDERLAY_PREFIX}.254").parse().expect("ip")
             }
             UnderlayKind::DirectVeth => {
                 assert_eq!(
                     options.nodes, 2,
                     "a direct veth underlay joins exactly two nodes"
                 );
-                nodes[0].ns.run(&[
-                    "ip",
-                    "link",
-                    "add",
-                    "eth0",
-                    "mtu",
-                    &mtu,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "eth0",
-                    "mtu",
-                    &mtu,
-                    "netns",
-                    nodes[1].ns.name(),
-                ]);
-                fabric.run(&["ip", "link", "add", "mg0", "type", "bridge"]);
-                fabric.run(&[
-                    "ip",
-                    "addr",
-                    "add",
-                    &format!("{MGMT_PREFIX}.254/24"),
-                    "dev",
-                    "mg0",
-                ]);
-                fabric.run(&["ip", "link", "set", "mg0", "up"]);
+                nodes[0].ns.add_veth("eth0", &nodes[1].ns, "eth0", mtu);
+                add_bridge(&fabric, "mg0", &format!("{MGMT_PREFIX}.254/24"), None);
                 for node in &nodes {
                     setup_node_link(node, "eth0", &format!("{}/24", node.ip));
                     let port = format!("m{}", node.index);
-                    fabric.run(&[
-                        "ip",
-                        "link",
-                        "add",
-                        &port,
-                        "type",
-                        "veth",
-                        "peer",
-                        "name",
-                        "eth1",
-                        "netns",
-                        node.ns.name(),
-                    ]);
+                    fabric.add_veth(&port, &node.ns, "eth1", None);
                     fabric.run(&["ip", "link", "set", &port, "master", "mg0", "up"]);
                     setup_node_link(node, "eth1", &format!("{MGMT_PREFIX}.{}/24", node.index));
                 }
@@ -344,16 +301,28 @@ impl Cluster {
                     "via",
                     &nodes[0].ip.to_string(),
                 ]);
-                etcd_ip = format!("{MGMT_PREFIX}.254").parse().expect("ip");
+                format!("{MGMT_PREFIX}.254").parse().expect("ip")
             }
-        }
+        };
         let etcd = options.etcd.then(|| EtcdServer::start_in(&fabric, etcd_ip));
         Cluster {
             etcd,
             nodes,
             fabric,
             underlay: options.underlay,
+            etcd_ip,
         }
+    }
+
+    /// Starts etcd with `options` (mTLS, the v2 keys API) where the nodes reach it, for a
+    /// cluster built without one (`etcd: false`).
+    pub fn start_etcd(&mut self, options: &EtcdOptions) -> &mut EtcdServer {
+        assert!(self.etcd.is_none(), "this cluster already runs etcd");
+        self.etcd.insert(EtcdServer::start_in_with(
+            &self.fabric,
+            self.etcd_ip,
+            options,
+        ))
     }
 
     /// The running etcd (panics when the cluster was built without one).
@@ -376,25 +345,22 @@ impl Cluster {
     }
 }
 
+/// A bridge `name` holding `cidr`, up, at `mtu` (None: the kernel's default).
+fn add_bridge(ns: &NetNs, name: &str, cidr: &str, mtu: Option<u32>) {
+    let mtu = mtu.map(|mtu| mtu.to_string());
+    let mut argv = vec!["ip", "link", "add", name];
+    if let Some(mtu) = &mtu {
+        argv.extend(["mtu", mtu.as_str()]);
+    }
+    argv.extend(["type", "bridge"]);
+    ns.run(&argv);
+    ns.run(&["ip", "addr", "add", cidr, "dev", name]);
+    ns.run(&["ip", "link", "set", name, "up"]);
+}
+
 fn setup_node_link(node: &Node, name: &str, cidr: &str) {
     node.ns.run(&["ip", "addr", "add", cidr, "dev", name]);
     node.ns.run(&["ip", "link", "set", name, "up"]);
-}
-
-/// Mounts bpffs at /sys/fs/bpf when it is not mounted (pinning needs it).
-pub fn ensure_bpffs() {
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    if !mounts
-        .lines()
-        .any(|line| line.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
-    {
-        crate::run_checked(std::process::Command::new("mount").args([
-            "-t",
-            "bpf",
-            "bpf",
-            "/sys/fs/bpf",
-        ]));
-    }
 }
 
 /// Parses "a.b.c.d/len".
@@ -410,12 +376,15 @@ pub fn parse_cidr(cidr: &str) -> (Ipv4Addr, u8) {
     )
 }
 
+/// The network address of `ip`/`prefix_len` (host bits cleared).
+pub fn network(ip: Ipv4Addr, prefix_len: u8) -> Ipv4Addr {
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(prefix_len))
+        .unwrap_or(0);
+    Ipv4Addr::from(u32::from(ip) & mask)
+}
+
 /// The first host address of the network containing `ip`.
 pub fn first_host(ip: Ipv4Addr, prefix_len: u8) -> Ipv4Addr {
-    let mask = if prefix_len == 0 {
-        0
-    } else {
-        u32::MAX << (32 - prefix_len)
-    };
-    Ipv4Addr::from((u32::from(ip) & mask) + 1)
+    Ipv4Addr::from(u32::from(network(ip, prefix_len)) + 1)
 }

@@ -51,17 +51,10 @@ fn lease_key(subnet_env_value: &str) -> String {
     )
 }
 
+/// The status line of node `node`'s /readyz.
 fn readyz(cluster: &Cluster, node: usize, port: u16) -> String {
-    let out = cluster.nodes[node]
-        .ns
-        .command("bash")
-        .arg("-c")
-        .arg(format!(
-            "exec 3<>/dev/tcp/127.0.0.1/{port} && printf 'GET /readyz HTTP/1.0\\r\\n\\r\\n' >&3 && head -1 <&3"
-        ))
-        .output()
-        .expect("bash");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    let response = cluster.nodes[node].ns.http_get(port, "/readyz");
+    response.lines().next().unwrap_or("").trim().to_owned()
 }
 
 /// `overlay-agent status` run in node 0's namespace against its agent.

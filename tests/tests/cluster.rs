@@ -16,9 +16,11 @@ use overlay_agent::dataplane::ebpf::{counters_by_name, read_pinned_stats};
 use overlay_common::stat;
 use overlay_tests::{
     agent::{AgentProcess, agent_binary},
+    etcd::KeysApi,
+    flanneld::{self, FlanneldCluster, vtep_mac_of},
     netns::{Background, NetNs},
     require_root,
-    topology::{Cluster, Pod, parse_cidr},
+    topology::{Cluster, Pod},
     try_wait_until, wait_until,
 };
 
@@ -39,25 +41,12 @@ fn start_agent(cluster: &Cluster, index: usize, backend: &str) -> AgentProcess {
 
 /// Waits for node `index`'s subnet.env; returns (FLANNEL_SUBNET, FLANNEL_MTU).
 fn wait_subnet(cluster: &Cluster, index: usize, agent: &AgentProcess) -> (String, u32) {
-    let found = try_wait_until(LONG, || cluster.nodes[index].subnet_env().is_some());
-    assert!(
-        found,
-        "node {} wrote no subnet.env; log:\n{}",
-        index + 1,
-        agent.log()
-    );
-    let env = cluster.nodes[index].subnet_env().expect("subnet.env");
-    (
-        env["FLANNEL_SUBNET"].clone(),
-        env["FLANNEL_MTU"].parse().expect("FLANNEL_MTU"),
-    )
+    cluster.nodes[index].wait_subnet_env(agent, LONG)
 }
 
 /// `<prefix>/subnets/10.5.7.0-24` for FLANNEL_SUBNET `10.5.7.1/24`.
 fn lease_key(subnet: &str) -> String {
-    let (ip, len) = parse_cidr(subnet);
-    let net = Ipv4Addr::from(u32::from(ip) & (u32::MAX << (32 - len)));
-    format!("{PREFIX}/subnets/{net}-{len}")
+    flanneld::lease_key(PREFIX, subnet)
 }
 
 /// `overlay-agent status` against node `index`'s running agent.
@@ -124,11 +113,7 @@ fn pod(cluster: &Cluster, node: usize) -> &Pod {
 /// An iperf3 server in the pod's namespace, once it listens.
 fn iperf_server(pod: &Pod) -> Background {
     let server = pod.ns.spawn_background(&["iperf3", "-s", "-p", "5201"]);
-    wait_until(LONG, "iperf3 server listening", || {
-        pod.ns
-            .stdout(&["ss", "-Hltn", "sport = :5201"])
-            .contains("5201")
-    });
+    pod.ns.wait_listening(5201, LONG);
     server
 }
 
@@ -187,11 +172,7 @@ impl Sink {
             file.to_str().expect("utf-8"),
             &port,
         ]);
-        wait_until(LONG, "TCP sink listening", || {
-            pod.ns
-                .stdout(&["ss", "-Hltn", &format!("sport = :{port}")])
-                .contains(&port)
-        });
+        pod.ns.wait_listening(SINK_PORT, LONG);
         Sink {
             _server: server,
             dir,
@@ -240,8 +221,7 @@ fn bulk_tcp(from: &Pod, to: Ipv4Addr, sink: &Sink, what: &str) -> u64 {
 }
 
 fn ping_ok(from: &Pod, to: Ipv4Addr, what: &str) {
-    let found = try_wait_until(LONG, || from.ping_once(to));
-    assert!(found, "ping {what} ({} -> {to}) never answered", from.ip);
+    from.wait_ping(to, LONG, what);
 }
 
 /// A 3-node cluster: nodes 1 and 2 eBPF, node 3 kernel vxlan; one pod per node.
@@ -366,16 +346,6 @@ fn pod_stat(cluster: &Cluster, node: usize, name: &str) -> u64 {
         .expect("counter")
 }
 
-fn pod_host_veths(cluster: &Cluster, node: usize) -> Vec<String> {
-    cluster.nodes[node]
-        .ns
-        .stdout(&["ip", "-o", "link", "show", "master", "cni0"])
-        .lines()
-        .filter_map(|line| line.split(':').nth(1))
-        .map(|name| name.trim().split('@').next().unwrap_or("").to_owned())
-        .collect()
-}
-
 #[test]
 fn mtu_sized_packets_and_tcp_without_offloads_cross_ebpf_and_vxlan_nodes() {
     let m = mixed_cluster();
@@ -425,7 +395,7 @@ fn mtu_sized_packets_and_tcp_without_offloads_cross_ebpf_and_vxlan_nodes() {
     let pod_tx_before: Vec<u64> = (0..2).map(|i| pod_stat(c, i, "tx_bytes")).collect();
     for node in 0..3 {
         let ns = &c.nodes[node].ns;
-        let mut links = pod_host_veths(c, node);
+        let mut links = c.nodes[node].pod_host_veths();
         links.push("eth0".to_owned());
         for link in &links {
             ns.run(&[
@@ -659,113 +629,28 @@ fn random_mac() -> String {
     format!("0a:{:02x}:{:02x}:{:02x}:{:02x}:5e", b[0], b[1], b[2], b[3])
 }
 
-fn vtep_mac_of(value: &str) -> String {
-    let json: serde_json::Value = serde_json::from_str(value).expect("lease JSON");
-    json["BackendData"]["VtepMAC"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no VtepMAC in {value}"))
-        .to_owned()
-}
-
 fn flanneld_by_hand_interop(backend: &str) {
     require_root();
-    let mut cluster = Cluster::new(2);
-    cluster.put_config(PREFIX, CONFIG);
     // Node A (192.168.100.1) is a flanneld node: lease and device written by hand.
     let mac = random_mac();
-    cluster.etcd().put(
-        &format!("{PREFIX}/subnets/10.5.1.0-24"),
+    let mut interop = FlanneldCluster::start(
+        KeysApi::V3,
+        &mac,
         &format!(
             r#"{{"PublicIP":"192.168.100.1","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
         ),
     );
-    let a = &cluster.nodes[0].ns;
-    a.run(&[
-        "ip",
-        "link",
-        "add",
-        "flannel.1",
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "local",
-        "192.168.100.1",
-        "dev",
-        "eth0",
-        "dstport",
-        "8472",
-        "nolearning",
-    ]);
-    a.run(&[
-        "ip",
-        "link",
-        "set",
-        "flannel.1",
-        "address",
-        &mac,
-        "mtu",
-        "1450",
-    ]);
-    a.run(&["ip", "addr", "add", "10.5.1.0/32", "dev", "flannel.1"]);
-    a.run(&["ip", "link", "set", "flannel.1", "up"]);
-
-    let agent = start_agent(&cluster, 1, backend);
-    let (sb, mtu) = wait_subnet(&cluster, 1, &agent);
+    let agent = start_agent(&interop.cluster, 1, backend);
+    let (sb, mtu) = wait_subnet(&interop.cluster, 1, &agent);
     assert_ne!(
         sb, "10.5.1.1/24",
         "the agent took the flanneld node's subnet"
     );
-    let b_mac = vtep_mac_of(&cluster.etcd().get(&lease_key(&sb)).expect("B's lease"));
-    let (b_ip, len) = parse_cidr(&sb);
-    let b_net = Ipv4Addr::from(u32::from(b_ip) - 1);
-    let a = &cluster.nodes[0].ns;
-    // flanneld's order: neighbour, FDB, route.
-    a.run(&[
-        "ip",
-        "neigh",
-        "replace",
-        &b_net.to_string(),
-        "lladdr",
-        &b_mac,
-        "dev",
-        "flannel.1",
-        "nud",
-        "permanent",
-    ]);
-    a.run(&[
-        "bridge",
-        "fdb",
-        "append",
-        &b_mac,
-        "dev",
-        "flannel.1",
-        "dst",
-        "192.168.100.2",
-        "self",
-        "permanent",
-    ]);
-    a.run(&[
-        "ip",
-        "route",
-        "add",
-        &format!("{b_net}/{len}"),
-        "via",
-        &b_net.to_string(),
-        "dev",
-        "flannel.1",
-        "onlink",
-    ]);
-    cluster.nodes[0].add_pod("10.5.1.1/24", 1450);
-    cluster.nodes[1].add_pod(&sb, mtu);
-    let c = &cluster;
-    // The agent programmed node A as a peer from the hand-written lease.
-    wait_until(LONG, "the agent's route to the flanneld node", || {
-        c.nodes[1]
-            .ns
-            .stdout(&["ip", "route", "show", "10.5.1.0/24"])
-            .contains("flannel.1")
-    });
+    let b_mac = vtep_mac_of(&interop.etcd().get(&lease_key(&sb)).expect("B's lease"));
+    // flanneld's neighbour, FDB entry and route for B; then the agent programs node A as a
+    // peer from the hand-written lease.
+    interop.connect(&sb, mtu, &b_mac, LONG);
+    let c = &interop.cluster;
     if backend == "ebpf" {
         // The pod is reached at once through the kernel path; the fast path joins once the
         // agent has learned the pod from netlink (within a maintenance pass).

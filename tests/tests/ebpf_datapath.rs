@@ -7,7 +7,7 @@
 //! The dataplanes run in-process on a thread that entered node A's namespace, on one
 //! current-thread runtime for the whole scenario (their netlink connections live on it).
 
-use std::{future::Future, time::Duration};
+use std::time::Duration;
 
 use overlay_agent::{
     control::config::{BackendConfig, BackendType},
@@ -21,7 +21,7 @@ use overlay_agent::{
 };
 use overlay_common::stat;
 use overlay_tests::{
-    netns::NetNs,
+    stats::{delta, fast_rx_packets, moved},
     topology::{Cluster, ClusterOptions, Node, UnderlayKind},
     wait_until,
 };
@@ -65,17 +65,6 @@ async fn uplink() -> Uplink {
     .expect("select uplink")
 }
 
-/// Runs `make()`'s future inside `ns` on a fresh current-thread runtime.
-fn run_in<T: Send, F: Future<Output = T>>(ns: &NetNs, make: impl FnOnce() -> F + Send) -> T {
-    ns.enter(|| {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("tokio runtime")
-            .block_on(make())
-    })
-}
-
 fn cluster() -> Cluster {
     let mut cluster = Cluster::with(ClusterOptions {
         nodes: 2,
@@ -88,17 +77,6 @@ fn cluster() -> Cluster {
     cluster
 }
 
-fn delta(before: &[u64], after: &[u64], index: u32) -> u64 {
-    after[index as usize] - before[index as usize]
-}
-
-fn moved(before: &[u64], after: &[u64]) -> Vec<(&'static str, u64)> {
-    (0..stat::COUNT)
-        .filter(|&i| delta(before, after, i) > 0)
-        .map(|i| (stat::NAMES[i as usize], delta(before, after, i)))
-        .collect()
-}
-
 /// Node B as a flannel node that knows A; returns B's VtepMAC.
 fn start_kernel_node_b(cluster: &Cluster, mac_a: MacAddr6) -> MacAddr6 {
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
@@ -108,7 +86,7 @@ fn start_kernel_node_b(cluster: &Cluster, mac_a: MacAddr6) -> MacAddr6 {
         vtep_mac: Some(mac_a),
     };
     let lease_b = lease(SUBNET_B, b);
-    run_in(&b.ns, || async move {
+    b.ns.block_on(|| async move {
         let (mut kernel_b, attrs) = VxlanDataplane::new(uplink().await, &backend())
             .await
             .expect("node B vxlan dataplane");
@@ -179,45 +157,24 @@ fn ebpf_node_and_flannel_kernel_node_talk_both_ways() {
             pod_a.ping_once(pod_b.ip)
         });
         for (from, to) in [(pod_a, pod_b), (pod_b, pod_a)] {
-            let out = from.ns.try_run(&[
-                "ping",
-                "-c",
-                "5",
-                "-i",
-                "0.2",
-                "-W",
-                "2",
-                &to.ip.to_string(),
-            ]);
+            let out = from.ns.ping(to.ip, 5, "0.2");
             assert!(out.status.success(), "{} -> {}: {out:?}", from.ip, to.ip);
         }
         // TCP both ways: after the handshake crossed the kernel path, the flow is learned
         // and its data takes the fast path (wire-compatible with the kernel vxlan node).
         for (port, reverse) in [(5201u16, false), (5202, true)] {
-            let _server =
-                pod_b
-                    .ns
-                    .spawn_background(&["iperf3", "-s", "-1", "-p", &port.to_string()]);
-            wait_until(Duration::from_secs(10), "iperf3 server listening", || {
-                let out = pod_b
-                    .ns
-                    .try_run(&["ss", "-ltn", &format!("sport = :{port}")]);
-                String::from_utf8_lossy(&out.stdout).contains(&port.to_string())
-            });
-            let (target, port_text) = (pod_b.ip.to_string(), port.to_string());
-            let mut args = vec!["iperf3", "-c", &target, "-p", &port_text, "-t", "1"];
+            let _server = pod_b.ns.iperf3_server(port);
+            let mut args = vec!["-t", "1"];
             if reverse {
                 args.push("-R");
             }
-            let out = pod_a.ns.try_run(&args);
+            let out = pod_a.ns.iperf3_client(&pod_b.ip.to_string(), port, &args);
             assert!(out.status.success(), "iperf3 reverse {reverse}: {out:?}");
         }
         let after = dp.stats().expect("stats");
         assert!(
             delta(&before, &after, stat::FAST_TX_PACKETS) > 0
-                && delta(&before, &after, stat::FAST_RX_BEFORE_DECAP_PACKETS)
-                    + delta(&before, &after, stat::FAST_RX_AFTER_DECAP_PACKETS)
-                    > 0,
+                && fast_rx_packets(&before, &after) > 0,
             "A's fast paths carried the TCP data: {:?}",
             moved(&before, &after)
         );
@@ -248,42 +205,12 @@ fn service_dnat_replies_meet_conntrack() {
         // br_netfilter on (if the module exists), as kube-proxy requires.
         let _ =
             a.ns.try_run(&["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"]);
-        let _server = pod_b
-            .ns
-            .spawn_background(&["iperf3", "-s", "-1", "-p", "5201"]);
-        wait_until(Duration::from_secs(10), "iperf3 server listening", || {
-            let out = pod_b.ns.try_run(&["ss", "-ltn", "sport = :5201"]);
-            String::from_utf8_lossy(&out.stdout).contains("5201")
-        });
-        a.ns.run(&[
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-d",
-            "10.96.0.10",
-            "-p",
-            "tcp",
-            "--dport",
-            "80",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &format!("{}:5201", pod_b.ip),
-        ]);
+        let _server = pod_b.ns.iperf3_server(5201);
+        let dnat =
+            a.ns.add_tcp_dnat("10.96.0.10", 80, &format!("{}:5201", pod_b.ip));
+        assert!(dnat.status.success(), "DNAT rule: {dnat:?}");
         let before = dp.stats().expect("stats");
-        let out = pod_a.ns.try_run(&[
-            "iperf3",
-            "-c",
-            "10.96.0.10",
-            "-p",
-            "80",
-            "-t",
-            "1",
-            "--connect-timeout",
-            "3000",
-        ]);
+        let out = pod_a.ns.iperf3_client("10.96.0.10", 80, &["-t", "1"]);
         let after = dp.stats().expect("stats");
         assert!(
             out.status.success(),

@@ -45,13 +45,7 @@ fn ebpf_attached() -> (Vec<String>, Vec<String>) {
 
 /// The agent's `/status` JSON, fetched inside the node's namespace.
 fn status(ns: &NetNs) -> Value {
-    let out = ns.stdout(&[
-        "bash",
-        "-c",
-        &format!(
-            "exec 3<>/dev/tcp/127.0.0.1/{HEALTH_PORT} && printf 'GET /status HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3"
-        ),
-    ]);
+    let out = ns.http_get(HEALTH_PORT, "/status");
     let body = out.split_once("\r\n\r\n").map_or(out.as_str(), |(_, b)| b);
     serde_json::from_str(body).unwrap_or_else(|err| panic!("/status is not JSON ({err}): {out}"))
 }

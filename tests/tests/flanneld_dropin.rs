@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, net::Ipv4Addr, process::Command, time::Duration
 use overlay_agent::cli::compat_flags::{FLANNELD_FLAGS, Handling};
 use overlay_tests::{
     agent::{AgentProcess, agent_binary},
-    etcd::{EtcdOptions, EtcdServer},
+    etcd::EtcdOptions,
     require_root,
     tls::TestPki,
     topology::{Cluster, ClusterOptions},
@@ -152,17 +152,10 @@ fn run_quick(args: &[String], env: &[(&str, &str)]) -> (Option<i32>, String, Str
     (status.and_then(|s| s.code()), out, err)
 }
 
+/// The status line of the node's /readyz.
 fn readyz(cluster: &Cluster, port: u16) -> String {
-    let out = cluster.nodes[0]
-        .ns
-        .command("bash")
-        .arg("-c")
-        .arg(format!(
-            "exec 3<>/dev/tcp/127.0.0.1/{port} && printf 'GET /readyz HTTP/1.0\\r\\n\\r\\n' >&3 && head -1 <&3"
-        ))
-        .output()
-        .expect("bash");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    let response = cluster.nodes[0].ns.http_get(port, "/readyz");
+    response.lines().next().unwrap_or("").trim().to_owned()
 }
 
 /// A one-node cluster whose etcd (in the fabric, 192.168.100.254:2379) serves mTLS.
@@ -172,15 +165,10 @@ fn cluster_with_tls_etcd(pki: &TestPki) -> Cluster {
         etcd: false,
         ..ClusterOptions::default()
     });
-    let etcd = EtcdServer::start_in_with(
-        &cluster.fabric,
-        ETCD_IP,
-        &EtcdOptions {
-            tls: Some(pki.etcd_tls()),
-            ..EtcdOptions::default()
-        },
-    );
-    cluster.etcd = Some(etcd);
+    cluster.start_etcd(&EtcdOptions {
+        tls: Some(pki.etcd_tls()),
+        ..EtcdOptions::default()
+    });
     cluster
 }
 

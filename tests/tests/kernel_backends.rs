@@ -3,7 +3,7 @@
 //! The dataplanes run in-process on a thread that entered the namespace, on a current-thread
 //! runtime built inside it (so their netlink sockets live there).
 
-use std::{future::Future, net::Ipv4Addr, time::Duration};
+use std::{net::Ipv4Addr, time::Duration};
 
 use overlay_agent::{
     control::config::{BackendConfig, BackendType},
@@ -16,6 +16,7 @@ use overlay_agent::{
     peer::{MacAddr6, Peer, PeerEvent},
 };
 use overlay_tests::{
+    flanneld,
     netns::NetNs,
     topology::{Cluster, ClusterOptions, UnderlayKind},
     wait_until,
@@ -23,17 +24,6 @@ use overlay_tests::{
 use serde_json::Value;
 
 const NETWORK: &str = "10.5.0.0/16";
-
-/// Runs `make()`'s future inside `ns` to completion.
-fn run_in<T: Send, F: Future<Output = T>>(ns: &NetNs, make: impl FnOnce() -> F + Send) -> T {
-    ns.enter(|| {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("tokio runtime")
-            .block_on(make())
-    })
-}
 
 /// A node namespace whose uplink `eth0` (one end of a veth pair; its peer `eth0p` stays in the
 /// namespace) holds `ip`/24, with a default route via .254 of that subnet.
@@ -237,7 +227,7 @@ const MAC_C: &str = "02:cc:00:00:00:04";
 #[test]
 fn vxlan_programs_device_and_peers_exactly_like_flannel() {
     let ns = node_ns("kvx", "192.168.100.1");
-    run_in(&ns, || async {
+    ns.block_on(|| async {
         let uplink = uplink("eth0", None).await;
         assert_eq!(
             (uplink.name.as_str(), uplink.address, uplink.mtu),
@@ -373,7 +363,7 @@ fn vxlan_programs_device_and_peers_exactly_like_flannel() {
 #[test]
 fn vxlan_snapshot_sweeps_only_its_own_stale_state() {
     let ns = node_ns("kvs", "192.168.100.1");
-    run_in(&ns, || async {
+    ns.block_on(|| async {
         let uplink = uplink("eth0", None).await;
         let (mut dp, _) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
             .await
@@ -382,41 +372,12 @@ fn vxlan_snapshot_sweeps_only_its_own_stale_state() {
             .await
             .expect("activate");
         // Left over on our device by an earlier run: a peer that is gone now.
-        ns.run(&[
-            "ip",
-            "neigh",
-            "replace",
-            "10.5.7.0",
-            "lladdr",
-            "02:77:00:00:00:07",
-            "dev",
-            "flannel.1",
-            "nud",
-            "permanent",
-        ]);
-        ns.run(&[
-            "bridge",
-            "fdb",
-            "replace",
-            "02:77:00:00:00:07",
-            "dev",
-            "flannel.1",
-            "dst",
-            "192.168.100.7",
-            "self",
-            "permanent",
-        ]);
-        ns.run(&[
-            "ip",
-            "route",
-            "replace",
+        flanneld::add_peer(
+            &ns,
             "10.5.7.0/24",
-            "via",
-            "10.5.7.0",
-            "dev",
-            "flannel.1",
-            "onlink",
-        ]);
+            "02:77:00:00:00:07",
+            Ipv4Addr::new(192, 168, 100, 7),
+        );
         // Not ours: a route on the uplink into the cluster network, one elsewhere, another table.
         ns.run(&[
             "ip",
@@ -515,7 +476,7 @@ fn vxlan_snapshot_sweeps_only_its_own_stale_state() {
 #[test]
 fn vxlan_maintain_recreates_deleted_device_and_restores_peers() {
     let ns = node_ns("kvm", "192.168.100.1");
-    run_in(&ns, || async {
+    ns.block_on(|| async {
         let uplink = uplink("eth0", None).await;
         let (mut dp, attrs) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
             .await
@@ -591,7 +552,7 @@ fn vxlan_maintain_recreates_deleted_device_and_restores_peers() {
 #[test]
 fn vxlan_direct_routing_uses_plain_routes_on_the_same_segment() {
     let ns = node_ns("kvd", "192.168.100.1");
-    run_in(&ns, || async {
+    ns.block_on(|| async {
         let uplink = uplink("eth0", None).await;
         let (mut dp, _) = VxlanDataplane::new(uplink, &backend(1, 8472, true))
             .await
@@ -658,7 +619,7 @@ fn vxlan_direct_routing_uses_plain_routes_on_the_same_segment() {
 #[test]
 fn host_gw_routes_sweeps_and_restores() {
     let ns = node_ns("khg", "192.168.100.1");
-    run_in(&ns, || async {
+    ns.block_on(|| async {
         let uplink = uplink("eth0", None).await;
         let (mut dp, attrs) = HostGwDataplane::new(uplink)
             .await
@@ -745,7 +706,7 @@ fn host_gw_routes_sweeps_and_restores() {
 #[test]
 fn host_gw_refuses_a_public_ip_that_is_not_the_interface_address() {
     let ns = node_ns("khr", "192.168.100.1");
-    run_in(&ns, || async {
+    ns.block_on(|| async {
         let uplink = uplink("eth0", Some("203.0.113.5")).await;
         assert_eq!(uplink.public_ip, Ipv4Addr::new(203, 0, 113, 5));
         let err = HostGwDataplane::new(uplink).await.expect_err("must refuse");
@@ -768,7 +729,7 @@ fn uplink_selection_in_a_namespace() {
     ns.run(&["ip", "link", "set", "eth1", "mtu", "9000", "up"]);
     ns.run(&["ip", "link", "set", "eth1p", "mtu", "9000", "up"]);
     ns.run(&["ip", "route", "add", "172.30.0.0/16", "via", "10.9.0.254"]);
-    run_in(&ns, || async {
+    ns.block_on(|| async {
         let default = select_uplink(&IfaceOptions::default())
             .await
             .expect("default route");
@@ -831,7 +792,7 @@ fn vxlan_dataplane_interoperates_with_a_flanneld_programmed_node() {
     let pod1_ip = cluster.nodes[0].pods[0].ip;
     let pod2_ip = node2.pods[0].ip;
 
-    run_in(&node2.ns, || async {
+    node2.ns.block_on(|| async {
         let uplink = uplink("eth0", None).await;
         assert_eq!(uplink.address, Ipv4Addr::new(192, 168, 100, 2));
         let (mut dp, attrs) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
@@ -851,66 +812,9 @@ fn vxlan_dataplane_interoperates_with_a_flanneld_programmed_node() {
         // Node 1, by hand, as flanneld's vxlan backend programs it.
         let node1 = &cluster.nodes[0].ns;
         let our_mac = vtep_mac(&attrs).to_string().to_lowercase();
-        for argv in [
-            vec![
-                "ip",
-                "link",
-                "add",
-                "flannel.1",
-                "address",
-                flannel_mac,
-                "type",
-                "vxlan",
-                "id",
-                "1",
-                "local",
-                "192.168.100.1",
-                "dev",
-                "eth0",
-                "dstport",
-                "8472",
-                "nolearning",
-            ],
-            vec!["ip", "addr", "add", "10.5.1.0/32", "dev", "flannel.1"],
-            vec!["ip", "link", "set", "flannel.1", "up"],
-            vec![
-                "ip",
-                "neigh",
-                "replace",
-                "10.5.2.0",
-                "lladdr",
-                &our_mac,
-                "dev",
-                "flannel.1",
-                "nud",
-                "permanent",
-            ],
-            vec![
-                "bridge",
-                "fdb",
-                "replace",
-                &our_mac,
-                "dev",
-                "flannel.1",
-                "dst",
-                "192.168.100.2",
-                "self",
-                "permanent",
-            ],
-            vec![
-                "ip",
-                "route",
-                "replace",
-                "10.5.2.0/24",
-                "via",
-                "10.5.2.0",
-                "dev",
-                "flannel.1",
-                "onlink",
-            ],
-        ] {
-            node1.run(&argv);
-        }
+        let node1_ip = cluster.nodes[0].ip;
+        flanneld::add_device(node1, node1_ip, "10.5.1.0/24", Some(flannel_mac));
+        flanneld::add_peer(node1, "10.5.2.0/24", &our_mac, node2.ip);
 
         // The two nodes' state must be the same shape: compare node 2 (ours) with node 1.
         let node2_ns = &node2.ns;
@@ -975,7 +879,7 @@ fn vxlan_dataplane_interoperates_with_a_flanneld_programmed_node() {
 #[test]
 fn vxlan_backend_mtu_and_gbp_are_honoured() {
     let ns = node_ns("kvg", "192.168.100.1");
-    run_in(&ns, || async {
+    ns.block_on(|| async {
         let uplink = uplink("eth0", None).await;
         let mut config = backend(7, 8472, false);
         config.mtu = Some(1400);
@@ -997,7 +901,7 @@ fn vxlan_backend_mtu_and_gbp_are_honoured() {
 fn run_dataplane_task_programs_and_self_heals_vxlan() {
     use overlay_agent::dataplane::{DataplaneCommand, run_dataplane};
     let ns = node_ns("kvt", "192.168.100.1");
-    run_in(&ns, || async {
+    ns.block_on(|| async {
         let uplink = uplink("eth0", None).await;
         let (dp, attrs) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
             .await
@@ -1061,7 +965,7 @@ fn link_events_report_new_and_deleted_links() {
     use futures_util::StreamExt;
     use overlay_agent::os::netlink::{LinkEvent, Netlink};
     let ns = NetNs::new("kle");
-    run_in(&ns, || async {
+    ns.block_on(|| async {
         let mut events = Box::pin(Netlink::link_events().expect("subscribe"));
         ns.run(&[
             "ip", "link", "add", "vtest0", "type", "veth", "peer", "name", "vtest1",
@@ -1158,7 +1062,7 @@ fn one_change_feed_hands_each_subscriber_only_what_it_wants() {
 #[test]
 fn vxlan_maintain_sets_a_downed_device_up_again() {
     let ns = node_ns("kvu", "192.168.100.1");
-    run_in(&ns, || async {
+    ns.block_on(|| async {
         let uplink = uplink("eth0", None).await;
         let (mut dp, attrs) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
             .await
@@ -1182,7 +1086,7 @@ fn program_vxlan_node(
     (direct, nexthops): (bool, bool),
     peers: Vec<Peer>,
 ) -> MacAddr6 {
-    run_in(ns, || async {
+    ns.block_on(|| async {
         let uplink = uplink("eth0", None).await;
         let (mut dp, attrs) = VxlanDataplane::new(uplink, &backend(1, 8472, direct))
             .await
@@ -1297,7 +1201,7 @@ fn host_gw_dataplanes_carry_pod_traffic() {
         (1, "10.5.2.0/24", "10.5.1.0/24", "192.168.100.1"),
     ] {
         let public_ip = cluster.nodes[node].ip.to_string();
-        run_in(&cluster.nodes[node].ns, || async {
+        cluster.nodes[node].ns.block_on(|| async {
             let (mut dp, _) = HostGwDataplane::new(uplink("eth0", None).await)
                 .await
                 .expect("host-gw");
@@ -1338,7 +1242,7 @@ fn many_peers(n: u32) -> Vec<Peer> {
 #[test]
 fn vxlan_relist_that_changes_nothing_writes_nothing_and_a_change_writes_only_it() {
     let ns = node_ns("krl", "192.168.100.1");
-    run_in(&ns, || async {
+    ns.block_on(|| async {
         let uplink = uplink("eth0", None).await;
         let (mut dp, _) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
             .await
@@ -1399,7 +1303,7 @@ fn vxlan_relist_that_changes_nothing_writes_nothing_and_a_change_writes_only_it(
 #[test]
 fn vxlan_hears_a_deleted_route_neighbour_or_fdb_entry_and_repairs_only_that() {
     let ns = node_ns("kev", "192.168.100.1");
-    run_in(&ns, || async {
+    ns.block_on(|| async {
         let uplink = uplink("eth0", None).await;
         let (mut dp, _) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
             .await

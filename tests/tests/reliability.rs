@@ -18,9 +18,10 @@ use std::{
 use aya::programs::{SchedClassifier, TcAttachType};
 use overlay_tests::{
     agent::AgentProcess,
+    bpffs::ensure_bpffs,
     netns::NetNs,
     require_root,
-    topology::{Cluster, Pod, ensure_bpffs, parse_cidr},
+    topology::{Cluster, Pod, parse_cidr},
     try_wait_until, wait_until,
 };
 

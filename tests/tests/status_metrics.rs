@@ -46,16 +46,7 @@ fn status_json(cluster: &Cluster, node: usize) -> Value {
 }
 
 fn http_get(cluster: &Cluster, node: usize, path: &str) -> String {
-    let out = cluster.nodes[node]
-        .ns
-        .command("bash")
-        .arg("-c")
-        .arg(format!(
-            "exec 3<>/dev/tcp/127.0.0.1/{HEALTH_PORT} && printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3"
-        ))
-        .output()
-        .expect("bash");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    cluster.nodes[node].ns.http_get(HEALTH_PORT, path)
 }
 
 /// Parses Prometheus text exposition: every non-comment line is `name{labels} value`.

@@ -20,8 +20,9 @@ use std::{
 use anyhow::{Context as _, bail};
 use overlay_tests::{
     agent::AgentProcess,
+    bpffs::ensure_bpffs,
     netns::NetNs,
-    topology::{Cluster, ensure_bpffs},
+    topology::Cluster,
     try_wait_until,
 };
 

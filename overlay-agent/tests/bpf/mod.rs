@@ -4,15 +4,10 @@
 //! (config, peers, peer sources, endpoints; flows are each file's own), one
 //! BPF_PROG_TEST_RUN wrapper, and the frame builders both files use.
 //!
-//! Needs root (CAP_BPF, CAP_NET_ADMIN) and bpffs at /sys/fs/bpf: [`require_root`] fails
-//! loudly otherwise.
+//! Needs root (CAP_BPF, CAP_NET_ADMIN) and bpffs at /sys/fs/bpf: the shared fixtures'
+//! [`PinDir`] fails loudly without root and mounts bpffs when it is missing.
 
 #![allow(dead_code)]
-
-use std::{
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
-};
 
 use aya::{
     Ebpf, TestRun, TestRunOptions,
@@ -24,6 +19,7 @@ use overlay_common::{
     DatapathConfig, Endpoint, FlowKey, FlowState, PeerInfo, PeerSource, config_flags, map_names,
     peer_flags, stat,
 };
+use overlay_tests::bpffs::PinDir;
 
 pub const TC_ACT_UNSPEC: u32 = -1i32 as u32;
 pub const TC_ACT_SHOT: u32 = 2;
@@ -83,23 +79,6 @@ const SKB_MARK_OFF: usize = 8;
 const SKB_GSO_SEGS_OFF: usize = 164;
 const SKB_GSO_SIZE_OFF: usize = 176;
 
-pub fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "these tests load BPF programs and must run as root (CAP_BPF, CAP_NET_ADMIN)"
-    );
-    let mounts = std::fs::read_to_string("/proc/mounts").expect("read /proc/mounts");
-    assert!(
-        mounts.lines().any(|l| {
-            let mut f = l.split_whitespace().skip(1);
-            f.next() == Some("/sys/fs/bpf") && f.next() == Some("bpf")
-        }),
-        "/sys/fs/bpf is not a bpf filesystem: run `mount -t bpf bpf /sys/fs/bpf`"
-    );
-}
-
 /// `CLOCK_MONOTONIC` in nanoseconds: what `bpf_ktime_get_ns` returns.
 pub fn now_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -110,32 +89,6 @@ pub fn now_ns() -> u64 {
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     assert_eq!(rc, 0, "clock_gettime");
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// A unique pin directory under /sys/fs/bpf (named after the test binary), removed (with the
-/// pinned maps) on drop.
-pub struct PinDir(pub PathBuf);
-
-impl PinDir {
-    fn new() -> Self {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock")
-            .subsec_nanos();
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        Self(PathBuf::from(format!(
-            "/sys/fs/bpf/ovl-{}-{}-{n}-{nanos}",
-            env!("CARGO_CRATE_NAME"),
-            std::process::id()
-        )))
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Node 10.5.1.0/24 (VNI 1, port 8472, all on ifindex 1) with the given fast-path flags.
@@ -203,9 +156,8 @@ impl Harness {
     /// [`NEXTHOP_IP`]) and one incomplete lease 10.5.3.0/24 (next hop `invalid_peer_nexthop`);
     /// only the valid peer's address may send VXLAN. Endpoints: [`ENDPOINTS`]. No flows.
     pub fn load(invalid_peer_nexthop: [u8; 4]) -> Self {
-        require_root();
         let pin = PinDir::new();
-        let mut ebpf = load(&pin.0).expect("every program loads and passes the verifier");
+        let mut ebpf = load(pin.path()).expect("every program loads and passes the verifier");
         let mut config_map: Array<MapData, DatapathConfig> =
             Array::try_from(ebpf.take_map(map_names::CONFIG).expect("config map")).expect("array");
         config_map

@@ -1,7 +1,9 @@
-//! Helpers for the control-plane tests: a real etcd process (plain, TLS or with auth) on
-//! free loopback ports, TLS material made with `openssl`, a recording dataplane, polling.
+//! Helpers for the control-plane tests (control_plane.rs, etcd_v2.rs, ready_notify.rs): a
+//! real etcd process (plain, TLS or with auth) on free loopback ports, TLS material made with
+//! `openssl`, the seeds' flags and lease values, a recording dataplane, async polling.
 //!
-//! etcd itself is the shared fixture `overlay_tests::etcd::EtcdServer`.
+//! etcd itself is the shared fixture `overlay_tests::etcd::EtcdServer`; what is here needs the
+//! agent's own types (flags, options, dataplane events) or tokio.
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -12,10 +14,140 @@ use std::{
 };
 
 use overlay_agent::{
-    dataplane::{Dataplane, DataplaneError, LocalLease},
-    peer::PeerEvent,
+    cli::flags::{Cli, Flags},
+    control::etcd::EtcdOptions,
+    dataplane::{Dataplane, DataplaneCommand, DataplaneError, LocalLease},
+    peer::{MacAddr6, PeerEvent},
 };
 use tokio::sync::mpsc;
+
+/// The config the seeds' getting-started guide writes (there with etcdctl v2 `mk`).
+pub const SEEDS_CONFIG: &str =
+    r#"{ "Network": "172.30.0.0/16", "SubnetLen": 24, "Backend": { "Type": "vxlan" } }"#;
+pub const SEEDS_PREFIX: &str = "/kube-centos/network";
+/// How long a test waits for what the control plane does.
+pub const LONG: Duration = Duration::from_secs(20);
+
+/// A VtepMAC that differs in its `last` byte.
+pub fn mac(last: u8) -> MacAddr6 {
+    MacAddr6::new(0xc6, 0xd2, 0x32, 0x6f, 0x8f, last)
+}
+
+/// The seeds' systemd unit flags (no --etcd-api), with `subnet_file`.
+pub fn seed_flags(endpoint: &str, prefix: &str, subnet_file: &Path) -> Flags {
+    Cli::try_parse_args([
+        "overlay-agent".to_string(),
+        format!("-etcd-endpoints={endpoint}"),
+        format!("-etcd-prefix={prefix}"),
+        format!("--subnet-file={}", subnet_file.display()),
+    ])
+    .unwrap()
+    .flags
+}
+
+pub fn opts(endpoint: &str, prefix: &str) -> EtcdOptions {
+    EtcdOptions {
+        endpoints: vec![endpoint.to_string()],
+        prefix: prefix.to_string(),
+        ..Default::default()
+    }
+}
+
+/// Client options for an mTLS etcd: the CA and the client certificate of `tls`.
+pub fn mtls_opts(endpoint: &str, prefix: &str, tls: &Tls) -> EtcdOptions {
+    EtcdOptions {
+        cafile: Some(tls.path("ca.pem")),
+        certfile: Some(tls.path("client.pem")),
+        keyfile: Some(tls.path("client.key")),
+        ..opts(endpoint, prefix)
+    }
+}
+
+/// A vxlan lease value as flanneld >= 0.8 writes it (PublicIPv6, VNI).
+pub fn vxlan_lease(ip: &str, mac: &str) -> String {
+    format!(
+        r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+    )
+}
+
+/// The next peer event the control plane sends the dataplane (within [`LONG`]).
+pub async fn next_event(rx: &mut mpsc::Receiver<DataplaneCommand>) -> PeerEvent {
+    match tokio::time::timeout(LONG, rx.recv())
+        .await
+        .expect("a peer event in time")
+        .expect("channel open")
+    {
+        DataplaneCommand::Peers(ev) => ev,
+        other => panic!("unexpected command {other:?}"),
+    }
+}
+
+/// The agent binary cargo built for these tests.
+pub fn agent_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_overlay-agent"))
+}
+
+/// Runs the agent binary with `args` to completion: (success, stdout, stderr). RUST_LOG and
+/// FLANNELD_ETCD_API are cleared so that the caller's environment does not leak in.
+pub fn run_cli(args: &[&str]) -> (bool, String, String) {
+    run_cli_env(args, &[])
+}
+
+/// [`run_cli`] with the variables `envs` set.
+pub fn run_cli_env(args: &[&str], envs: &[(&str, &str)]) -> (bool, String, String) {
+    let out = Command::new(agent_bin())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("FLANNELD_ETCD_API")
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Starts the agent binary with `args` (environment cleared as for [`run_cli`]), its log
+/// (stderr) going to the file `log`; killed when the guard drops.
+pub fn spawn_agent(args: &[&str], log: &Path) -> KillOnDrop {
+    let child = Command::new(agent_bin())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("FLANNELD_ETCD_API")
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    KillOnDrop(child)
+}
+
+/// A child process (an agent run as a command), SIGKILLed and reaped on drop.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl KillOnDrop {
+    /// Waits (blocking this thread) up to `timeout` for the process to exit; its status, or
+    /// None when it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 /// TLS material for one test: the shared fixture's CA, server (127.0.0.1) and client
 /// certificates, plus a client certificate from another CA (which the server must refuse).
@@ -185,105 +317,6 @@ impl Dataplane for RecordingDataplane {
     }
     async fn maintain(&mut self) -> Result<(), DataplaneError> {
         Ok(())
-    }
-}
-
-pub fn exists(path: &Path) -> bool {
-    path.exists()
-}
-
-/// A three-member etcd cluster on loopback (for endpoint failover); members killed on drop.
-pub struct EtcdCluster {
-    pub endpoints: Vec<String>,
-    members: Vec<Option<std::process::Child>>,
-    args: Vec<Vec<String>>,
-    dir: tempfile::TempDir,
-}
-
-impl EtcdCluster {
-    pub fn start() -> EtcdCluster {
-        let port = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .expect("bind")
-                .local_addr()
-                .expect("addr")
-                .port()
-        };
-        let ports: Vec<(u16, u16)> = (0..3).map(|_| (port(), port())).collect();
-        let initial: Vec<String> = ports
-            .iter()
-            .enumerate()
-            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
-            .collect();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let args: Vec<Vec<String>> = ports
-            .iter()
-            .enumerate()
-            .map(|(i, (client, peer))| {
-                vec![
-                    format!("--name=m{i}"),
-                    format!("--data-dir={}", dir.path().join(format!("m{i}")).display()),
-                    format!("--listen-client-urls=http://127.0.0.1:{client}"),
-                    format!("--advertise-client-urls=http://127.0.0.1:{client}"),
-                    format!("--listen-peer-urls=http://127.0.0.1:{peer}"),
-                    format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"),
-                    format!("--initial-cluster={}", initial.join(",")),
-                    "--initial-cluster-state=new".to_string(),
-                    "--log-level=warn".to_string(),
-                ]
-            })
-            .collect();
-        let mut cluster = EtcdCluster {
-            endpoints: ports
-                .iter()
-                .map(|(c, _)| format!("http://127.0.0.1:{c}"))
-                .collect(),
-            members: vec![None, None, None],
-            args,
-            dir,
-        };
-        for i in 0..3 {
-            cluster.spawn(i);
-        }
-        cluster
-    }
-
-    fn spawn(&mut self, i: usize) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join(format!("m{i}.log")))
-            .expect("log");
-        let child = Command::new("etcd")
-            .args(&self.args[i])
-            .env_remove("NOTIFY_SOCKET")
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start etcd member");
-        self.members[i] = Some(child);
-    }
-
-    /// SIGKILLs member `i`.
-    pub fn kill(&mut self, i: usize) {
-        if let Some(mut child) = self.members[i].take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts member `i` again with its data.
-    pub fn restart(&mut self, i: usize) {
-        self.kill(i);
-        self.spawn(i);
-    }
-}
-
-impl Drop for EtcdCluster {
-    fn drop(&mut self) {
-        for i in 0..3 {
-            self.kill(i);
-        }
     }
 }
 
