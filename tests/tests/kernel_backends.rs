@@ -1023,7 +1023,7 @@ async fn until_test_route_deleted(
 fn one_change_feed_hands_each_subscriber_only_what_it_wants() {
     use overlay_agent::{dataplane::changes::ChangeFeed, os::netlink::KernelChange};
     let ns = node_ns("kcf", "192.168.77.1");
-    run_in(&ns, || async {
+    ns.block_on(|| async {
         let feed = ChangeFeed::start();
         let mut repairs = feed.subscribe(|c| !matches!(c, KernelChange::RouteAdded(_)));
         let mut routes = feed.subscribe(|c| {
@@ -1409,7 +1409,7 @@ fn vxlan_with_nexthop_objects_routes_through_them_and_converts_back_to_flannel_r
     let ns = node_ns("knh", "192.168.100.1");
     let peers = many_peers(3);
     let id = |i: usize| vxlan::nexthop_id(peers[i].subnet);
-    run_in(&ns, || async {
+    ns.block_on(|| async {
         let uplink = uplink("eth0", None).await;
         let (mut dp, _) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
             .await
@@ -1511,7 +1511,7 @@ fn vxlan_with_nexthop_objects_routes_through_them_and_converts_back_to_flannel_r
     });
 
     // A restart without the flag: flannel's routes, and the objects swept.
-    run_in(&ns, || async {
+    ns.block_on(|| async {
         let uplink = uplink("eth0", None).await;
         let (mut dp, _) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
             .await
