@@ -902,3 +902,66 @@ fn one_way_udp_takes_the_fast_path_in_both_directions() {
         );
     }
 }
+
+/// A peer that arrives on its own (a lease change, not a snapshot) is written at once and
+/// gets its underlay next hop at the next maintenance pass, looked up for it alone (the
+/// route to its PublicIP: here on the underlay's own segment, so the address itself).
+#[test]
+fn a_peer_added_alone_gets_its_next_hop_at_the_next_pass() {
+    use aya::maps::{LpmTrie, Map, MapData, lpm_trie::Key};
+    use overlay_common::PeerInfo;
+    let mut t = Topology::new();
+    let b_ip = t.b().ip;
+    let subnet: ipnetwork::Ipv4Network = "10.244.9.0/24".parse().expect("cidr");
+    let pin = t.agent.settings.pin_dir.join(map_names::PEERS);
+    let next_hop_of = move |net: ipnetwork::Ipv4Network| -> [u8; 4] {
+        let map =
+            Map::from_map_data(MapData::from_pin(&pin).expect("PEERS pinned")).expect("PEERS map");
+        let trie: LpmTrie<MapData, [u8; 4], PeerInfo> = LpmTrie::try_from(map).expect("LPM trie");
+        trie.get(&Key::new(24, net.network().octets()), 0)
+            .expect("the peer is in PEERS")
+            .nexthop_ip
+    };
+    let peer = Peer {
+        subnet,
+        public_ip: b_ip,
+        vtep_mac: Some("0a:58:00:00:09:01".parse().expect("mac")),
+    };
+    t.in_a(|agent| {
+        let dp = agent.dataplane.as_mut().expect("dp");
+        agent
+            .rt
+            .block_on(dp.apply(&PeerEvent::Upsert(peer)))
+            .expect("upsert");
+    });
+    // B's address is known already (peer B uses it): written with it at once.
+    assert_eq!(next_hop_of(subnet), b_ip.octets());
+
+    // A new underlay address: unknown until the next pass, which looks it up.
+    let other: ipnetwork::Ipv4Network = "10.244.10.0/24".parse().expect("cidr");
+    let far = std::net::Ipv4Addr::new(192, 168, 100, 77);
+    t.in_a(|agent| {
+        let dp = agent.dataplane.as_mut().expect("dp");
+        agent
+            .rt
+            .block_on(dp.apply(&PeerEvent::Upsert(Peer {
+                subnet: other,
+                public_ip: far,
+                vtep_mac: Some("0a:58:00:00:0a:01".parse().expect("mac")),
+            })))
+            .expect("upsert");
+    });
+    assert_eq!(next_hop_of(other), [0; 4], "not looked up yet");
+    t.in_a(|agent| {
+        let dp = agent.dataplane.as_mut().expect("dp");
+        agent
+            .rt
+            .block_on(dp.maintain_changes())
+            .expect("the next pass");
+    });
+    assert_eq!(
+        next_hop_of(other),
+        far.octets(),
+        "the next pass looked the new address up (on the underlay's segment: itself)"
+    );
+}

@@ -324,6 +324,9 @@ pub struct EbpfDataplane<K: Dataplane> {
     /// peers every second was most of the idle CPU); a new peer or an underlay change
     /// brings it forward.
     nexthop_scan_at: std::time::Instant,
+    /// Addresses (and the peer subnet) of peers added one by one whose next hop is not
+    /// known yet: looked up on their own at the next pass.
+    nexthop_pending: Vec<(Ipv4Addr, Ipv4Network)>,
     /// Route and link notifications, to look next hops up again when the underlay changes.
     underlay_changes: super::changes::Changes,
     /// Whether a snapshot has been applied since start (the first one also sweeps the maps
@@ -412,6 +415,7 @@ impl<K: Dataplane> EbpfDataplane<K> {
             nexthops: StdHashMap::new(),
             underlay_changes,
             nexthop_scan_at: std::time::Instant::now(),
+            nexthop_pending: Vec::new(),
             synced: false,
             decap_l4_udp,
             generation: 0,
