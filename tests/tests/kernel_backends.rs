@@ -146,6 +146,17 @@ fn fdb(ns: &NetNs, dev: &str) -> Vec<String> {
     lines
 }
 
+/// " onlink" when `ip -j`'s flags of a route or nexthop say so.
+fn onlink(entry: &Value) -> &'static str {
+    match entry["flags"]
+        .as_array()
+        .is_some_and(|f| f.iter().any(|f| f == "onlink"))
+    {
+        true => " onlink",
+        false => "",
+    }
+}
+
 /// Main-table routes as "DST [nhid N] via GW dev DEV proto P [onlink]" lines, sorted.
 fn routes(ns: &NetNs, table: &str) -> Vec<String> {
     let mut lines: Vec<String> = json(ns, &["ip", "-j", "-d", "route", "show", "table", table])
@@ -159,13 +170,7 @@ fn routes(ns: &NetNs, table: &str) -> Vec<String> {
                 line += &format!(" via {}", s(&r["gateway"]));
             }
             line += &format!(" dev {} proto {}", s(&r["dev"]), s(&r["protocol"]));
-            if r["flags"]
-                .as_array()
-                .is_some_and(|f| f.iter().any(|f| f == "onlink"))
-            {
-                line += " onlink";
-            }
-            line
+            line + onlink(r)
         })
         .collect();
     lines.sort();
@@ -1383,16 +1388,7 @@ fn vxlan_hears_a_deleted_route_neighbour_or_fdb_entry_and_repairs_only_that() {
 fn nexthop_objects(ns: &NetNs) -> Vec<String> {
     let mut lines: Vec<String> = json(ns, &["ip", "-j", "nexthop", "show"])
         .iter()
-        .map(|n| {
-            let mut line = format!("{} via {} dev {}", n["id"], s(&n["gateway"]), s(&n["dev"]));
-            if n["flags"]
-                .as_array()
-                .is_some_and(|f| f.iter().any(|f| f == "onlink"))
-            {
-                line += " onlink";
-            }
-            line
-        })
+        .map(|n| format!("{} via {} dev {}", n["id"], s(&n["gateway"]), s(&n["dev"])) + onlink(n))
         .collect();
     lines.sort();
     lines

@@ -19,11 +19,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use overlay_tests::{
-    agent::AgentProcess,
-    bpffs::ensure_bpffs,
-    netns::NetNs,
-    topology::Cluster,
-    try_wait_until,
+    agent::AgentProcess, bpffs::ensure_bpffs, netns::NetNs, topology::Cluster, try_wait_until,
 };
 
 use crate::util::{self, Workspace, step};

@@ -744,27 +744,61 @@ impl VxlanDataplane {
         let name = &self.settings.name;
         let mut errors = Vec::new();
 
-        let mut vxlan_routes = HashSet::new();
-        let mut direct_routes = HashSet::new();
         let mut gateways = HashSet::new();
         let mut fdb = HashSet::new();
-        for (subnet, programmed) in &self.peers {
-            match *programmed {
-                Programmed::Vxlan {
-                    gateway,
-                    vtep_mac,
-                    public_ip,
-                } => {
-                    vxlan_routes.insert(*subnet);
-                    gateways.insert(gateway);
-                    fdb.insert((vtep_mac, public_ip));
-                }
-                Programmed::Direct { .. } => {
-                    direct_routes.insert(*subnet);
-                }
+        for programmed in self.peers.values() {
+            if let Programmed::Vxlan {
+                gateway,
+                vtep_mac,
+                public_ip,
+            } = *programmed
+            {
+                gateways.insert(gateway);
+                fdb.insert((vtep_mac, public_ip));
             }
         }
+        self.sweep_routes(state, &mut errors).await;
 
+        for neighbour in state
+            .neighbours
+            .iter()
+            .filter(|n| n.permanent && !gateways.contains(&n.ip))
+        {
+            info!(device = %name, ip = %neighbour.ip, "removing stale neighbour");
+            if let Err(err) = self.netlink.delete_neighbour(device, neighbour.ip).await {
+                errors.push(netlink_error(format!(
+                    "removing stale neighbour {}",
+                    neighbour.ip
+                ))(err));
+            }
+        }
+        for entry in state.fdb.iter().filter(|e| {
+            e.own && e.permanent && e.dst.is_none_or(|dst| !fdb.contains(&(e.mac, dst)))
+        }) {
+            info!(device = %name, mac = %entry.mac, dst = ?entry.dst, "removing stale FDB entry");
+            if let Err(err) = self.netlink.delete_fdb(device, entry.mac, entry.dst).await {
+                errors.push(netlink_error(format!(
+                    "removing stale FDB entry {}",
+                    entry.mac
+                ))(err));
+            }
+        }
+        self.sweep_nexthops(state, &mut errors).await;
+        combine_errors("sweeping stale state", errors)
+    }
+
+    /// The routes part of [`Self::sweep`]: routes on our device that no peer accounts for,
+    /// and (with DirectRouting) direct routes into the cluster network on the uplink.
+    async fn sweep_routes(&self, state: &KernelState, errors: &mut Vec<DataplaneError>) {
+        let device = self.device_index;
+        let mut vxlan_routes = HashSet::new();
+        let mut direct_routes = HashSet::new();
+        for (subnet, programmed) in &self.peers {
+            match programmed {
+                Programmed::Vxlan { .. } => vxlan_routes.insert(*subnet),
+                Programmed::Direct { .. } => direct_routes.insert(*subnet),
+            };
+        }
         for listed in &state.routes {
             let route = listed.route;
             let ours_on_device = route.oif == Some(device)
@@ -795,33 +829,6 @@ impl VxlanDataplane {
                 }
             }
         }
-
-        for neighbour in state
-            .neighbours
-            .iter()
-            .filter(|n| n.permanent && !gateways.contains(&n.ip))
-        {
-            info!(device = %name, ip = %neighbour.ip, "removing stale neighbour");
-            if let Err(err) = self.netlink.delete_neighbour(device, neighbour.ip).await {
-                errors.push(netlink_error(format!(
-                    "removing stale neighbour {}",
-                    neighbour.ip
-                ))(err));
-            }
-        }
-        for entry in state.fdb.iter().filter(|e| {
-            e.own && e.permanent && e.dst.is_none_or(|dst| !fdb.contains(&(e.mac, dst)))
-        }) {
-            info!(device = %name, mac = %entry.mac, dst = ?entry.dst, "removing stale FDB entry");
-            if let Err(err) = self.netlink.delete_fdb(device, entry.mac, entry.dst).await {
-                errors.push(netlink_error(format!(
-                    "removing stale FDB entry {}",
-                    entry.mac
-                ))(err));
-            }
-        }
-        self.sweep_nexthops(state, &mut errors).await;
-        combine_errors("sweeping stale state", errors)
     }
 
     /// Nexthop objects of ours that no peer uses: every one on our device, and (with
