@@ -60,6 +60,9 @@ struct DeviceSettings {
 #[derive(Debug)]
 pub struct VxlanDataplane {
     netlink: Netlink,
+    /// A socket of its own for FDB entries, so a first sync's FDB requests run beside its
+    /// neighbour requests instead of behind them.
+    fdb: Netlink,
     /// Writes peer routes: flannel's gateway routes, or through nexthop objects.
     routes: RouteWriter,
     uplink: Uplink,
@@ -195,10 +198,12 @@ impl VxlanDataplane {
         // Route additions are our own writes, mostly: a deleted route is what needs repair.
         let changes = feed.subscribe(|change| !matches!(change, KernelChange::RouteAdded(_)));
         let mut dataplane = VxlanDataplane {
+            // Routes and FDB entries on sockets of their own (see `program_batch`).
             routes: RouteWriter {
-                netlink: netlink.clone(),
+                netlink: Netlink::connect().map_err(netlink_error("opening netlink"))?,
                 nexthops: None,
             },
+            fdb: Netlink::connect().map_err(netlink_error("opening netlink"))?,
             netlink,
             uplink,
             settings,
@@ -648,90 +653,73 @@ impl VxlanDataplane {
     }
 
     /// Programs many peers that hold nothing yet (first sync, a re-created device) with
-    /// requests in flight together, in flannel's order per peer: every neighbour, then every
-    /// FDB entry, then every route; a peer whose earlier step failed is not routed. Records
-    /// the peers that succeeded and returns the failures.
-    // Long on purpose: three pipelined phases (neighbours, FDB, routes) that must stay in
-    // flannel's order, each a few lines.
+    /// requests in flight together: per peer its neighbour and FDB entry, then (only when
+    /// both succeeded) its route, flannel's rule that a route comes last. Neighbours, FDB
+    /// entries and routes go over sockets of their own, so the kernel works on them on both
+    /// CPUs at once: neighbour updates do not take the RTNL lock that FDB and route updates
+    /// share (10,000 of each kind with `ip -batch` here: 0.80 s one after the other, 0.54 s
+    /// side by side). Records the peers that succeeded and returns the failures.
     async fn program_batch(
         &mut self,
         batch: Vec<(Ipv4Network, Programmed)>,
     ) -> Vec<DataplaneError> {
         let device = self.device_index;
-        let mut failed = BTreeSet::new();
-        let mut errors = Vec::new();
-        // Owned inputs and a handle clone per request: futures that borrow trip the
+        // Owned inputs and handle clones per request: futures that borrow trip the
         // compiler's Send check for the spawned dataplane task.
-        let vxlan: Vec<(Ipv4Network, Ipv4Addr, MacAddr6, Ipv4Addr)> = batch
+        let work: Vec<(Ipv4Network, Programmed, Route)> = batch
             .iter()
-            .filter_map(|(subnet, programmed)| match *programmed {
-                Programmed::Vxlan {
-                    gateway,
-                    vtep_mac,
-                    public_ip,
-                } => Some((*subnet, gateway, vtep_mac, public_ip)),
-                Programmed::Direct { .. } => None,
-            })
-            .collect();
-        let neighbours = stream::iter(vxlan.clone())
-            .map(|(subnet, gateway, vtep_mac, _)| {
-                let netlink = self.netlink.clone();
-                async move {
-                    let result = netlink.replace_neighbour(device, gateway, vtep_mac).await;
-                    (subnet, result, "programming the neighbour of peer")
-                }
-            })
-            .buffer_unordered(REQUESTS_IN_FLIGHT)
-            .collect::<Vec<_>>()
-            .await;
-        let fdb = stream::iter(vxlan)
-            .map(|(subnet, _, vtep_mac, public_ip)| {
-                let netlink = self.netlink.clone();
-                async move {
-                    let result = netlink.replace_fdb(device, vtep_mac, public_ip).await;
-                    (subnet, result, "programming the FDB entry of peer")
-                }
-            })
-            .buffer_unordered(REQUESTS_IN_FLIGHT)
-            .collect::<Vec<_>>()
-            .await;
-        for (subnet, result, what) in neighbours.into_iter().chain(fdb) {
-            if let Err(err) = result {
-                failed.insert(subnet);
-                errors.push(netlink_error(format!("{what} {subnet}"))(err));
-            }
-        }
-        let routes: Vec<(Ipv4Network, Route)> = batch
-            .iter()
-            .filter(|(subnet, _)| !failed.contains(subnet))
             .map(|(subnet, programmed)| {
                 let route = match *programmed {
                     Programmed::Vxlan { gateway, .. } => self.vxlan_route(*subnet, gateway),
                     Programmed::Direct { public_ip } => self.direct_route(*subnet, public_ip),
                 };
-                (*subnet, route)
+                (*subnet, *programmed, route)
             })
             .collect();
-        let routed = stream::iter(routes)
-            .map(|(subnet, route)| {
-                let routes = self.routes.clone();
-                async move { (subnet, routes.replace(&route).await) }
+        let results: Vec<(Ipv4Network, Result<(), DataplaneError>)> = stream::iter(work)
+            .map(|(subnet, programmed, route)| {
+                let (neighbours, fdb, routes) =
+                    (self.netlink.clone(), self.fdb.clone(), self.routes.clone());
+                async move {
+                    if let Programmed::Vxlan {
+                        gateway,
+                        vtep_mac,
+                        public_ip,
+                    } = programmed
+                    {
+                        let (neighbour, entry) = futures_util::join!(
+                            neighbours.replace_neighbour(device, gateway, vtep_mac),
+                            fdb.replace_fdb(device, vtep_mac, public_ip)
+                        );
+                        let ready = neighbour
+                            .map_err(netlink_error(format!(
+                                "programming the neighbour of peer {subnet}"
+                            )))
+                            .and(entry.map_err(netlink_error(format!(
+                                "programming the FDB entry of peer {subnet}"
+                            ))));
+                        if let Err(err) = ready {
+                            return (subnet, Err(err));
+                        }
+                    }
+                    let routed = routes.replace(&route).await.map_err(netlink_error(format!(
+                        "programming the route to peer {subnet}"
+                    )));
+                    (subnet, routed)
+                }
             })
             .buffer_unordered(REQUESTS_IN_FLIGHT)
-            .collect::<Vec<_>>()
+            .collect()
             .await;
-        for (subnet, result) in routed {
-            if let Err(err) = result {
-                failed.insert(subnet);
-                errors.push(netlink_error(format!(
-                    "programming the route to peer {subnet}"
-                ))(err));
-            }
-        }
-        for (subnet, programmed) in batch {
-            if !failed.contains(&subnet) {
-                debug!(%subnet, ?programmed, "peer added");
-                self.peers.insert(subnet, programmed);
+        let programmed: HashMap<Ipv4Network, Programmed> = batch.into_iter().collect();
+        let mut errors = Vec::new();
+        for (subnet, result) in results {
+            match result {
+                Ok(()) => {
+                    debug!(%subnet, programmed = ?programmed[&subnet], "peer added");
+                    self.peers.insert(subnet, programmed[&subnet]);
+                }
+                Err(err) => errors.push(err),
             }
         }
         errors
