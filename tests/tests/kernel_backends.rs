@@ -1234,6 +1234,21 @@ fn host_gw_dataplanes_carry_pod_traffic() {
 }
 
 /// `n` vxlan peers 10.6.x.y/24... on distinct underlay addresses.
+/// Applies `peers` again as a snapshot and asserts it wrote nothing; returns the write
+/// count from before it.
+async fn relist_writes_nothing(dp: &mut VxlanDataplane, peers: &[Peer]) -> u64 {
+    let before = overlay_agent::os::netlink::writes_total();
+    dp.apply(&PeerEvent::Snapshot(peers.to_vec()))
+        .await
+        .expect("the same snapshot again");
+    assert_eq!(
+        overlay_agent::os::netlink::writes_total() - before,
+        0,
+        "a re-list that changes nothing must not write"
+    );
+    before
+}
+
 fn many_peers(n: u32) -> Vec<Peer> {
     (0..n)
         .map(|i| Peer {
@@ -1273,15 +1288,7 @@ fn vxlan_relist_that_changes_nothing_writes_nothing_and_a_change_writes_only_it(
             200
         );
 
-        let before = overlay_agent::os::netlink::writes_total();
-        dp.apply(&PeerEvent::Snapshot(peers.clone()))
-            .await
-            .expect("same snapshot again");
-        assert_eq!(
-            overlay_agent::os::netlink::writes_total() - before,
-            0,
-            "a re-list that changes nothing must not write"
-        );
+        relist_writes_nothing(&mut dp, &peers).await;
 
         // One peer moves to another node, one goes: only they are written.
         peers[7].public_ip = "172.20.9.9".parse().expect("ip");
@@ -1449,15 +1456,7 @@ fn vxlan_with_nexthop_objects_routes_through_them_and_converts_back_to_flannel_r
             .collect();
         assert_eq!(nexthop_objects(&ns), expected_objects);
 
-        let before = overlay_agent::os::netlink::writes_total();
-        dp.apply(&PeerEvent::Snapshot(peers.clone()))
-            .await
-            .expect("re-list");
-        assert_eq!(
-            overlay_agent::os::netlink::writes_total() - before,
-            0,
-            "a re-list that changes nothing writes nothing"
-        );
+        let before = relist_writes_nothing(&mut dp, &peers).await;
         dp.maintain().await.expect("full check");
         assert_eq!(
             overlay_agent::os::netlink::writes_total() - before,
