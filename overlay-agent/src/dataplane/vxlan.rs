@@ -233,7 +233,7 @@ impl VxlanDataplane {
     /// before the first peer). Fails with a clear error on a kernel without them.
     pub async fn use_nexthop_objects(&mut self) -> Result<(), DataplaneError> {
         let nexthops = Nexthops::connect().map_err(netlink_error("opening a nexthop socket"))?;
-        if let Err(err) = nexthops.list(self.device_index).await {
+        if let Err(err) = nexthops.list(&[self.device_index]).await {
             return Err(DataplaneError::NexthopObjectsUnsupported { source: err });
         }
         match Nexthops::deletions() {
@@ -676,7 +676,8 @@ impl VxlanDataplane {
                 (*subnet, *programmed, route)
             })
             .collect();
-        let results: Vec<(Ipv4Network, Result<(), DataplaneError>)> = stream::iter(work)
+        let results: Vec<(Ipv4Network, Programmed, Result<(), DataplaneError>)> =
+            stream::iter(work)
             .map(|(subnet, programmed, route)| {
                 let (neighbours, fdb, routes) =
                     (self.netlink.clone(), self.fdb.clone(), self.routes.clone());
@@ -699,25 +700,24 @@ impl VxlanDataplane {
                                 "programming the FDB entry of peer {subnet}"
                             ))));
                         if let Err(err) = ready {
-                            return (subnet, Err(err));
+                            return (subnet, programmed, Err(err));
                         }
                     }
                     let routed = routes.replace(&route).await.map_err(netlink_error(format!(
                         "programming the route to peer {subnet}"
                     )));
-                    (subnet, routed)
+                    (subnet, programmed, routed)
                 }
             })
             .buffer_unordered(REQUESTS_IN_FLIGHT)
             .collect()
             .await;
-        let programmed: HashMap<Ipv4Network, Programmed> = batch.into_iter().collect();
         let mut errors = Vec::new();
-        for (subnet, result) in results {
+        for (subnet, programmed, result) in results {
             match result {
                 Ok(()) => {
-                    debug!(%subnet, programmed = ?programmed[&subnet], "peer added");
-                    self.peers.insert(subnet, programmed[&subnet]);
+                    debug!(%subnet, ?programmed, "peer added");
+                    self.peers.insert(subnet, programmed);
                 }
                 Err(err) => errors.push(err),
             }
@@ -892,35 +892,22 @@ impl VxlanDataplane {
     async fn dump_nexthops(&self) -> Result<Vec<Nexthop>, DataplaneError> {
         let devices = [self.device_index, self.uplink.index];
         if let Some(nexthops) = &self.routes.nexthops {
-            let mut all = Vec::new();
-            for device in devices {
-                all.extend(
-                    nexthops
-                        .list(device)
-                        .await
-                        .map_err(netlink_error("listing nexthop objects"))?,
-                );
-            }
-            return Ok(all);
+            return nexthops
+                .list(&devices)
+                .await
+                .map_err(netlink_error("listing nexthop objects"));
         }
         if self.swept {
             return Ok(Vec::new());
         }
-        let listed = async {
-            let nexthops = Nexthops::connect()?;
-            let mut all = Vec::new();
-            for device in devices {
-                all.extend(nexthops.list(device).await?);
-            }
-            Ok::<_, NetlinkError>(all)
+        let listed = match Nexthops::connect() {
+            Ok(nexthops) => nexthops.list(&devices).await,
+            Err(err) => Err(err),
         };
-        match listed.await {
-            Ok(all) => Ok(all),
-            Err(err) => {
-                debug!(error = %err, "cannot list nexthop objects (none to sweep)");
-                Ok(Vec::new())
-            }
-        }
+        Ok(listed.unwrap_or_else(|err| {
+            debug!(error = %err, "cannot list nexthop objects (none to sweep)");
+            Vec::new()
+        }))
     }
 
     /// Re-programs every peer whose route, neighbour or FDB entry is missing from `state`
@@ -977,6 +964,16 @@ impl VxlanDataplane {
         combine_errors("restoring peers", errors)
     }
 
+    /// The peers whose subnet's network address is `ip` (an ordered-map range, not a scan).
+    fn peers_at(&self, ip: Ipv4Addr) -> impl Iterator<Item = (Ipv4Network, &Programmed)> {
+        let first = Ipv4Network::new(ip, 0).expect("prefix 0 is valid");
+        let last = Ipv4Network::new(ip, 32).expect("prefix 32 is valid");
+        self.peers
+            .range(first..=last)
+            .filter(move |(subnet, _)| subnet.network() == ip)
+            .map(|(subnet, programmed)| (*subnet, programmed))
+    }
+
     /// Looks at the notifications since the last call and repairs exactly what they say was
     /// deleted. A change on our device or the uplink, a lost notification, or no
     /// subscription at all means a full check.
@@ -1002,31 +999,17 @@ impl VxlanDataplane {
                 }
                 KernelChange::NeighbourDeleted { index, ip } if index == device => {
                     // A peer's gateway is its subnet's network address.
-                    let first = Ipv4Network::new(ip, 0).expect("prefix 0 is valid");
-                    let last = Ipv4Network::new(ip, 32).expect("prefix 32 is valid");
-                    broken.extend(
-                        self.peers
-                            .range(first..=last)
-                            .filter(|(subnet, programmed)| {
-                                matches!(programmed, Programmed::Vxlan { gateway, .. } if *gateway == ip && subnet.network() == ip)
-                            })
-                            .map(|(subnet, _)| *subnet),
-                    );
+                    broken.extend(self.peers_at(ip).filter_map(|(subnet, programmed)| {
+                        matches!(programmed, Programmed::Vxlan { gateway, .. } if *gateway == ip)
+                            .then_some(subnet)
+                    }));
                 }
                 KernelChange::FdbDeleted { index, mac, dst } if index == device => {
                     deleted_fdb.insert((mac, dst));
                 }
                 KernelChange::NexthopDeleted { id } if self.routes.nexthops.is_some() => {
                     // The kernel took the route through it without a word.
-                    let network = Ipv4Addr::from(id);
-                    let first = Ipv4Network::new(network, 0).expect("prefix 0 is valid");
-                    let last = Ipv4Network::new(network, 32).expect("prefix 32 is valid");
-                    broken.extend(
-                        self.peers
-                            .range(first..=last)
-                            .map(|(subnet, _)| *subnet)
-                            .filter(|subnet| subnet.network() == network),
-                    );
+                    broken.extend(self.peers_at(Ipv4Addr::from(id)).map(|(subnet, _)| subnet));
                 }
                 KernelChange::Overrun => full = true,
                 _ => {}

@@ -287,8 +287,8 @@ impl Nexthops {
         }
     }
 
-    /// Every single-path IPv4 nexthop object on device `oif`.
-    pub async fn list(&self, oif: u32) -> Result<Vec<Nexthop>, NetlinkError> {
+    /// Every single-path IPv4 nexthop object on one of `devices` (one dump for all).
+    pub async fn list(&self, devices: &[u32]) -> Result<Vec<Nexthop>, NetlinkError> {
         let mut message = NexthopMessage::new(RTM_GETNEXTHOP, Vec::new());
         message.protocol = 0;
         let replies = self
@@ -299,7 +299,7 @@ impl Nexthops {
         Ok(replies
             .iter()
             .filter_map(NexthopMessage::nexthop)
-            .filter(|nexthop| nexthop.oif == oif)
+            .filter(|nexthop| devices.contains(&nexthop.oif))
             .collect())
     }
 
