@@ -678,40 +678,40 @@ impl VxlanDataplane {
             .collect();
         let results: Vec<(Ipv4Network, Programmed, Result<(), DataplaneError>)> =
             stream::iter(work)
-            .map(|(subnet, programmed, route)| {
-                let (neighbours, fdb, routes) =
-                    (self.netlink.clone(), self.fdb.clone(), self.routes.clone());
-                async move {
-                    if let Programmed::Vxlan {
-                        gateway,
-                        vtep_mac,
-                        public_ip,
-                    } = programmed
-                    {
-                        let (neighbour, entry) = futures_util::join!(
-                            neighbours.replace_neighbour(device, gateway, vtep_mac),
-                            fdb.replace_fdb(device, vtep_mac, public_ip)
-                        );
-                        let ready = neighbour
-                            .map_err(netlink_error(format!(
-                                "programming the neighbour of peer {subnet}"
-                            )))
-                            .and(entry.map_err(netlink_error(format!(
-                                "programming the FDB entry of peer {subnet}"
-                            ))));
-                        if let Err(err) = ready {
-                            return (subnet, programmed, Err(err));
+                .map(|(subnet, programmed, route)| {
+                    let (neighbours, fdb, routes) =
+                        (self.netlink.clone(), self.fdb.clone(), self.routes.clone());
+                    async move {
+                        if let Programmed::Vxlan {
+                            gateway,
+                            vtep_mac,
+                            public_ip,
+                        } = programmed
+                        {
+                            let (neighbour, entry) = futures_util::join!(
+                                neighbours.replace_neighbour(device, gateway, vtep_mac),
+                                fdb.replace_fdb(device, vtep_mac, public_ip)
+                            );
+                            let ready = neighbour
+                                .map_err(netlink_error(format!(
+                                    "programming the neighbour of peer {subnet}"
+                                )))
+                                .and(entry.map_err(netlink_error(format!(
+                                    "programming the FDB entry of peer {subnet}"
+                                ))));
+                            if let Err(err) = ready {
+                                return (subnet, programmed, Err(err));
+                            }
                         }
+                        let routed = routes.replace(&route).await.map_err(netlink_error(format!(
+                            "programming the route to peer {subnet}"
+                        )));
+                        (subnet, programmed, routed)
                     }
-                    let routed = routes.replace(&route).await.map_err(netlink_error(format!(
-                        "programming the route to peer {subnet}"
-                    )));
-                    (subnet, programmed, routed)
-                }
-            })
-            .buffer_unordered(REQUESTS_IN_FLIGHT)
-            .collect()
-            .await;
+                })
+                .buffer_unordered(REQUESTS_IN_FLIGHT)
+                .collect()
+                .await;
         let mut errors = Vec::new();
         for (subnet, programmed, result) in results {
             match result {
