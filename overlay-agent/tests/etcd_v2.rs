@@ -63,8 +63,36 @@ fn recorded_peers(log: &common::RecordLog) -> Vec<Recorded> {
     log.lock().unwrap().clone()
 }
 
+/// What the dataplane was told to hold (the latest snapshot plus the events since), and
+/// every subnet it held at some point. A re-list (which the watcher may do at any time,
+/// e.g. after a broken long poll) hands over a change as part of a snapshot instead of as
+/// an event; both must count.
+fn dataplane_peers(log: &common::RecordLog) -> (BTreeMap<Ipv4Network, Peer>, Vec<Ipv4Network>) {
+    let mut held = BTreeMap::new();
+    let mut ever = Vec::new();
+    for recorded in recorded_peers(log) {
+        let Recorded::Applied(event) = recorded else {
+            continue;
+        };
+        match event {
+            PeerEvent::Snapshot(peers) => {
+                held = peers.into_iter().map(|p| (p.subnet, p)).collect();
+            }
+            PeerEvent::Upsert(peer) => {
+                held.insert(peer.subnet, peer);
+            }
+            PeerEvent::Remove(subnet) => {
+                held.remove(&subnet);
+            }
+        }
+        ever.extend(held.keys().filter(|s| !ever.contains(s)).copied().collect::<Vec<_>>());
+    }
+    (held, ever)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_flags_on_a_v2_cluster_take_a_v2_lease_and_follow_flanneld_0_7_peers() {
+    let _logs = common::LogsOnFailure::install();
     let etcd = Etcd::start_v2();
     // The seeds' setup: config with `etcdctl mk`, a flanneld 0.7 node's lease by hand.
     etcd.v2(&["mk", &format!("{SEEDS_PREFIX}/config"), SEEDS_CONFIG]);
@@ -153,16 +181,14 @@ async fn seed_flags_on_a_v2_cluster_take_a_v2_lease_and_follow_flanneld_0_7_peer
             public_ip: Ipv4Addr::new(192, 168, 64, 10),
             vtep_mac: Some(mac(0x10)),
         };
-        wait_until(LONG, "the new peer upserted", || {
-            let got = recorded_peers(&log)
-                .contains(&Recorded::Applied(PeerEvent::Upsert(new_peer.clone())));
+        wait_until(LONG, "the new peer in the dataplane", || {
+            let got = dataplane_peers(&log).0.get(&new_peer.subnet) == Some(&new_peer);
             async move { got }
         })
         .await;
         etcd.v2(&["rm", &old_peer_key]);
-        wait_until(LONG, "the deleted peer removed", || {
-            let got = recorded_peers(&log)
-                .contains(&Recorded::Applied(PeerEvent::Remove(old_peer.subnet)));
+        wait_until(LONG, "the deleted peer gone from the dataplane", || {
+            let got = !dataplane_peers(&log).0.contains_key(&old_peer.subnet);
             async move { got }
         })
         .await;
@@ -183,8 +209,9 @@ async fn seed_flags_on_a_v2_cluster_take_a_v2_lease_and_follow_flanneld_0_7_peer
             &old_lease("192.168.64.11", "c6:d2:32:6f:8f:11"),
         ]);
         let short: Ipv4Network = "172.30.11.0/24".parse().unwrap();
-        wait_until(LONG, "the expired peer removed", || {
-            let got = recorded_peers(&log).contains(&Recorded::Applied(PeerEvent::Remove(short)));
+        wait_until(LONG, "the expiring peer in the dataplane, then gone", || {
+            let (held, ever) = dataplane_peers(&log);
+            let got = ever.contains(&short) && !held.contains_key(&short);
             async move { got }
         })
         .await;

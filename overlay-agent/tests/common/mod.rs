@@ -341,6 +341,25 @@ impl std::io::Write for CapturedLogs {
     }
 }
 
+/// Prints the process's captured log when the test fails (or always with
+/// OVERLAY_TEST_LOGS=1), so a CI failure says what the agent did: the in-process agent has
+/// no log file of its own.
+pub struct LogsOnFailure(pub CapturedLogs);
+
+impl LogsOnFailure {
+    pub fn install() -> LogsOnFailure {
+        LogsOnFailure(capture_logs())
+    }
+}
+
+impl Drop for LogsOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() || std::env::var_os("OVERLAY_TEST_LOGS").is_some() {
+            eprintln!("--- agent log (this test binary) ---\n{}", self.0.text());
+        }
+    }
+}
+
 /// Installs (once per process) a global subscriber that records the agent's log lines.
 pub fn capture_logs() -> CapturedLogs {
     static LOGS: std::sync::OnceLock<CapturedLogs> = std::sync::OnceLock::new();
