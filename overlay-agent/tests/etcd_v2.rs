@@ -68,8 +68,8 @@ fn recorded_peers(log: &common::RecordLog) -> Vec<Recorded> {
 /// e.g. after a broken long poll) hands over a change as part of a snapshot instead of as
 /// an event; both must count.
 fn dataplane_peers(log: &common::RecordLog) -> (BTreeMap<Ipv4Network, Peer>, Vec<Ipv4Network>) {
-    let mut held = BTreeMap::new();
-    let mut ever = Vec::new();
+    let mut held: BTreeMap<Ipv4Network, Peer> = BTreeMap::new();
+    let mut ever: Vec<Ipv4Network> = Vec::new();
     for recorded in recorded_peers(log) {
         let Recorded::Applied(event) = recorded else {
             continue;
@@ -85,7 +85,11 @@ fn dataplane_peers(log: &common::RecordLog) -> (BTreeMap<Ipv4Network, Peer>, Vec
                 held.remove(&subnet);
             }
         }
-        ever.extend(held.keys().filter(|s| !ever.contains(s)).copied().collect::<Vec<_>>());
+        for subnet in held.keys() {
+            if !ever.contains(subnet) {
+                ever.push(*subnet);
+            }
+        }
     }
     (held, ever)
 }
@@ -209,11 +213,15 @@ async fn seed_flags_on_a_v2_cluster_take_a_v2_lease_and_follow_flanneld_0_7_peer
             &old_lease("192.168.64.11", "c6:d2:32:6f:8f:11"),
         ]);
         let short: Ipv4Network = "172.30.11.0/24".parse().unwrap();
-        wait_until(LONG, "the expiring peer in the dataplane, then gone", || {
-            let (held, ever) = dataplane_peers(&log);
-            let got = ever.contains(&short) && !held.contains_key(&short);
-            async move { got }
-        })
+        wait_until(
+            LONG,
+            "the expiring peer in the dataplane, then gone",
+            || {
+                let (held, ever) = dataplane_peers(&log);
+                let got = ever.contains(&short) && !held.contains_key(&short);
+                async move { got }
+            },
+        )
         .await;
         let peers: Vec<String> = status_rx
             .borrow()
