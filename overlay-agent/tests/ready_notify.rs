@@ -79,6 +79,8 @@ fn ready_is_sent_only_after_the_datapath_is_programmed_and_subnet_env_exists() {
             format!("--etcd-endpoints={}", etcd.endpoint),
             "--etcd-prefix=/ready".to_string(),
             format!("--subnet-file={}", subnet_file.display()),
+            // This agent runs in the host's namespace: no FORWARD rules left behind.
+            "--iptables-forward-rules=false".to_string(),
         ])
         .unwrap()
         .flags;

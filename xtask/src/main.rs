@@ -4,6 +4,7 @@
 
 mod bench;
 mod demo;
+mod host_state;
 mod run_tests;
 mod setup;
 mod soak;

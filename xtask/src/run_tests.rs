@@ -20,7 +20,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    setup,
+    host_state, setup,
     util::{self, Workspace, note, step},
 };
 
@@ -90,6 +90,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let deadline = started + Duration::from_secs(args.timeout_minutes * 60);
     let nextest = !args.no_nextest && nextest_available();
 
+    let host_before = host_state::capture();
     let mut outcomes = Vec::new();
     let mut runner = Command::new(util::cargo());
     runner
@@ -135,6 +136,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         )?);
     }
 
+    let leaks = host_state::leaked(&host_before, &host_state::capture());
     step("summary");
     note(&format!("build: {}", util::fmt_duration(build_elapsed)));
     for outcome in &outcomes {
@@ -151,15 +153,29 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             note(&format!("  failed: {failure}"));
         }
     }
+    if leaks.is_empty() {
+        note("host: no namespace, link, firewall rule or BPF pin left behind");
+    } else {
+        note(&format!(
+            "host: the tests left {} thing(s) behind (a test's clean-up is missing; remove them by hand):",
+            leaks.len()
+        ));
+        for leak in &leaks {
+            note(&format!("  left: {leak}"));
+        }
+    }
     note(&format!(
         "total wall time: {} (set-up, build and tests)",
         util::fmt_duration(started.elapsed())
     ));
-    let failed: Vec<&str> = outcomes
+    let mut failed: Vec<&str> = outcomes
         .iter()
         .filter(|outcome| !outcome.success)
         .map(|outcome| outcome.label)
         .collect();
+    if !leaks.is_empty() {
+        failed.push("host clean-up");
+    }
     if !failed.is_empty() {
         bail!("failed: {}", failed.join(", "));
     }

@@ -40,6 +40,9 @@ pub fn seed_flags(endpoint: &str, prefix: &str, subnet_file: &Path) -> Flags {
         format!("-etcd-endpoints={endpoint}"),
         format!("-etcd-prefix={prefix}"),
         format!("--subnet-file={}", subnet_file.display()),
+        // These agents run in the test's own network namespace (the host's): they must
+        // leave no FORWARD rules behind. forward_rules.rs covers the rules, in namespaces.
+        "--iptables-forward-rules=false".to_string(),
     ])
     .unwrap()
     .flags
