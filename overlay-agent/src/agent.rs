@@ -18,7 +18,7 @@ use crate::{
     cli::flags::Flags,
     control::config::{BackendType, NetworkConfig},
     control::etcd::{self, EtcdError, EtcdOptions},
-    control::lease::{HeldLease, LEASE_TTL, LeaseError, Lessor, format_mac},
+    control::lease::{HeldLease, LEASE_TTL, LeaseError, LeaseListing, Lessor, format_mac},
     control::store::{EtcdApi, KvStore, Store},
     control::subnet_file::{SubnetEnv, SubnetFileError},
     control::watch::{PeerRules, PeerWatcher},
@@ -338,6 +338,7 @@ impl<S: KvStore> ControlLoop<'_, S> {
             return Ok(());
         };
         info!(subnet = %held.subnet, public_ip = %self.public_ip, "holding subnet lease");
+        let first_listing = lessor.take_listing();
         self.publish_lease(&held);
         if !self.wait_for_datapath(&held, dp_ready, shutdown).await? {
             return Ok(());
@@ -359,7 +360,8 @@ impl<S: KvStore> ControlLoop<'_, S> {
         info!(path = %self.flags.subnet_file.display(), "wrote the subnet file");
         notify::ready();
         self.status.send_modify(|s| s.ready = true);
-        self.follow(lessor, held, masq, forward, shutdown).await
+        self.follow(lessor, held, first_listing, masq, forward, shutdown)
+            .await
     }
 
     /// Takes a lease (the previous run's subnet when it is still ours), retrying until
@@ -428,6 +430,7 @@ impl<S: KvStore> ControlLoop<'_, S> {
         &self,
         lessor: Lessor<S>,
         held: HeldLease,
+        first_listing: Option<LeaseListing>,
         masq: Option<tokio::task::JoinHandle<()>>,
         forward: Option<tokio::task::JoinHandle<()>>,
         shutdown: &mut watch::Receiver<bool>,
@@ -451,6 +454,7 @@ impl<S: KvStore> ControlLoop<'_, S> {
                     peer_tx,
                 )
                 .with_status(self.status.clone())
+                .with_first_listing(first_listing)
                 .run(),
             ),
             config_watcher: tokio::spawn(crate::control::config_watch::watch_config(

@@ -410,6 +410,67 @@ fn rules(network: &str, own_ip: &str) -> PeerRules {
     }
 }
 
+/// A node reads every lease once on start, not twice: the peer watcher's first snapshot is
+/// the listing the lease was chosen from, and its watch starts at that listing's revision,
+/// so a lease written after the listing (here before the watcher even starts) still comes,
+/// as an event. A watcher that listed again would put it in the snapshot instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_snapshot_is_the_acquisitions_listing_and_nothing_after_it_is_missed() {
+    let etcd = Etcd::start();
+    let mut c = client(&etcd.endpoint).await;
+    let o = opts(&etcd.endpoint, "/reuse");
+    let config = NetworkConfig::parse(r#"{"Network":"10.8.0.0/16"}"#).unwrap();
+    c.put(
+        "/reuse/subnets/10.8.2.0-24",
+        vxlan_lease("192.168.1.2", "c6:d2:32:6f:8f:02"),
+        None,
+    )
+    .await
+    .unwrap();
+    let mut l = lessor(&c, &o, &config, 1);
+    let held = l.acquire(None).await.unwrap();
+    let listing = l.take_listing().expect("the acquisition keeps its listing");
+    assert!(l.take_listing().is_none(), "handed over once");
+    assert_eq!(
+        listing.leases.len(),
+        1,
+        "read before our own key was created"
+    );
+
+    c.put(
+        "/reuse/subnets/10.8.3.0-24",
+        vxlan_lease("192.168.1.3", "c6:d2:32:6f:8f:03"),
+        None,
+    )
+    .await
+    .unwrap();
+    let (tx, mut rx) = mpsc::channel(64);
+    let (_own_tx, own_rx) = watch::channel(held.subnet);
+    let watcher = tokio::spawn(
+        PeerWatcher::new(
+            etcd::connect(&o).await.unwrap(),
+            o.clone(),
+            rules("10.8.0.0/16", "192.168.1.1"),
+            own_rx,
+            tx,
+        )
+        .with_first_listing(Some(listing))
+        .run(),
+    );
+    let peer = |n: u8| Peer {
+        subnet: format!("10.8.{n}.0/24").parse().unwrap(),
+        public_ip: Ipv4Addr::new(192, 168, 1, n),
+        vtep_mac: Some(mac(n)),
+    };
+    assert_eq!(
+        next_event(&mut rx).await,
+        PeerEvent::Snapshot(vec![peer(2)])
+    );
+    // Our own key's creation (after the listing) is skipped; the later lease comes.
+    assert_eq!(next_event(&mut rx).await, PeerEvent::Upsert(peer(3)));
+    watcher.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_leases_reach_the_dataplane_as_the_right_events() {
     let mut etcd = Etcd::start();

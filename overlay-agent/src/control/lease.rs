@@ -265,6 +265,13 @@ pub struct ListedLease {
     pub kv: Kv,
 }
 
+/// Every lease under `<prefix>/subnets/` as read at one revision.
+#[derive(Clone, Debug)]
+pub struct LeaseListing {
+    pub leases: Vec<ListedLease>,
+    pub revision: i64,
+}
+
 /// Lists `<prefix>/subnets/`; returns the leases and the revision of the read.
 pub async fn list_leases<S: KvStore>(
     client: &mut S,
@@ -337,6 +344,9 @@ pub struct Lessor<S = crate::control::store::Store> {
     public_ip: Ipv4Addr,
     attrs: LeaseAttrs,
     ttl: Duration,
+    /// The listing the last successful [`Lessor::acquire`] chose from (see
+    /// [`Lessor::take_listing`]).
+    listing: Option<LeaseListing>,
 }
 
 impl<S: KvStore> Lessor<S> {
@@ -354,7 +364,15 @@ impl<S: KvStore> Lessor<S> {
             public_ip,
             attrs,
             ttl: LEASE_TTL,
+            listing: None,
         }
+    }
+
+    /// The listing the last acquisition chose its subnet from, once: the peer watcher's
+    /// first snapshot, watched from its revision on (our own key's creation comes after
+    /// it), so a node does not read every lease twice on start.
+    pub fn take_listing(&mut self) -> Option<LeaseListing> {
+        self.listing.take()
     }
 
     /// A shorter TTL (tests).
@@ -414,11 +432,11 @@ impl<S: KvStore> Lessor<S> {
             fits
         });
         for _round in 0..MAX_ACQUIRE_ROUNDS {
-            let (leases, _) = list_leases(&mut self.client, &self.opts).await?;
+            let (leases, revision) = list_leases(&mut self.client, &self.opts).await?;
 
             // (1) A lease that already carries our PublicIP.
             match self.reuse_own(&leases).await? {
-                Reuse::Held(held) => return Ok(held),
+                Reuse::Held(held) => return Ok(self.chosen_from(held, leases, revision)),
                 Reuse::Retry => continue,
                 Reuse::NotFound => {}
             }
@@ -432,7 +450,7 @@ impl<S: KvStore> Lessor<S> {
                     && let Some(held) = self.try_create(prev).await?
                 {
                     info!(subnet = %prev, "reacquired the subnet from the previous subnet file");
-                    return Ok(held);
+                    return Ok(self.chosen_from(held, leases, revision));
                 }
                 info!(subnet = %prev, "the previous subnet file's subnet is taken by another node; picking another");
             }
@@ -454,13 +472,24 @@ impl<S: KvStore> Lessor<S> {
             };
             if let Some(held) = self.try_create(choice).await? {
                 info!(subnet = %choice, public_ip = %self.public_ip, "acquired a new subnet lease");
-                return Ok(held);
+                return Ok(self.chosen_from(held, leases, revision));
             }
             debug!(subnet = %choice, "another node created this subnet first; trying another");
         }
         Err(LeaseError::TooManyRaces {
             rounds: MAX_ACQUIRE_ROUNDS,
         })
+    }
+
+    /// Keeps the listing `held` was chosen from for [`Lessor::take_listing`].
+    fn chosen_from(
+        &mut self,
+        held: HeldLease,
+        leases: Vec<ListedLease>,
+        revision: i64,
+    ) -> HeldLease {
+        self.listing = Some(LeaseListing { leases, revision });
+        held
     }
 
     /// flannel's first choice: a listed lease that already carries our PublicIP, if it still
@@ -591,6 +620,8 @@ impl<S: KvStore> Lessor<S> {
             let Some(new) = self.reacquire(held.subnet, &mut backoff, &held_tx).await else {
                 return;
             };
+            // The watcher lists again itself when our subnet changes: do not keep this one.
+            self.listing = None;
             held = new;
             held_tx.send_replace(held.clone());
             backoff = Duration::from_secs(1);

@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     control::etcd::{EtcdError, EtcdOptions},
-    control::lease::{ListedLease, decode_lease, list_leases, parse_subnet_key_name},
+    control::lease::{LeaseListing, ListedLease, decode_lease, list_leases, parse_subnet_key_name},
     control::store::{EventKind as EventType, KvStore, KvWatch, Store, WatchBatch},
     dataplane::DataplaneCommand,
     observe::status::AgentStatus,
@@ -46,6 +46,8 @@ pub struct PeerWatcher<S = Store> {
     peers: BTreeMap<Ipv4Network, Peer>,
     /// Where to report the etcd connection state, if anywhere.
     status: Option<watch::Sender<AgentStatus>>,
+    /// A listing already read (the lease acquisition's), used instead of the first list.
+    first_listing: Option<LeaseListing>,
 }
 
 /// Why the watch loop has to list again.
@@ -72,7 +74,15 @@ impl<S: KvStore> PeerWatcher<S> {
             tx,
             peers: BTreeMap::new(),
             status: None,
+            first_listing: None,
         }
+    }
+
+    /// Starts from `listing` instead of listing again (it must be this prefix's leases; the
+    /// watch then starts at its revision, so nothing written after it is missed).
+    pub fn with_first_listing(mut self, listing: Option<LeaseListing>) -> PeerWatcher<S> {
+        self.first_listing = listing;
+        self
     }
 
     /// Reports the connection state (`etcd.connected`, `etcd.reconnects`) in `status`.
@@ -129,9 +139,12 @@ impl<S: KvStore> PeerWatcher<S> {
     /// One cycle: list, send a snapshot, watch until something forces a re-list.
     async fn list_and_watch(&mut self) -> Result<Relist, WatchError> {
         let own = *self.own_subnet.borrow_and_update();
-        let (leases, revision) = list_leases(&mut self.client, &self.opts)
-            .await
-            .map_err(WatchError::List)?;
+        let (leases, revision) = match self.first_listing.take() {
+            Some(listing) => (listing.leases, listing.revision),
+            None => list_leases(&mut self.client, &self.opts)
+                .await
+                .map_err(WatchError::List)?,
+        };
         // One at a time: a lease overlapping one accepted before it is skipped.
         let mut peers = BTreeMap::new();
         for listed in &leases {
