@@ -86,6 +86,14 @@ fn json(ns: &NetNs, argv: &[&str]) -> Vec<Value> {
     serde_json::from_str(&text).unwrap_or_else(|err| panic!("{argv:?}: {err}: {text}"))
 }
 
+fn device_is_up(ns: &NetNs, name: &str) -> bool {
+    link(ns, name).is_some_and(|device| {
+        device["flags"]
+            .as_array()
+            .is_some_and(|flags| flags.iter().any(|f| f == "UP"))
+    })
+}
+
 fn link(ns: &NetNs, name: &str) -> Option<Value> {
     let out = ns.try_run(&["ip", "-j", "-d", "link", "show", "dev", name]);
     if !out.status.success() {
@@ -1061,6 +1069,75 @@ fn one_change_feed_hands_each_subscriber_only_what_it_wants() {
             )),
             "the route subscriber got other kinds: {for_routes:?}"
         );
+    });
+}
+
+/// An unjoined feed is told nothing (a first sync's own writes are never copied to it);
+/// joining asks each subscriber for one full check, then the notifications flow.
+#[test]
+fn an_unjoined_change_feed_hears_nothing_until_it_joins_and_then_asks_for_a_full_check() {
+    use overlay_agent::{dataplane::changes::ChangeFeed, os::netlink::KernelChange};
+    let ns = node_ns("kcj", "192.168.78.1");
+    ns.block_on(|| async {
+        let feed = ChangeFeed::start_unjoined();
+        let mut changes = feed.subscribe(|_| true);
+        assert!(!feed.joined());
+        ns.run(&["ip", "route", "add", "10.98.0.0/24", "via", "192.168.78.2"]);
+        ns.run(&["ip", "route", "del", "10.98.0.0/24"]);
+        feed.join();
+        assert!(feed.joined());
+        ns.run(&["ip", "route", "add", "10.99.0.0/24", "via", "192.168.78.2"]);
+        ns.run(&["ip", "route", "del", "10.99.0.0/24"]);
+        // The same socket carries both pairs, in order: all of the first would come before
+        // the end of the second.
+        let seen = until_test_route_deleted(&mut changes).await;
+        assert!(
+            matches!(seen.first(), Some(KernelChange::Overrun)),
+            "joining asks for a full check first: {seen:?}"
+        );
+        assert!(
+            !seen.iter().any(|c| matches!(
+                c,
+                KernelChange::RouteAdded(r) | KernelChange::RouteDeleted(r)
+                    if r.destination.to_string() == "10.98.0.0/24"
+            )),
+            "a change from before the join was delivered: {seen:?}"
+        );
+    });
+}
+
+/// A vxlan dataplane that never gets a snapshot (etcd unreachable at start) still starts
+/// following the kernel's notifications, at the latest 10 s after it was made: its device
+/// is repaired from then on.
+#[test]
+fn vxlan_without_a_snapshot_joins_the_change_feed_after_ten_seconds() {
+    let ns = node_ns("kjd", "192.168.100.1");
+    ns.block_on(|| async {
+        let uplink = uplink("eth0", None).await;
+        let (mut dp, _attrs) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
+            .await
+            .expect("dataplane");
+        dp.activate(&lease("10.5.1.0/24", "192.168.100.1"))
+            .await
+            .expect("activate");
+        let feed = dp.change_feed();
+        assert!(!feed.joined(), "no snapshot yet: not joined");
+        ns.run(&["ip", "link", "set", "flannel.1", "down"]);
+        // What the dataplane task does: a pass every second, and one per notification.
+        let started = std::time::Instant::now();
+        while !device_is_up(&ns, "flannel.1") {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the downed device was not repaired within 20 s (joined: {})",
+                feed.joined()
+            );
+            tokio::select! {
+                () = dp.kernel_changed() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            dp.maintain_changes().await.expect("maintain");
+        }
+        assert!(feed.joined());
     });
 }
 

@@ -9,10 +9,10 @@ use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::os::netlink::{KernelChange, Netlink};
+use crate::os::netlink::{KernelChange, Membership, Netlink};
 
 /// Which notifications a subscriber wants; decided in the subscription task, so a kind
-/// nobody looks at never wakes anyone (a first sync's own 20,000 route additions, say).
+/// nobody looks at never wakes anyone (vxlan's repairs need no route additions, say).
 pub type Interest = fn(&KernelChange) -> bool;
 
 struct Subscriber {
@@ -24,17 +24,31 @@ type Subscribers = Mutex<Vec<Subscriber>>;
 
 /// One subscription to the link, neighbour and IPv4 route groups, shared by subscribers.
 /// The tasks behind it end once the feed and every subscriber are gone.
+///
+/// A feed made with [`ChangeFeed::start_unjoined`] hears nothing until [`ChangeFeed::join`]:
+/// a dataplane's first sync then is not told of each of its own writes. Joining hands every
+/// subscriber a [`KernelChange::Overrun`], so each checks everything once: nothing that
+/// changed before the join goes unseen.
 #[derive(Clone)]
 pub struct ChangeFeed {
     /// None when the subscription could not be made: subscribers then get no notifications
     /// and fall back to full checks.
     subscribers: Option<Arc<Subscribers>>,
+    memberships: Arc<Mutex<Memberships>>,
+}
+
+/// The sockets' group memberships: joined, or waiting for [`ChangeFeed::join`].
+#[derive(Default)]
+struct Memberships {
+    joined: bool,
+    waiting: Vec<Membership>,
 }
 
 impl std::fmt::Debug for ChangeFeed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChangeFeed")
             .field("live", &self.subscribers.is_some())
+            .field("joined", &self.joined())
             .finish()
     }
 }
@@ -44,26 +58,82 @@ impl ChangeFeed {
     /// tokio runtime. A failure is logged, not returned: the dataplanes work without
     /// notifications, checking everything instead.
     pub fn start() -> Self {
-        let changes = match Netlink::kernel_changes() {
-            Ok(changes) => changes,
+        let feed = Self::start_unjoined();
+        feed.join();
+        feed
+    }
+
+    /// As [`ChangeFeed::start`], but the notifications start at [`ChangeFeed::join`].
+    pub fn start_unjoined() -> Self {
+        let (changes, membership) = match Netlink::kernel_changes() {
+            Ok(subscription) => subscription,
             Err(err) => {
                 warn!(error = %err, "cannot subscribe to netlink change notifications; checking all datapath state every second instead");
-                return Self { subscribers: None };
+                return Self {
+                    subscribers: None,
+                    memberships: Arc::default(),
+                };
             }
         };
         let feed = Self {
             subscribers: Some(Arc::default()),
+            memberships: Arc::default(),
         };
-        feed.add_source(changes);
+        feed.add_source(changes, membership);
         feed
     }
 
-    /// Hands the changes of one more socket to the same subscribers (nexthop deletions,
-    /// which come on a socket of their own).
-    pub fn add_source(&self, changes: impl Stream<Item = KernelChange> + Send + 'static) {
+    /// Whether notifications flow (the feed joined its groups).
+    pub fn joined(&self) -> bool {
+        self.memberships.lock().expect("membership lock").joined
+    }
+
+    /// Starts the notifications (once; later calls do nothing) and asks every subscriber
+    /// for one full check, for whatever changed before.
+    pub fn join(&self) {
+        let mut memberships = self.memberships.lock().expect("membership lock");
+        if memberships.joined {
+            return;
+        }
+        memberships.joined = true;
+        let failed = memberships
+            .waiting
+            .drain(..)
+            .filter_map(|membership| membership.join().err())
+            .next();
+        drop(memberships);
         let Some(subscribers) = &self.subscribers else {
             return;
         };
+        let mut subscribers = subscribers.lock().expect("subscriber list lock");
+        for subscriber in subscribers.iter() {
+            let _ = subscriber.sender.send(KernelChange::Overrun);
+        }
+        if let Some(err) = failed {
+            // As when the socket fails: the receivers see the end and check fully each time.
+            warn!(error = %err, "cannot join the netlink change groups; checking all datapath state every second instead");
+            subscribers.clear();
+        }
+    }
+
+    /// Hands the changes of one more socket to the same subscribers (nexthop deletions,
+    /// which come on a socket of their own); its groups are joined with the feed's.
+    pub fn add_source(
+        &self,
+        changes: impl Stream<Item = KernelChange> + Send + 'static,
+        membership: Membership,
+    ) {
+        let Some(subscribers) = &self.subscribers else {
+            return;
+        };
+        {
+            let mut memberships = self.memberships.lock().expect("membership lock");
+            if !memberships.joined {
+                memberships.waiting.push(membership);
+            } else if let Err(err) = membership.join() {
+                warn!(error = %err, "cannot join a netlink change group; a full check catches what it would tell");
+            }
+        }
         let weak: Weak<Subscribers> = Arc::downgrade(subscribers);
         tokio::spawn(async move {
             let mut changes = std::pin::pin!(changes);

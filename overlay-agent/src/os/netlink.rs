@@ -245,6 +245,44 @@ pub(crate) fn count_write() {
 /// lost, each loss costing a full check.
 const CHANGES_RCVBUF: usize = 8 << 20;
 
+/// The multicast groups a change socket joins when told to. A dataplane that programs
+/// 10,000 peers at start would otherwise be told of each of its 40,000 writes (the kernel
+/// copies each one to the socket, we receive and parse it, then drop it); joining after
+/// its first sync and checking everything once costs far less.
+pub struct Membership {
+    /// The change socket itself, through a second descriptor (the first is owned by the
+    /// connection task that reads it).
+    socket: rtnetlink::sys::Socket,
+    groups: Vec<u32>,
+}
+
+impl Membership {
+    pub(crate) fn of(
+        socket: &rtnetlink::sys::Socket,
+        groups: Vec<u32>,
+    ) -> Result<Self, NetlinkError> {
+        use std::os::fd::{AsFd as _, FromRawFd as _, IntoRawFd as _};
+        // try_clone_to_owned duplicates with FD_CLOEXEC: no child process inherits it.
+        let fd = socket
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(NetlinkError::Connect)?;
+        // SAFETY: `fd` is a descriptor we own, of a netlink socket; the Socket owns it now.
+        let socket = unsafe { rtnetlink::sys::Socket::from_raw_fd(fd.into_raw_fd()) };
+        Ok(Self { socket, groups })
+    }
+
+    /// Joins the groups: notifications arrive from now on.
+    pub fn join(&self) -> Result<(), NetlinkError> {
+        for group in &self.groups {
+            self.socket
+                .add_membership(*group)
+                .map_err(NetlinkError::Connect)?;
+        }
+        Ok(())
+    }
+}
+
 /// A handle to rtnetlink. Cheap to clone; the connection runs as a tokio task that ends when
 /// the last handle is dropped.
 #[derive(Clone, Debug)]
@@ -408,15 +446,24 @@ impl Netlink {
     /// namespace: how a dataplane learns at once that someone deleted its route, neighbour,
     /// FDB entry or device, instead of dumping everything every second. The stream yields
     /// [`KernelChange::Overrun`] when notifications were lost and ends if the socket fails.
-    pub fn kernel_changes() -> Result<impl Stream<Item = KernelChange> + Send, NetlinkError> {
-        let (mut connection, _handle, messages) = rtnetlink::new_multicast_connection(&[
-            MulticastGroup::Link,
-            MulticastGroup::Neigh,
-            MulticastGroup::Ipv4Route,
-        ])
-        .map_err(NetlinkError::Connect)?;
+    ///
+    /// The socket joins the groups when [`Membership::join`] is called, not before.
+    pub fn kernel_changes()
+    -> Result<(impl Stream<Item = KernelChange> + Send, Membership), NetlinkError> {
+        let (mut connection, _handle, messages) =
+            rtnetlink::new_multicast_connection(&[]).map_err(NetlinkError::Connect)?;
         // SO_RCVBUFFORCE (we hold CAP_NET_ADMIN): SO_RCVBUF would be capped at rmem_max.
         let socket = connection.socket_mut().socket_mut();
+        let membership = Membership::of(
+            socket,
+            [
+                MulticastGroup::Link,
+                MulticastGroup::Neigh,
+                MulticastGroup::Ipv4Route,
+            ]
+            .map(|group| group as u32)
+            .to_vec(),
+        )?;
         if let Err(err) = nix::sys::socket::setsockopt(
             &socket,
             nix::sys::socket::sockopt::RcvBufForce,
@@ -425,13 +472,14 @@ impl Netlink {
             debug!(error = %err, "cannot enlarge the netlink change socket's buffer; overruns cost full checks");
         }
         tokio::spawn(connection);
-        Ok(messages.filter_map(|(message, _)| async move {
+        let changes = messages.filter_map(|(message, _)| async move {
             match message.payload {
                 NetlinkPayload::Overrun(_) => Some(KernelChange::Overrun),
                 NetlinkPayload::InnerMessage(inner) => kernel_change(inner),
                 _ => None,
             }
-        }))
+        });
+        Ok((changes, membership))
     }
 
     // ------------------------------------------------------------ addresses

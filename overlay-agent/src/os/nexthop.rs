@@ -22,7 +22,7 @@ use rtnetlink::{
     sys::{AsyncSocket, SocketAddr, TokioSocket, protocols::NETLINK_ROUTE},
 };
 
-use super::netlink::{KernelChange, NetlinkError};
+use super::netlink::{KernelChange, Membership, NetlinkError};
 
 const RTM_NEWNEXTHOP: u16 = 104;
 const RTM_DELNEXTHOP: u16 = 105;
@@ -306,7 +306,9 @@ impl Nexthops {
     /// The deletions of nexthop objects in this namespace (the kernel removes the routes
     /// through one silently: no route notification says so). Yields
     /// [`KernelChange::Overrun`] when notifications were lost.
-    pub fn deletions() -> Result<impl Stream<Item = KernelChange> + Send, NetlinkError> {
+    /// The socket joins the group when [`Membership::join`] is called, not before.
+    pub fn deletions() -> Result<(impl Stream<Item = KernelChange> + Send, Membership), NetlinkError>
+    {
         let (mut connection, _handle, messages) = rtnetlink::proto::new_connection_with_socket::<
             NexthopMessage,
             TokioSocket,
@@ -316,10 +318,10 @@ impl Nexthops {
         let socket = connection.socket_mut().socket_mut();
         socket
             .bind(&SocketAddr::new(0, 0))
-            .and_then(|()| socket.add_membership(RTNLGRP_NEXTHOP))
             .map_err(NetlinkError::Connect)?;
+        let membership = Membership::of(socket, vec![RTNLGRP_NEXTHOP])?;
         tokio::spawn(connection);
-        Ok(messages.filter_map(|(message, _)| async move {
+        let deletions = messages.filter_map(|(message, _)| async move {
             match message.payload {
                 NetlinkPayload::Overrun(_) => Some(KernelChange::Overrun),
                 NetlinkPayload::InnerMessage(inner) if inner.kind == RTM_DELNEXTHOP => inner
@@ -327,7 +329,8 @@ impl Nexthops {
                     .map(|id| KernelChange::NexthopDeleted { id }),
                 _ => None,
             }
-        }))
+        });
+        Ok((deletions, membership))
     }
 }
 

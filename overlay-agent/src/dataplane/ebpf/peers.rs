@@ -318,6 +318,7 @@ impl<K: Dataplane> EbpfDataplane<K> {
         if first {
             self.sweep_peer_maps()?;
             self.synced = true;
+            info!(peers = peers.len(), "peer maps written");
         }
         Ok(())
     }
