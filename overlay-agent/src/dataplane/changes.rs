@@ -96,11 +96,13 @@ impl ChangeFeed {
             return;
         }
         memberships.joined = true;
-        let failed = memberships
-            .waiting
-            .drain(..)
-            .filter_map(|membership| membership.join().err())
-            .next();
+        let mut failed = None;
+        for membership in memberships.waiting.drain(..) {
+            if let Err(err) = membership.join() {
+                failed = Some(err);
+                break;
+            }
+        }
         drop(memberships);
         let Some(subscribers) = &self.subscribers else {
             return;
