@@ -273,8 +273,8 @@ impl<K: Dataplane> EbpfDataplane<K> {
 
     /// Brings the maps to the snapshot: writes the peers that are new or changed, removes
     /// the ones it no longer lists, and rewrites the sources whose count changed. A re-list
-    /// that changes nothing writes nothing. The first snapshot after start writes every
-    /// peer and sweeps whatever the maps hold that is not in it (a previous run's entries).
+    /// that changes nothing writes nothing. The first snapshot after start sweeps whatever
+    /// the maps hold that is not in it (a previous run's entries), then writes every peer.
     pub(super) fn snapshot(&mut self, peers: &[Peer]) -> Result<(), EbpfError> {
         let previous = std::mem::take(&mut self.peers);
         let previous_counts = std::mem::take(&mut self.source_counts);
@@ -283,6 +283,11 @@ impl<K: Dataplane> EbpfDataplane<K> {
             self.count_source(peer, true);
         }
         let first = !self.synced;
+        if first {
+            // Before writing: the maps then hold only what a previous run left, so a start
+            // on fresh maps looks at nothing instead of every entry just written.
+            self.sweep_peer_maps()?;
+        }
         if peers
             .iter()
             .any(|p| !self.nexthops.contains_key(&p.public_ip))
@@ -316,7 +321,6 @@ impl<K: Dataplane> EbpfDataplane<K> {
             self.write_source(ip)?;
         }
         if first {
-            self.sweep_peer_maps()?;
             self.synced = true;
             info!(peers = peers.len(), "peer maps written");
         }
