@@ -171,8 +171,13 @@ async fn seed_flags_on_a_v2_cluster_take_a_v2_lease_and_follow_flanneld_0_7_peer
         })
         .await;
 
+        // Subnets for the peers written by hand below: not ours, which the agent picked at
+        // random among the free ones (a fixed pick collided now and then: a lease written on
+        // our own key is no peer, and the test waited for it in vain).
+        let mut free = (10u8..=12).filter(|n| subnet.ip().octets()[2] != *n);
+        let (new_n, short_n) = (free.next().unwrap(), free.next().unwrap());
         // A new peer by hand, then its removal with `etcdctl rm`.
-        let new_key = format!("{SEEDS_PREFIX}/subnets/172.30.10.0-24");
+        let new_key = format!("{SEEDS_PREFIX}/subnets/172.30.{new_n}.0-24");
         etcd.v2(&[
             "set",
             "--ttl",
@@ -181,7 +186,7 @@ async fn seed_flags_on_a_v2_cluster_take_a_v2_lease_and_follow_flanneld_0_7_peer
             &old_lease("192.168.64.10", "c6:d2:32:6f:8f:10"),
         ]);
         let new_peer = Peer {
-            subnet: "172.30.10.0/24".parse().unwrap(),
+            subnet: format!("172.30.{new_n}.0/24").parse().unwrap(),
             public_ip: Ipv4Addr::new(192, 168, 64, 10),
             vtep_mac: Some(mac(0x10)),
         };
@@ -204,7 +209,7 @@ async fn seed_flags_on_a_v2_cluster_take_a_v2_lease_and_follow_flanneld_0_7_peer
             &new_key,
             &old_lease("192.168.64.10", "c6:d2:32:6f:8f:10"),
         ]);
-        let short_key = format!("{SEEDS_PREFIX}/subnets/172.30.11.0-24");
+        let short_key = format!("{SEEDS_PREFIX}/subnets/172.30.{short_n}.0-24");
         etcd.v2(&[
             "set",
             "--ttl",
@@ -212,7 +217,7 @@ async fn seed_flags_on_a_v2_cluster_take_a_v2_lease_and_follow_flanneld_0_7_peer
             &short_key,
             &old_lease("192.168.64.11", "c6:d2:32:6f:8f:11"),
         ]);
-        let short: Ipv4Network = "172.30.11.0/24".parse().unwrap();
+        let short: Ipv4Network = format!("172.30.{short_n}.0/24").parse().unwrap();
         wait_until(
             LONG,
             "the expiring peer in the dataplane, then gone",
@@ -229,7 +234,7 @@ async fn seed_flags_on_a_v2_cluster_take_a_v2_lease_and_follow_flanneld_0_7_peer
             .iter()
             .map(|p| p.subnet.clone())
             .collect();
-        assert_eq!(peers, vec!["172.30.10.0/24"]);
+        assert_eq!(peers, vec![format!("172.30.{new_n}.0/24")]);
         stop_tx.send_replace(true);
         key
     };

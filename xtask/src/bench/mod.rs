@@ -43,7 +43,7 @@ pub struct BenchArgs {
     #[arg(long)]
     quick: bool,
     /// Control-plane scale instead of the datapath: N peer leases in etcd, sync time,
-    /// change latency, agent RSS and CPU (modes ebpf and vxlan).
+    /// change latency, agent RSS and CPU (vxlan and ebpf, each also with --nexthop-objects).
     #[arg(long)]
     control_plane: bool,
     /// Rounds; each round runs every mode once (default: 5, or 1 with --quick).
@@ -69,7 +69,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 2.0)]
     paced_gbit: f64,
     /// Modes to run, comma separated, in this order within a round (default: node, host-gw,
-    /// vxlan, ebpf-kernel, ebpf-r1, ebpf-r1r2, ebpf; --control-plane: vxlan,ebpf).
+    /// vxlan, ebpf-kernel, ebpf-r1, ebpf-r1r2, ebpf; --control-plane: vxlan, ebpf,
+    /// vxlan-nexthop, ebpf-nexthop).
     #[arg(long, value_delimiter = ',')]
     modes: Option<Vec<String>>,
     /// Control plane: peer counts (default: 1000,10000, or 200 with --quick).
