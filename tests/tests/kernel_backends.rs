@@ -86,6 +86,19 @@ fn json(ns: &NetNs, argv: &[&str]) -> Vec<Value> {
     serde_json::from_str(&text).unwrap_or_else(|err| panic!("{argv:?}: {err}: {text}"))
 }
 
+/// The vxlan dataplane of node 192.168.100.1 (VNI 1, port 8472), activated for
+/// 10.5.1.0/24, in the current namespace.
+async fn activated_vxlan() -> (VxlanDataplane, LeaseAttrs) {
+    let uplink = uplink("eth0", None).await;
+    let (mut dp, attrs) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
+        .await
+        .expect("dataplane");
+    dp.activate(&lease("10.5.1.0/24", "192.168.100.1"))
+        .await
+        .expect("activate");
+    (dp, attrs)
+}
+
 fn device_is_up(ns: &NetNs, name: &str) -> bool {
     link(ns, name).is_some_and(|device| {
         device["flags"]
@@ -377,13 +390,7 @@ fn vxlan_programs_device_and_peers_exactly_like_flannel() {
 fn vxlan_snapshot_sweeps_only_its_own_stale_state() {
     let ns = node_ns("kvs", "192.168.100.1");
     ns.block_on(|| async {
-        let uplink = uplink("eth0", None).await;
-        let (mut dp, _) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
-            .await
-            .expect("dataplane");
-        dp.activate(&lease("10.5.1.0/24", "192.168.100.1"))
-            .await
-            .expect("activate");
+        let (mut dp, _) = activated_vxlan().await;
         // Left over on our device by an earlier run: a peer that is gone now.
         flanneld::add_peer(
             &ns,
@@ -1113,13 +1120,7 @@ fn an_unjoined_change_feed_hears_nothing_until_it_joins_and_then_asks_for_a_full
 fn vxlan_without_a_snapshot_joins_the_change_feed_after_ten_seconds() {
     let ns = node_ns("kjd", "192.168.100.1");
     ns.block_on(|| async {
-        let uplink = uplink("eth0", None).await;
-        let (mut dp, _attrs) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
-            .await
-            .expect("dataplane");
-        dp.activate(&lease("10.5.1.0/24", "192.168.100.1"))
-            .await
-            .expect("activate");
+        let (mut dp, _attrs) = activated_vxlan().await;
         let feed = dp.change_feed();
         assert!(!feed.joined(), "no snapshot yet: not joined");
         ns.run(&["ip", "link", "set", "flannel.1", "down"]);
@@ -1145,13 +1146,7 @@ fn vxlan_without_a_snapshot_joins_the_change_feed_after_ten_seconds() {
 fn vxlan_maintain_sets_a_downed_device_up_again() {
     let ns = node_ns("kvu", "192.168.100.1");
     ns.block_on(|| async {
-        let uplink = uplink("eth0", None).await;
-        let (mut dp, attrs) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
-            .await
-            .expect("dataplane");
-        dp.activate(&lease("10.5.1.0/24", "192.168.100.1"))
-            .await
-            .expect("activate");
+        let (mut dp, attrs) = activated_vxlan().await;
         ns.run(&["ip", "link", "set", "flannel.1", "down"]);
         ns.run(&["ip", "addr", "flush", "dev", "flannel.1"]);
         dp.maintain().await.expect("maintain");
@@ -1340,13 +1335,7 @@ fn many_peers(n: u32) -> Vec<Peer> {
 fn vxlan_relist_that_changes_nothing_writes_nothing_and_a_change_writes_only_it() {
     let ns = node_ns("krl", "192.168.100.1");
     ns.block_on(|| async {
-        let uplink = uplink("eth0", None).await;
-        let (mut dp, _) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
-            .await
-            .expect("dataplane");
-        dp.activate(&lease("10.5.1.0/24", "192.168.100.1"))
-            .await
-            .expect("activate");
+        let (mut dp, _) = activated_vxlan().await;
         let mut peers = many_peers(200);
         let before = overlay_agent::os::netlink::writes_total();
         dp.apply(&PeerEvent::Snapshot(peers.clone()))
@@ -1393,13 +1382,7 @@ fn vxlan_relist_that_changes_nothing_writes_nothing_and_a_change_writes_only_it(
 fn vxlan_hears_a_deleted_route_neighbour_or_fdb_entry_and_repairs_only_that() {
     let ns = node_ns("kev", "192.168.100.1");
     ns.block_on(|| async {
-        let uplink = uplink("eth0", None).await;
-        let (mut dp, _) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
-            .await
-            .expect("dataplane");
-        dp.activate(&lease("10.5.1.0/24", "192.168.100.1"))
-            .await
-            .expect("activate");
+        let (mut dp, _) = activated_vxlan().await;
         dp.apply(&PeerEvent::Snapshot(many_peers(50)))
             .await
             .expect("snapshot");
@@ -1584,13 +1567,7 @@ fn vxlan_with_nexthop_objects_routes_through_them_and_converts_back_to_flannel_r
 
     // A restart without the flag: flannel's routes, and the objects swept.
     ns.block_on(|| async {
-        let uplink = uplink("eth0", None).await;
-        let (mut dp, _) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
-            .await
-            .expect("dataplane");
-        dp.activate(&lease("10.5.1.0/24", "192.168.100.1"))
-            .await
-            .expect("activate");
+        let (mut dp, _) = activated_vxlan().await;
         dp.apply(&PeerEvent::Snapshot(peers[..2].to_vec()))
             .await
             .expect("snapshot");
