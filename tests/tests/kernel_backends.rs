@@ -1588,3 +1588,223 @@ fn vxlan_with_nexthop_objects_routes_through_them_and_converts_back_to_flannel_r
         assert_eq!(nexthop_objects(&ns), Vec::<String>::new());
     });
 }
+
+/// `n` peers of a large cluster: /28 subnets of 10.5.0.0/16 after our 10.5.1.0/24 (up to
+/// 4,000), each with its own underlay address and VtepMAC.
+fn large_cluster_peers(n: u32) -> Vec<Peer> {
+    (0..n)
+        .map(|i| Peer {
+            subnet: ipnetwork::Ipv4Network::new(Ipv4Addr::from(0x0a05_0200 + 16 * i), 28)
+                .expect("subnet"),
+            public_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 20, 0, 10)) + i),
+            vtep_mac: Some(MacAddr6::new(0x0a, 0x58, 0, 0, (i >> 8) as u8, i as u8)),
+        })
+        .collect()
+}
+
+/// flannel's route to each of `peers`, as [`routes`] prints it.
+fn flannel_routes_to(peers: &[Peer]) -> Vec<String> {
+    let mut lines: Vec<String> = peers
+        .iter()
+        .map(|p| {
+            format!(
+                "{} via {} dev flannel.1 proto boot onlink",
+                p.subnet,
+                p.subnet.network()
+            )
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+fn flannel1_routes(ns: &NetNs) -> Vec<String> {
+    routes(ns, "main")
+        .into_iter()
+        .filter(|r| r.contains(" dev flannel.1 ") && !r.contains(" proto kernel"))
+        .collect()
+}
+
+/// From 1,000 peers on, flannel's routes are written through interim nexthop objects first
+/// (the kernel inserts a flannel route in time that grows with every route before it, a
+/// route through a nexthop object in constant time), then rewritten in flannel's exact form
+/// as deferred work. Meanwhile the full check accepts the interim form (writes nothing), a
+/// removed peer takes its object along, and a peer added at that scale goes the same way.
+/// In the end: exactly flannel's routes, neighbours and FDB entries, and no nexthop object.
+#[test]
+fn a_large_vxlan_sync_goes_through_interim_nexthops_and_ends_in_flannels_exact_routes() {
+    let ns = node_ns("kim", "192.168.100.1");
+    let mut peers = large_cluster_peers(1_200);
+    ns.block_on(|| async {
+        let (mut dp, _) = activated_vxlan().await;
+        assert!(dp.deferred_work_due().is_none(), "nothing deferred yet");
+        dp.apply(&PeerEvent::Snapshot(peers.clone()))
+            .await
+            .expect("snapshot");
+        let interim = flannel1_routes(&ns);
+        assert_eq!(interim.len(), 1_200);
+        let first = &peers[0];
+        let expected_first = format!(
+            "{} nhid {} via {} dev flannel.1 proto boot onlink",
+            first.subnet,
+            vxlan::nexthop_id(first.subnet),
+            first.subnet.network()
+        );
+        assert!(
+            interim.contains(&expected_first),
+            "interim routes name their nexthop object: {:?}",
+            &interim[..3]
+        );
+        assert!(interim.iter().all(|r| r.contains(" nhid ")));
+        assert_eq!(nexthop_objects(&ns).len(), 1_200);
+        assert_eq!(neighbours(&ns, "flannel.1").len(), 1_200);
+        assert_eq!(fdb(&ns, "flannel.1").len(), 1_200);
+        assert_eq!(overlay_agent::dataplane::interim_routes(), 1_200);
+        assert!(dp.deferred_work_due().is_some());
+
+        // The full check takes the interim form for what it is: nothing to repair.
+        let before = overlay_agent::os::netlink::writes_total();
+        dp.maintain().await.expect("full check");
+        assert_eq!(overlay_agent::os::netlink::writes_total() - before, 0);
+
+        // A peer removed while interim: route and object go.
+        let removed = peers.remove(5);
+        dp.apply(&PeerEvent::Remove(removed.subnet))
+            .await
+            .expect("remove");
+        assert!(
+            !flannel1_routes(&ns)
+                .iter()
+                .any(|r| r.starts_with(&format!("{} ", removed.subnet)))
+        );
+        assert_eq!(nexthop_objects(&ns).len(), 1_199);
+        // A peer added at this scale goes through an interim object too.
+        let added = large_cluster_peers(1_300).pop().expect("one more");
+        dp.apply(&PeerEvent::Upsert(added.clone()))
+            .await
+            .expect("upsert");
+        peers.push(added.clone());
+        assert!(
+            flannel1_routes(&ns)
+                .iter()
+                .any(|r| r.starts_with(&format!("{} nhid ", added.subnet))),
+            "the added peer's route is interim"
+        );
+
+        // Deferred work, slice by slice, each one making progress.
+        let mut left = overlay_agent::dataplane::interim_routes();
+        assert_eq!(left, 1_200);
+        while dp.deferred_work_due().is_some() {
+            dp.do_deferred_work().await.expect("rewrite a slice");
+            let now = overlay_agent::dataplane::interim_routes();
+            assert!(now < left, "a slice rewrote nothing ({now} left)");
+            left = now;
+        }
+        assert_eq!(left, 0);
+        assert_eq!(flannel1_routes(&ns), flannel_routes_to(&peers));
+        assert_eq!(nexthop_objects(&ns), Vec::<String>::new());
+        assert_eq!(neighbours(&ns, "flannel.1").len(), 1_200);
+        assert_eq!(fdb(&ns, "flannel.1").len(), 1_200);
+        let before = overlay_agent::os::netlink::writes_total();
+        dp.maintain().await.expect("full check");
+        assert_eq!(overlay_agent::os::netlink::writes_total() - before, 0);
+    });
+}
+
+/// The agent's dataplane task does the deferred rewrite on its own once commands stop
+/// coming: a 1,100-peer snapshot ends in flannel's exact routes and no nexthop object.
+#[test]
+fn the_dataplane_task_rewrites_interim_routes_when_idle() {
+    use overlay_agent::dataplane::{DataplaneCommand, run_dataplane};
+    let ns = node_ns("kit", "192.168.100.1");
+    let peers = large_cluster_peers(1_100);
+    ns.block_on(|| async {
+        let uplink = uplink("eth0", None).await;
+        let (dp, _) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
+            .await
+            .expect("dataplane");
+        let (commands, receiver) = tokio::sync::mpsc::channel(16);
+        let (ready, _ready_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(run_dataplane(dp, receiver, ready));
+        commands
+            .send(DataplaneCommand::Activate(lease(
+                "10.5.1.0/24",
+                "192.168.100.1",
+            )))
+            .await
+            .expect("send activate");
+        commands
+            .send(DataplaneCommand::Peers(PeerEvent::Snapshot(peers.clone())))
+            .await
+            .expect("send snapshot");
+        let expected = flannel_routes_to(&peers);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = flannel1_routes(&ns);
+            if now == expected && nexthop_objects(&ns).is_empty() {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not rewritten in 30 s: {} routes, {} interim, {} nexthop objects",
+                now.len(),
+                now.iter().filter(|r| r.contains(" nhid ")).count(),
+                nexthop_objects(&ns).len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(overlay_agent::dataplane::interim_routes(), 0);
+        drop(commands);
+        task.await.expect("dataplane task ends");
+    });
+}
+
+/// A restart finds the peers in place and writes none of them again: half of 1,100 routes
+/// rewritten in flannel's form and half still interim when the first run stops, the second
+/// run's first snapshot (the same peers) makes no netlink write, and its deferred work
+/// finishes the rewrite. Before, every route was replaced on start, each replace a scan of
+/// all the others in the kernel.
+#[test]
+fn a_restart_keeps_the_peers_it_finds_in_place_and_finishes_the_rewrite() {
+    let ns = node_ns("kia", "192.168.100.1");
+    let peers = large_cluster_peers(1_100);
+    ns.block_on(|| async {
+        let (mut dp, _) = activated_vxlan().await;
+        dp.apply(&PeerEvent::Snapshot(peers.clone()))
+            .await
+            .expect("snapshot");
+        while overlay_agent::dataplane::interim_routes() > 550 {
+            dp.do_deferred_work().await.expect("rewrite a slice");
+        }
+    });
+    let interim = flannel1_routes(&ns)
+        .iter()
+        .filter(|r| r.contains(" nhid "))
+        .count();
+    assert!(
+        (1..=550).contains(&interim),
+        "half interim at the stop: {interim}"
+    );
+    ns.block_on(|| async {
+        let (mut dp, _) = activated_vxlan().await;
+        let before = overlay_agent::os::netlink::writes_total();
+        dp.apply(&PeerEvent::Snapshot(peers.clone()))
+            .await
+            .expect("snapshot after the restart");
+        assert_eq!(
+            overlay_agent::os::netlink::writes_total() - before,
+            0,
+            "the peers were in place: nothing to write"
+        );
+        assert_eq!(
+            overlay_agent::dataplane::interim_routes(),
+            interim as u64,
+            "the interim routes found are still to be rewritten"
+        );
+        while dp.deferred_work_due().is_some() {
+            dp.do_deferred_work().await.expect("rewrite a slice");
+        }
+    });
+    assert_eq!(flannel1_routes(&ns), flannel_routes_to(&peers));
+    assert_eq!(nexthop_objects(&ns), Vec::<String>::new());
+}

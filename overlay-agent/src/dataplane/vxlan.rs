@@ -85,6 +85,11 @@ pub struct VxlanDataplane {
     changes: Changes,
     /// Whether the first snapshot's sweep of leftovers (from before a restart) has run.
     swept: bool,
+    /// Peers whose route goes through an interim nexthop object for now (see
+    /// [`RouteForm::Interim`]), to be rewritten in flannel's form as deferred work.
+    interim_routes: BTreeSet<Ipv4Network>,
+    /// When deferred work may run again after it failed (not in a tight loop).
+    rewrite_after: tokio::time::Instant,
 }
 
 /// What the kernel holds of this backend's kinds of state, from one dump each.
@@ -97,6 +102,27 @@ struct KernelState {
     nexthops: Vec<Nexthop>,
 }
 
+/// A dump's peer state by key: routes by destination, neighbours and FDB entries as sets.
+struct HeldState<'a> {
+    routes: HashMap<Ipv4Network, &'a crate::os::netlink::ListedRoute>,
+    neighbours: HashSet<(Ipv4Addr, Option<MacAddr6>)>,
+    fdb: HashSet<(MacAddr6, Option<Ipv4Addr>)>,
+}
+
+impl<'a> HeldState<'a> {
+    fn of(state: &'a KernelState) -> Self {
+        HeldState {
+            routes: state
+                .routes
+                .iter()
+                .map(|listed| (listed.route.destination, listed))
+                .collect(),
+            neighbours: state.neighbours.iter().map(|n| (n.ip, n.mac)).collect(),
+            fdb: state.fdb.iter().map(|e| (e.mac, e.dst)).collect(),
+        }
+    }
+}
+
 /// How many netlink requests a bulk programming pass keeps in flight: enough for the kernel
 /// to work back to back instead of waiting for our round trips, well below what fills the
 /// socket's receive buffer with acknowledgements.
@@ -105,6 +131,32 @@ const REQUESTS_IN_FLIGHT: usize = 128;
 /// When the change notifications start if no snapshot came by then (etcd unreachable at
 /// start, say): the device and our lease's entries are repaired from events from then on.
 const JOIN_CHANGES_AT_THE_LATEST: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// From how many peers new routes in flannel's layout are written through an interim
+/// nexthop object first. Below it the kernel's cost of a flannel route is small (1,000 peers:
+/// ~0.1 ms an insert) and routes are written in their final form at once.
+pub const INTERIM_FROM_PEERS: usize = 1_000;
+
+/// How long one piece of deferred work (rewriting interim routes) may hold the dataplane
+/// task: a peer event that arrives meanwhile waits at most this and one route insert.
+const DEFERRED_WORK_SLICE: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// How long deferred work waits after it failed before it tries again.
+const DEFERRED_WORK_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How a route is written now. `Final`: in the layout the node runs (flannel's, or with
+/// `--nexthop-objects` through a nexthop object). `Interim`, in flannel's layout only: the
+/// same gateway and device through a nexthop object, as `--nexthop-objects` writes it, then
+/// rewritten in flannel's form when the dataplane task is idle. The kernel compares every
+/// flannel route with every earlier one on insert (10,000 peers: 3 s for the routes alone;
+/// one more route at 20,000: ~4.5 ms), a route through a nexthop object with none; forwarding
+/// is the same. So at scale the peers are reachable first and the routes take flannel's
+/// exact form after, instead of the node waiting for the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RouteForm {
+    Final,
+    Interim,
+}
 
 /// The nexthop object id of a peer's route: its subnet's network address, which no other
 /// peer shares (leases do not overlap) and which a restarted agent derives again without
@@ -122,12 +174,23 @@ pub fn nexthop_id(subnet: Ipv4Network) -> u32 {
 #[derive(Clone, Debug)]
 struct RouteWriter {
     netlink: Netlink,
+    /// `--nexthop-objects`: every peer route goes through its nexthop object.
     nexthops: Option<Nexthops>,
+    /// For interim routes, when the kernel has nexthop objects (see [`RouteForm`]).
+    interim: Option<Nexthops>,
 }
 
 impl RouteWriter {
-    async fn replace(&self, route: &Route) -> Result<(), NetlinkError> {
-        let Some(nexthops) = &self.nexthops else {
+    /// The nexthop socket a route in `form` goes through; None: flannel's own route.
+    fn nexthops_for(&self, form: RouteForm) -> Option<&Nexthops> {
+        self.nexthops.as_ref().or(match form {
+            RouteForm::Interim => self.interim.as_ref(),
+            RouteForm::Final => None,
+        })
+    }
+
+    async fn replace(&self, route: &Route, form: RouteForm) -> Result<(), NetlinkError> {
+        let Some(nexthops) = self.nexthops_for(form) else {
             return self.netlink.replace_route(route).await;
         };
         let id = nexthop_id(route.destination);
@@ -137,8 +200,8 @@ impl RouteWriter {
             .await
     }
 
-    async fn delete(&self, route: &Route) -> Result<(), NetlinkError> {
-        let Some(nexthops) = &self.nexthops else {
+    async fn delete(&self, route: &Route, form: RouteForm) -> Result<(), NetlinkError> {
+        let Some(nexthops) = self.nexthops_for(form) else {
             return self.netlink.delete_route(route).await;
         };
         // The route first, so its deletion is announced (`ip monitor route`); deleting the
@@ -150,11 +213,15 @@ impl RouteWriter {
         nexthops.delete(id).await
     }
 
-    /// Whether `listed` is `wanted` written in this layout.
-    fn holds(&self, listed: &crate::os::netlink::ListedRoute, wanted: &Route) -> bool {
+    /// Whether `listed` is `wanted` written in `form`.
+    fn holds(
+        &self,
+        listed: &crate::os::netlink::ListedRoute,
+        wanted: &Route,
+        form: RouteForm,
+    ) -> bool {
         let layout = self
-            .nexthops
-            .as_ref()
+            .nexthops_for(form)
             .map(|_| nexthop_id(wanted.destination));
         listed.route.destination == wanted.destination
             && listed.route.gateway == wanted.gateway
@@ -171,6 +238,18 @@ fn nexthop_of(route: &Route) -> Nexthop {
         oif: route.oif.unwrap_or(0),
         onlink: route.onlink,
     }
+}
+
+/// A nexthop socket for interim routes, when this kernel has nexthop objects (5.3 and
+/// later); without them every route is written in its final form.
+async fn interim_nexthops(device: u32) -> Option<Nexthops> {
+    let probed = match Nexthops::connect() {
+        Ok(nexthops) => nexthops.list(&[device]).await.map(|_| nexthops),
+        Err(err) => Err(err),
+    };
+    probed
+        .inspect_err(|err| debug!(error = %err, "no nexthop objects: large syncs write flannel's routes directly"))
+        .ok()
 }
 
 impl VxlanDataplane {
@@ -214,6 +293,7 @@ impl VxlanDataplane {
             routes: RouteWriter {
                 netlink: fdb.clone(),
                 nexthops: None,
+                interim: None,
             },
             fdb,
             netlink,
@@ -228,8 +308,11 @@ impl VxlanDataplane {
             join_by: std::time::Instant::now() + JOIN_CHANGES_AT_THE_LATEST,
             changes,
             swept: false,
+            interim_routes: BTreeSet::new(),
+            rewrite_after: tokio::time::Instant::now(),
         };
         dataplane.ensure_device(true).await?;
+        dataplane.routes.interim = interim_nexthops(dataplane.device_index).await;
         let attrs = dataplane.lease_attrs();
         Ok((dataplane, attrs))
     }
@@ -461,6 +544,83 @@ impl VxlanDataplane {
         })
     }
 
+    /// The form `subnet`'s route is in now.
+    fn form_of(&self, subnet: Ipv4Network) -> RouteForm {
+        if self.interim_routes.contains(&subnet) {
+            RouteForm::Interim
+        } else {
+            RouteForm::Final
+        }
+    }
+
+    /// The form for routes of `new` more peers: interim in flannel's layout from
+    /// [`INTERIM_FROM_PEERS`] peers on, when the kernel has nexthop objects.
+    fn form_for_new(&self, new: usize) -> RouteForm {
+        if self.routes.nexthops.is_none()
+            && self.routes.interim.is_some()
+            && self.peers.len() + new >= INTERIM_FROM_PEERS
+        {
+            RouteForm::Interim
+        } else {
+            RouteForm::Final
+        }
+    }
+
+    /// Notes the form `subnet`'s route was written in (Final also for a removed peer).
+    fn record_form(&mut self, subnet: Ipv4Network, form: RouteForm) {
+        let changed = match form {
+            RouteForm::Interim => self.interim_routes.insert(subnet),
+            RouteForm::Final => self.interim_routes.remove(&subnet),
+        };
+        if changed {
+            super::record_interim_routes(self.interim_routes.len());
+        }
+    }
+
+    /// The route a peer's state says it has.
+    fn route_of(&self, subnet: Ipv4Network, programmed: Programmed) -> Route {
+        match programmed {
+            Programmed::Vxlan { gateway, .. } => self.vxlan_route(subnet, gateway),
+            Programmed::Direct { public_ip } => self.direct_route(subnet, public_ip),
+        }
+    }
+
+    /// Rewrites interim routes in flannel's form, for up to [`DEFERRED_WORK_SLICE`]: each
+    /// route is replaced in place (no moment without one), then its interim nexthop object
+    /// deleted. A failure stops the slice; the route stays interim and is retried after
+    /// [`DEFERRED_WORK_RETRY`].
+    async fn rewrite_interim_routes(&mut self) -> Result<(), DataplaneError> {
+        let started = std::time::Instant::now();
+        while started.elapsed() < DEFERRED_WORK_SLICE {
+            let Some(subnet) = self.interim_routes.first().copied() else {
+                break;
+            };
+            if let Some(programmed) = self.peers.get(&subnet).copied() {
+                let route = self.route_of(subnet, programmed);
+                if let Err(err) = self.routes.replace(&route, RouteForm::Final).await {
+                    self.rewrite_after = tokio::time::Instant::now() + DEFERRED_WORK_RETRY;
+                    return Err(netlink_error(format!(
+                        "rewriting the route to peer {subnet} in flannel's form"
+                    ))(err));
+                }
+            }
+            self.record_form(subnet, RouteForm::Final);
+            if let Some(nexthops) = &self.routes.interim
+                && let Err(err) = nexthops.delete(nexthop_id(subnet)).await
+            {
+                // Unused now; the next full check sweeps it.
+                warn!(%subnet, error = %err, "could not delete the interim nexthop object of a rewritten route");
+            }
+        }
+        if self.interim_routes.is_empty() {
+            info!(
+                peers = self.peers.len(),
+                "every peer route is in flannel's form"
+            );
+        }
+        Ok(())
+    }
+
     /// Programs one peer in flannel's order: neighbour, FDB, route (the route last, so no
     /// packet is routed to the device before the device knows where to send it).
     async fn program(
@@ -468,6 +628,7 @@ impl VxlanDataplane {
         subnet: Ipv4Network,
         programmed: Programmed,
         previous: Option<Programmed>,
+        form: RouteForm,
     ) -> Result<(), DataplaneError> {
         let device = self.device_index;
         match programmed {
@@ -504,7 +665,7 @@ impl VxlanDataplane {
                         "programming the FDB entry of peer {subnet}"
                     )))?;
                 self.routes
-                    .replace(&self.vxlan_route(subnet, gateway))
+                    .replace(&self.vxlan_route(subnet, gateway), form)
                     .await
                     .map_err(netlink_error(format!(
                         "programming the route to peer {subnet}"
@@ -514,7 +675,7 @@ impl VxlanDataplane {
                 // Replacing the route first moves traffic off the vxlan path before its
                 // neighbour and FDB entry go.
                 self.routes
-                    .replace(&self.direct_route(subnet, public_ip))
+                    .replace(&self.direct_route(subnet, public_ip), form)
                     .await
                     .map_err(netlink_error(format!(
                         "programming the direct route to peer {subnet} via {public_ip}"
@@ -560,6 +721,7 @@ impl VxlanDataplane {
         subnet: Ipv4Network,
         programmed: Programmed,
     ) -> Result<(), DataplaneError> {
+        let form = self.form_of(subnet);
         match programmed {
             Programmed::Vxlan {
                 gateway,
@@ -567,7 +729,7 @@ impl VxlanDataplane {
                 public_ip,
             } => {
                 self.routes
-                    .delete(&self.vxlan_route(subnet, gateway))
+                    .delete(&self.vxlan_route(subnet, gateway), form)
                     .await
                     .map_err(netlink_error(format!(
                         "removing the route to peer {subnet}"
@@ -577,7 +739,7 @@ impl VxlanDataplane {
             }
             Programmed::Direct { public_ip } => self
                 .routes
-                .delete(&self.direct_route(subnet, public_ip))
+                .delete(&self.direct_route(subnet, public_ip), form)
                 .await
                 .map_err(netlink_error(format!(
                     "removing the direct route to peer {subnet}"
@@ -594,11 +756,17 @@ impl VxlanDataplane {
         }
         let programmed = self.desired(peer).await?;
         let previous = self.peers.get(&peer.subnet).copied();
-        self.program(peer.subnet, programmed, previous).await?;
+        let form = match self.form_of(peer.subnet) {
+            RouteForm::Interim => RouteForm::Interim,
+            RouteForm::Final => self.form_for_new(usize::from(previous.is_none())),
+        };
+        self.program(peer.subnet, programmed, previous, form)
+            .await?;
         if previous != Some(programmed) {
             info!(subnet = %peer.subnet, public_ip = %peer.public_ip, vtep_mac = ?peer.vtep_mac, direct = matches!(programmed, Programmed::Direct { .. }), "peer added");
         }
         self.peers.insert(peer.subnet, programmed);
+        self.record_form(peer.subnet, form);
         Ok(())
     }
 
@@ -609,6 +777,7 @@ impl VxlanDataplane {
         };
         self.unprogram(subnet, programmed).await?;
         self.peers.remove(&subnet);
+        self.record_form(subnet, RouteForm::Final);
         info!(%subnet, "peer removed");
         Ok(())
     }
@@ -623,6 +792,13 @@ impl VxlanDataplane {
     /// 20,000 peers, and a re-list cannot create leftovers (removed peers are diffed).
     async fn snapshot(&mut self, peers: &[Peer]) -> Result<(), DataplaneError> {
         let mut errors = Vec::new();
+        // The first snapshot looks at the kernel before it writes: what a previous run left
+        // exactly in place is kept, the rest of what it left is swept below.
+        let before_first = if self.swept {
+            None
+        } else {
+            self.dump().await.map_err(|err| errors.push(err)).ok()
+        };
         let mut fresh = Vec::new();
         for peer in peers {
             if self
@@ -645,6 +821,9 @@ impl VxlanDataplane {
                 Err(err) => errors.push(err),
             }
         }
+        if let Some(state) = &before_first {
+            fresh = self.adopt_held(state, fresh);
+        }
         if !fresh.is_empty() {
             let count = fresh.len();
             errors.extend(self.program_batch(fresh).await);
@@ -656,12 +835,11 @@ impl VxlanDataplane {
                 errors.push(err);
             }
         }
-        if !self.swept {
-            match self.dump().await {
-                Ok(state) => match self.sweep(&state).await {
-                    Ok(()) => self.swept = true,
-                    Err(err) => errors.push(err),
-                },
+        if let Some(state) = before_first {
+            // Taken before the writes above: everything they wrote is wanted, so what this
+            // dump shows and no peer accounts for is exactly the leftovers.
+            match self.sweep(&state).await {
+                Ok(()) => self.swept = true,
                 Err(err) => errors.push(err),
             }
         }
@@ -682,17 +860,12 @@ impl VxlanDataplane {
         batch: Vec<(Ipv4Network, Programmed)>,
     ) -> Vec<DataplaneError> {
         let device = self.device_index;
+        let form = self.form_for_new(batch.len());
         // Owned inputs and handle clones per request: futures that borrow trip the
         // compiler's Send check for the spawned dataplane task.
         let work: Vec<(Ipv4Network, Programmed, Route)> = batch
             .iter()
-            .map(|(subnet, programmed)| {
-                let route = match *programmed {
-                    Programmed::Vxlan { gateway, .. } => self.vxlan_route(*subnet, gateway),
-                    Programmed::Direct { public_ip } => self.direct_route(*subnet, public_ip),
-                };
-                (*subnet, *programmed, route)
-            })
+            .map(|(subnet, programmed)| (*subnet, *programmed, self.route_of(*subnet, *programmed)))
             .collect();
         let results: Vec<(Ipv4Network, Programmed, Result<(), DataplaneError>)> =
             stream::iter(work)
@@ -721,9 +894,13 @@ impl VxlanDataplane {
                                 return (subnet, programmed, Err(err));
                             }
                         }
-                        let routed = routes.replace(&route).await.map_err(netlink_error(format!(
-                            "programming the route to peer {subnet}"
-                        )));
+                        let routed =
+                            routes
+                                .replace(&route, form)
+                                .await
+                                .map_err(netlink_error(format!(
+                                    "programming the route to peer {subnet}"
+                                )));
                         (subnet, programmed, routed)
                     }
                 })
@@ -736,9 +913,16 @@ impl VxlanDataplane {
                 Ok(()) => {
                     debug!(%subnet, ?programmed, "peer added");
                     self.peers.insert(subnet, programmed);
+                    self.record_form(subnet, form);
                 }
                 Err(err) => errors.push(err),
             }
+        }
+        if form == RouteForm::Interim {
+            info!(
+                routes = self.interim_routes.len(),
+                "peer routes written through interim nexthop objects; rewriting them in flannel's form while idle"
+            );
         }
         errors
     }
@@ -843,7 +1027,12 @@ impl VxlanDataplane {
     async fn sweep_nexthops(&self, state: &KernelState, errors: &mut Vec<DataplaneError>) {
         let wanted: HashSet<u32> = match self.routes.nexthops {
             Some(_) => self.peers.keys().copied().map(nexthop_id).collect(),
-            None => HashSet::new(),
+            None => self
+                .interim_routes
+                .iter()
+                .copied()
+                .map(nexthop_id)
+                .collect(),
         };
         let network = self.lease.as_ref().map(|lease| lease.network);
         let ours = |nexthop: &Nexthop| {
@@ -860,7 +1049,12 @@ impl VxlanDataplane {
         if stale.is_empty() {
             return;
         }
-        let deleted = match &self.routes.nexthops {
+        let deleted = match self
+            .routes
+            .nexthops
+            .as_ref()
+            .or(self.routes.interim.as_ref())
+        {
             Some(nexthops) => Ok(nexthops.clone()),
             None => Nexthops::connect(),
         };
@@ -905,11 +1099,17 @@ impl VxlanDataplane {
         })
     }
 
-    /// Our nexthop objects: with --nexthop-objects every time; without, only until the first
-    /// sweep (a kernel without nexthop objects then has none to list).
+    /// Our nexthop objects: with --nexthop-objects or interim routes every time (an interim
+    /// object whose deletion failed is swept by the next full check); otherwise only until
+    /// the first sweep (a kernel without nexthop objects then has none to list).
     async fn dump_nexthops(&self) -> Result<Vec<Nexthop>, DataplaneError> {
         let devices = [self.device_index, self.uplink.index];
-        if let Some(nexthops) = &self.routes.nexthops {
+        if let Some(nexthops) = self
+            .routes
+            .nexthops
+            .as_ref()
+            .or(self.routes.interim.as_ref())
+        {
             return nexthops
                 .list(&devices)
                 .await
@@ -928,39 +1128,81 @@ impl VxlanDataplane {
         }))
     }
 
-    /// Re-programs every peer whose route, neighbour or FDB entry is missing from `state`
-    /// (a hash lookup per peer).
-    async fn restore_peers(&self, state: &KernelState) -> Result<(), DataplaneError> {
-        let routes: HashMap<Ipv4Network, &crate::os::netlink::ListedRoute> = state
+    /// Whether `held` shows all of a peer's state, its route in `form`.
+    fn holds_peer(
+        &self,
+        held: &HeldState,
+        subnet: Ipv4Network,
+        programmed: Programmed,
+        form: RouteForm,
+    ) -> bool {
+        let route = self.route_of(subnet, programmed);
+        let routed = held
             .routes
-            .iter()
-            .map(|listed| (listed.route.destination, listed))
-            .collect();
-        let neighbours: HashSet<(Ipv4Addr, Option<MacAddr6>)> =
-            state.neighbours.iter().map(|n| (n.ip, n.mac)).collect();
-        let fdb: HashSet<(MacAddr6, Option<Ipv4Addr>)> =
-            state.fdb.iter().map(|e| (e.mac, e.dst)).collect();
-        let has_route = |wanted: &Route| {
-            routes
-                .get(&wanted.destination)
-                .is_some_and(|listed| self.routes.holds(listed, wanted))
-        };
-        let broken: Vec<Ipv4Network> = self
-            .peers
-            .iter()
-            .filter(|(subnet, programmed)| match **programmed {
+            .get(&subnet)
+            .is_some_and(|listed| self.routes.holds(listed, &route, form));
+        routed
+            && match programmed {
                 Programmed::Vxlan {
                     gateway,
                     vtep_mac,
                     public_ip,
                 } => {
-                    !has_route(&self.vxlan_route(**subnet, gateway))
-                        || !neighbours.contains(&(gateway, Some(vtep_mac)))
-                        || !fdb.contains(&(vtep_mac, Some(public_ip)))
+                    held.neighbours.contains(&(gateway, Some(vtep_mac)))
+                        && held.fdb.contains(&(vtep_mac, Some(public_ip)))
                 }
-                Programmed::Direct { public_ip } => {
-                    !has_route(&self.direct_route(**subnet, public_ip))
-                }
+                Programmed::Direct { .. } => true,
+            }
+    }
+
+    /// Takes the peers of `fresh` that `state` shows exactly in place (a previous run
+    /// programmed them; their route in flannel's form or an interim one) as programmed,
+    /// without writing them again; returns the rest. A restart at 20,000 peers then writes
+    /// nothing instead of replacing every route, each replace a scan of all the others.
+    fn adopt_held(
+        &mut self,
+        state: &KernelState,
+        fresh: Vec<(Ipv4Network, Programmed)>,
+    ) -> Vec<(Ipv4Network, Programmed)> {
+        let held = HeldState::of(state);
+        // Interim routes are kept only where new ones would be written interim: in a small
+        // cluster (e.g. after a run with --nexthop-objects) they are rewritten at once.
+        let interim_possible = self.form_for_new(fresh.len()) == RouteForm::Interim;
+        let mut left = Vec::new();
+        let mut adopted = 0usize;
+        for (subnet, programmed) in fresh {
+            let form = if self.holds_peer(&held, subnet, programmed, RouteForm::Final) {
+                RouteForm::Final
+            } else if interim_possible
+                && self.holds_peer(&held, subnet, programmed, RouteForm::Interim)
+            {
+                RouteForm::Interim
+            } else {
+                left.push((subnet, programmed));
+                continue;
+            };
+            self.peers.insert(subnet, programmed);
+            self.record_form(subnet, form);
+            adopted += 1;
+        }
+        if adopted > 0 {
+            info!(
+                peers = adopted,
+                "peers found in place (from before a restart); not written again"
+            );
+        }
+        left
+    }
+
+    /// Re-programs every peer whose route, neighbour or FDB entry is missing from `state`
+    /// (a hash lookup per peer).
+    async fn restore_peers(&self, state: &KernelState) -> Result<(), DataplaneError> {
+        let held = HeldState::of(state);
+        let broken: Vec<Ipv4Network> = self
+            .peers
+            .iter()
+            .filter(|(subnet, programmed)| {
+                !self.holds_peer(&held, **subnet, **programmed, self.form_of(**subnet))
             })
             .map(|(subnet, _)| *subnet)
             .collect();
@@ -975,7 +1217,10 @@ impl VxlanDataplane {
                 continue;
             };
             warn!(%subnet, "state for peer was missing (deleted by someone?); restoring it");
-            if let Err(err) = self.program(subnet, programmed, None).await {
+            if let Err(err) = self
+                .program(subnet, programmed, None, self.form_of(subnet))
+                .await
+            {
                 errors.push(err);
             }
         }
@@ -1093,6 +1338,7 @@ impl super::Dataplane for VxlanDataplane {
         // A peer entry for our own subnet (e.g. from before a re-lease) must go.
         if let Some(programmed) = self.peers.remove(&lease.subnet) {
             self.unprogram(lease.subnet, programmed).await?;
+            self.record_form(lease.subnet, RouteForm::Final);
         }
         self.lease = Some(lease.clone());
         Ok(())
@@ -1123,6 +1369,14 @@ impl super::Dataplane for VxlanDataplane {
 
     fn change_feed(&self) -> ChangeFeed {
         self.feed.clone()
+    }
+
+    fn deferred_work_due(&self) -> Option<tokio::time::Instant> {
+        (!self.interim_routes.is_empty()).then_some(self.rewrite_after)
+    }
+
+    async fn do_deferred_work(&mut self) -> Result<(), DataplaneError> {
+        self.rewrite_interim_routes().await
     }
 
     async fn maintain_changes(&mut self) -> Result<(), DataplaneError> {

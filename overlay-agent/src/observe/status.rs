@@ -138,6 +138,10 @@ pub struct DataplaneWork {
     pub snapshots_applied: u64,
     /// How long applying the last snapshot took, in microseconds.
     pub last_snapshot_micros: u64,
+    /// Peer routes written through an interim nexthop object, still to be rewritten in
+    /// flannel's form (vxlan and ebpf at 1,000 peers and more).
+    #[serde(default)]
+    pub interim_routes: u64,
 }
 
 impl DataplaneWork {
@@ -148,6 +152,7 @@ impl DataplaneWork {
             netlink_writes: crate::os::netlink::writes_total(),
             snapshots_applied,
             last_snapshot_micros,
+            interim_routes: crate::dataplane::interim_routes(),
         }
     }
 }
@@ -271,6 +276,12 @@ pub fn render_prometheus_with(status: &AgentStatus, work: &DataplaneWork) -> Str
         "counter",
         "Peer snapshots (first sync and re-lists) applied to the datapath.",
         &[(String::new(), work.snapshots_applied)],
+    );
+    metric(
+        "interim_routes",
+        "gauge",
+        "Peer routes written through an interim nexthop object for a quick sync, still to be rewritten in flannel's form.",
+        &[(String::new(), work.interim_routes)],
     );
     metric(
         "peer_snapshot_last_apply_microseconds",

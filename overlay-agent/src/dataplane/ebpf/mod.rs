@@ -858,6 +858,14 @@ impl<K: Dataplane> Dataplane for EbpfDataplane<K> {
         self.kernel.kernel_changed().await
     }
 
+    fn deferred_work_due(&self) -> Option<tokio::time::Instant> {
+        self.kernel.deferred_work_due()
+    }
+
+    async fn do_deferred_work(&mut self) -> Result<(), DataplaneError> {
+        self.kernel.do_deferred_work().await
+    }
+
     async fn maintain_changes(&mut self) -> Result<(), DataplaneError> {
         self.kernel.maintain_changes().await?;
         // Pods come and go without notifications we could see here (their addresses live
