@@ -210,14 +210,14 @@ fn quick_control_plane_bench_writes_results_for_ebpf_and_vxlan_with_and_without_
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let out = tempfile::tempdir().expect("temp dir");
     run_bench(&["--control-plane"], out.path());
-    // sync, change p50/p99, RSS, CPU to sync, idle CPU, CPU under churn, re-list time and
-    // re-list netlink writes.
+    // sync, routes in their final form, change p50/p99, RSS, CPU to sync, idle CPU, CPU under
+    // churn, re-list time and re-list netlink writes.
     let modes = ["vxlan", "ebpf", "vxlan-nexthop", "ebpf-nexthop"];
     let r = check_files(
         out.path(),
         &modes,
         &["ebpf/vxlan", "vxlan-nexthop/vxlan", "ebpf-nexthop/ebpf"],
-        9,
+        10,
     );
     assert_eq!(r["kind"], "control-plane");
     assert_eq!(r["settings"]["peers"], serde_json::json!([200]));
@@ -240,6 +240,11 @@ fn quick_control_plane_bench_writes_results_for_ebpf_and_vxlan_with_and_without_
             metric("cpu_idle_200")["per_mode"][mode]["median"]
                 .as_f64()
                 .is_some_and(|cpu| cpu >= 0.0)
+        );
+        let median = |key: &str| metric(key)["per_mode"][mode]["median"].as_f64();
+        assert!(
+            median("routes_final_200") >= median("sync_200"),
+            "routes reach their final form no earlier than the sync ({mode})"
         );
     }
 }
