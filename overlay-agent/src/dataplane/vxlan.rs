@@ -288,8 +288,8 @@ impl VxlanDataplane {
             // flannel's routes share the FDB socket: both hold the RTNL lock, and each such
             // route insert holds it long (see docs/control-plane.md), so a second socket
             // only spins waiting for it, on the CPU the neighbour requests need (10,000
-            // peers: 2.9 s against 3.6-4.0 s). Nexthop routes are quick: they get their
-            // own socket (`use_nexthop_objects`).
+            // peers: 2.9 s against 3.6-4.0 s). Routes through nexthop objects (interim or
+            // `--nexthop-objects`) are quick: they get their own socket.
             routes: RouteWriter {
                 netlink: fdb.clone(),
                 nexthops: None,
@@ -313,6 +313,12 @@ impl VxlanDataplane {
         };
         dataplane.ensure_device(true).await?;
         dataplane.routes.interim = interim_nexthops(dataplane.device_index).await;
+        if dataplane.routes.interim.is_some() {
+            // Interim routes are quick inserts, like --nexthop-objects' (below): beside the
+            // FDB requests, not behind them.
+            dataplane.routes.netlink =
+                Netlink::connect().map_err(netlink_error("opening netlink"))?;
+        }
         let attrs = dataplane.lease_attrs();
         Ok((dataplane, attrs))
     }
