@@ -915,36 +915,48 @@ fn vxlan_backend_mtu_and_gbp_are_honoured() {
     });
 }
 
+/// Node 192.168.100.1's vxlan dataplane in the agent's dataplane task, told our lease of
+/// 10.5.1.0/24 and then `peers`: the command channel, the ready flag, the task, and the
+/// lease attributes.
+async fn vxlan_task_with(
+    peers: Vec<Peer>,
+) -> (
+    tokio::sync::mpsc::Sender<overlay_agent::dataplane::DataplaneCommand>,
+    tokio::sync::watch::Receiver<bool>,
+    tokio::task::JoinHandle<()>,
+    LeaseAttrs,
+) {
+    use overlay_agent::dataplane::{DataplaneCommand, run_dataplane};
+    let uplink = uplink("eth0", None).await;
+    let (dp, attrs) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
+        .await
+        .expect("dataplane");
+    let (commands, receiver) = tokio::sync::mpsc::channel(16);
+    let (ready, ready_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(run_dataplane(dp, receiver, ready));
+    commands
+        .send(DataplaneCommand::Activate(lease(
+            "10.5.1.0/24",
+            "192.168.100.1",
+        )))
+        .await
+        .expect("send activate");
+    commands
+        .send(DataplaneCommand::Peers(PeerEvent::Snapshot(peers)))
+        .await
+        .expect("send snapshot");
+    (commands, ready_rx, task, attrs)
+}
+
 /// The dataplane driven the way the agent drives it: by `run_dataplane` with commands, its
 /// own 1 s maintenance loop repairing a deleted device without being asked.
 #[test]
 fn run_dataplane_task_programs_and_self_heals_vxlan() {
-    use overlay_agent::dataplane::{DataplaneCommand, run_dataplane};
     let ns = node_ns("kvt", "192.168.100.1");
     ns.block_on(|| async {
-        let uplink = uplink("eth0", None).await;
-        let (dp, attrs) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
-            .await
-            .expect("dataplane");
+        let (commands, mut ready_rx, task, attrs) =
+            vxlan_task_with(vec![peer("10.5.2.0/24", "192.168.100.2", Some(MAC_A))]).await;
         let mac = vtep_mac(&attrs);
-        let (commands, receiver) = tokio::sync::mpsc::channel(16);
-        let (ready, mut ready_rx) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(run_dataplane(dp, receiver, ready));
-        commands
-            .send(DataplaneCommand::Activate(lease(
-                "10.5.1.0/24",
-                "192.168.100.1",
-            )))
-            .await
-            .expect("send activate");
-        commands
-            .send(DataplaneCommand::Peers(PeerEvent::Snapshot(vec![peer(
-                "10.5.2.0/24",
-                "192.168.100.2",
-                Some(MAC_A),
-            )])))
-            .await
-            .expect("send snapshot");
         tokio::time::timeout(Duration::from_secs(20), ready_rx.wait_for(|ready| *ready))
             .await
             .expect("ready in time")
@@ -1715,28 +1727,10 @@ fn a_large_vxlan_sync_goes_through_interim_nexthops_and_ends_in_flannels_exact_r
 /// coming: a 1,100-peer snapshot ends in flannel's exact routes and no nexthop object.
 #[test]
 fn the_dataplane_task_rewrites_interim_routes_when_idle() {
-    use overlay_agent::dataplane::{DataplaneCommand, run_dataplane};
     let ns = node_ns("kit", "192.168.100.1");
     let peers = large_cluster_peers(1_100);
     ns.block_on(|| async {
-        let uplink = uplink("eth0", None).await;
-        let (dp, _) = VxlanDataplane::new(uplink, &backend(1, 8472, false))
-            .await
-            .expect("dataplane");
-        let (commands, receiver) = tokio::sync::mpsc::channel(16);
-        let (ready, _ready_rx) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(run_dataplane(dp, receiver, ready));
-        commands
-            .send(DataplaneCommand::Activate(lease(
-                "10.5.1.0/24",
-                "192.168.100.1",
-            )))
-            .await
-            .expect("send activate");
-        commands
-            .send(DataplaneCommand::Peers(PeerEvent::Snapshot(peers.clone())))
-            .await
-            .expect("send snapshot");
+        let (commands, _ready, task, _) = vxlan_task_with(peers.clone()).await;
         let expected = flannel_routes_to(&peers);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
