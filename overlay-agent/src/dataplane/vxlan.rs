@@ -90,6 +90,8 @@ pub struct VxlanDataplane {
     interim_routes: BTreeSet<Ipv4Network>,
     /// When deferred work may run again after it failed (not in a tight loop).
     rewrite_after: tokio::time::Instant,
+    /// What rewriting one interim route took in the last group (sizes the next one).
+    rewrite_cost: std::time::Duration,
 }
 
 /// What the kernel holds of this backend's kinds of state, from one dump each.
@@ -310,6 +312,7 @@ impl VxlanDataplane {
             swept: false,
             interim_routes: BTreeSet::new(),
             rewrite_after: tokio::time::Instant::now(),
+            rewrite_cost: std::time::Duration::from_millis(5),
         };
         dataplane.ensure_device(true).await?;
         dataplane.routes.interim = interim_nexthops(dataplane.device_index).await;
@@ -593,29 +596,77 @@ impl VxlanDataplane {
 
     /// Rewrites interim routes in flannel's form, for up to [`DEFERRED_WORK_SLICE`]: each
     /// route is replaced in place (no moment without one), then its interim nexthop object
-    /// deleted. A failure stops the slice; the route stays interim and is retried after
-    /// [`DEFERRED_WORK_RETRY`].
+    /// deleted. Requests go in groups, in flight together, sized by what a route cost so far
+    /// to fill the slice: one at a time, the round trips (a wake-up of the netlink task per
+    /// request) cost more than the kernel's work at 10,000 peers. A failure stops the slice;
+    /// the route stays interim and is retried after [`DEFERRED_WORK_RETRY`].
     async fn rewrite_interim_routes(&mut self) -> Result<(), DataplaneError> {
         let started = std::time::Instant::now();
-        while started.elapsed() < DEFERRED_WORK_SLICE {
-            let Some(subnet) = self.interim_routes.first().copied() else {
+        while let Some(room) = DEFERRED_WORK_SLICE.checked_sub(started.elapsed()) {
+            let cost = self.rewrite_cost.max(std::time::Duration::from_micros(10));
+            let count = (room.as_micros() / cost.as_micros()).clamp(1, 64) as usize;
+            let group: Vec<(Ipv4Network, Option<Route>)> = self
+                .interim_routes
+                .iter()
+                .take(count)
+                .map(|subnet| {
+                    let route = self.peers.get(subnet).map(|p| self.route_of(*subnet, *p));
+                    (*subnet, route)
+                })
+                .collect();
+            if group.is_empty() {
                 break;
-            };
-            if let Some(programmed) = self.peers.get(&subnet).copied() {
-                let route = self.route_of(subnet, programmed);
-                if let Err(err) = self.routes.replace(&route, RouteForm::Final).await {
-                    self.rewrite_after = tokio::time::Instant::now() + DEFERRED_WORK_RETRY;
-                    return Err(netlink_error(format!(
-                        "rewriting the route to peer {subnet} in flannel's form"
-                    ))(err));
+            }
+            let group_started = std::time::Instant::now();
+            let routes = self.routes.clone();
+            let replaced: Vec<(Ipv4Network, Result<(), NetlinkError>)> = stream::iter(group)
+                .map(|(subnet, route)| {
+                    let routes = routes.clone();
+                    async move {
+                        match route {
+                            Some(route) => (subnet, routes.replace(&route, RouteForm::Final).await),
+                            // A peer gone meanwhile: its removal took route and object.
+                            None => (subnet, Ok(())),
+                        }
+                    }
+                })
+                .buffer_unordered(count)
+                .collect()
+                .await;
+            let mut failure = None;
+            let mut rewritten = Vec::new();
+            for (subnet, result) in replaced {
+                match result {
+                    Ok(()) => {
+                        self.record_form(subnet, RouteForm::Final);
+                        rewritten.push(subnet);
+                    }
+                    Err(err) => failure = failure.or(Some((subnet, err))),
                 }
             }
-            self.record_form(subnet, RouteForm::Final);
-            if let Some(nexthops) = &self.routes.interim
-                && let Err(err) = nexthops.delete(nexthop_id(subnet)).await
-            {
-                // Unused now; the next full check sweeps it.
-                warn!(%subnet, error = %err, "could not delete the interim nexthop object of a rewritten route");
+            if let Some(nexthops) = &self.routes.interim {
+                let deleted: Vec<(Ipv4Network, Result<(), NetlinkError>)> =
+                    stream::iter(rewritten.iter().copied())
+                        .map(|subnet| {
+                            let nexthops = nexthops.clone();
+                            async move { (subnet, nexthops.delete(nexthop_id(subnet)).await) }
+                        })
+                        .buffer_unordered(count)
+                        .collect()
+                        .await;
+                for (subnet, result) in deleted {
+                    if let Err(err) = result {
+                        // Unused now; the next full check sweeps it.
+                        warn!(%subnet, error = %err, "could not delete the interim nexthop object of a rewritten route");
+                    }
+                }
+            }
+            self.rewrite_cost = group_started.elapsed() / rewritten.len().max(1) as u32;
+            if let Some((subnet, err)) = failure {
+                self.rewrite_after = tokio::time::Instant::now() + DEFERRED_WORK_RETRY;
+                return Err(netlink_error(format!(
+                    "rewriting the route to peer {subnet} in flannel's form"
+                ))(err));
             }
         }
         if self.interim_routes.is_empty() {
