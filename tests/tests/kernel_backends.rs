@@ -1510,12 +1510,7 @@ fn vxlan_with_nexthop_objects_routes_through_them_and_converts_back_to_flannel_r
                 )
             })
             .collect();
-        let peer_routes = || -> Vec<String> {
-            routes(&ns, "main")
-                .into_iter()
-                .filter(|r| r.contains(" dev flannel.1 "))
-                .collect()
-        };
+        let peer_routes = || flannel1_routes(&ns);
         assert_eq!(peer_routes(), expected_routes);
         let expected_objects: Vec<String> = (0..3)
             .map(|i| {
@@ -1583,20 +1578,7 @@ fn vxlan_with_nexthop_objects_routes_through_them_and_converts_back_to_flannel_r
         dp.apply(&PeerEvent::Snapshot(peers[..2].to_vec()))
             .await
             .expect("snapshot");
-        let flannel_routes: Vec<String> = (0..2)
-            .map(|i| {
-                let net = peers[i].subnet;
-                format!(
-                    "{net} via {} dev flannel.1 proto boot onlink",
-                    net.network()
-                )
-            })
-            .collect();
-        let peer_routes: Vec<String> = routes(&ns, "main")
-            .into_iter()
-            .filter(|r| r.contains(" dev flannel.1 "))
-            .collect();
-        assert_eq!(peer_routes, flannel_routes);
+        assert_eq!(flannel1_routes(&ns), flannel_routes_to(&peers[..2]));
         assert_eq!(nexthop_objects(&ns), Vec::<String>::new());
     });
 }

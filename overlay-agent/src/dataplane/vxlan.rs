@@ -60,7 +60,8 @@ struct DeviceSettings {
 #[derive(Debug)]
 pub struct VxlanDataplane {
     netlink: Netlink,
-    /// A socket of its own for FDB entries (and flannel's routes), so a first sync's FDB
+    /// A socket of its own for FDB entries (and flannel's routes on a kernel without
+    /// nexthop objects), so a first sync's FDB
     /// requests run beside its neighbour requests instead of behind them.
     fdb: Netlink,
     /// Writes peer routes: flannel's gateway routes, or through nexthop objects.
@@ -183,6 +184,11 @@ struct RouteWriter {
 }
 
 impl RouteWriter {
+    /// The nexthop socket, when there is one (for listing and deleting our objects).
+    fn any_nexthops(&self) -> Option<&Nexthops> {
+        self.nexthops.as_ref().or(self.interim.as_ref())
+    }
+
     /// The nexthop socket a route in `form` goes through; None: flannel's own route.
     fn nexthops_for(&self, form: RouteForm) -> Option<&Nexthops> {
         self.nexthops.as_ref().or(match form {
@@ -317,8 +323,9 @@ impl VxlanDataplane {
         dataplane.ensure_device(true).await?;
         dataplane.routes.interim = interim_nexthops(dataplane.device_index).await;
         if dataplane.routes.interim.is_some() {
-            // Interim routes are quick inserts, like --nexthop-objects' (below): beside the
-            // FDB requests, not behind them.
+            // Routes through nexthop objects (interim, or all with --nexthop-objects) are
+            // quick inserts: beside the FDB requests, not behind them (10,000 peers with
+            // --nexthop-objects: 0.82 s against 0.85-0.91 s sharing).
             dataplane.routes.netlink =
                 Netlink::connect().map_err(netlink_error("opening netlink"))?;
         }
@@ -337,10 +344,19 @@ impl VxlanDataplane {
     /// Writes peer routes through nexthop objects from now on (`--nexthop-objects`; call
     /// before the first peer). Fails with a clear error on a kernel without them.
     pub async fn use_nexthop_objects(&mut self) -> Result<(), DataplaneError> {
-        let nexthops = Nexthops::connect().map_err(netlink_error("opening a nexthop socket"))?;
-        if let Err(err) = nexthops.list(&[self.device_index]).await {
-            return Err(DataplaneError::NexthopObjectsUnsupported { source: err });
-        }
+        // `new` found nexthop objects already (the interim socket, and a route socket of
+        // its own beside it): those serve.
+        let nexthops = match self.routes.interim.take() {
+            Some(nexthops) => nexthops,
+            None => {
+                let nexthops =
+                    Nexthops::connect().map_err(netlink_error("opening a nexthop socket"))?;
+                if let Err(err) = nexthops.list(&[self.device_index]).await {
+                    return Err(DataplaneError::NexthopObjectsUnsupported { source: err });
+                }
+                nexthops
+            }
+        };
         match Nexthops::deletions() {
             Ok((deletions, membership)) => self.feed.add_source(deletions, membership),
             Err(err) => {
@@ -349,9 +365,6 @@ impl VxlanDataplane {
         }
         info!("peer routes go through nexthop objects (--nexthop-objects)");
         self.routes.nexthops = Some(nexthops);
-        // Quick inserts: beside the FDB requests, not behind them (0.82 s against 0.85-0.91
-        // s for 10,000 peers).
-        self.routes.netlink = Netlink::connect().map_err(netlink_error("opening netlink"))?;
         Ok(())
     }
 
@@ -618,50 +631,41 @@ impl VxlanDataplane {
                 break;
             }
             let group_started = std::time::Instant::now();
-            let routes = self.routes.clone();
+            // Per route: the replace, then (when it worked) the deletion of its object.
             let replaced: Vec<(Ipv4Network, Result<(), NetlinkError>)> = stream::iter(group)
                 .map(|(subnet, route)| {
-                    let routes = routes.clone();
+                    let routes = self.routes.clone();
                     async move {
-                        match route {
-                            Some(route) => (subnet, routes.replace(&route, RouteForm::Final).await),
-                            // A peer gone meanwhile: its removal took route and object.
-                            None => (subnet, Ok(())),
+                        // None: the peer went meanwhile, its removal took route and object.
+                        let Some(route) = route else {
+                            return (subnet, Ok(()));
+                        };
+                        let replaced = routes.replace(&route, RouteForm::Final).await;
+                        if replaced.is_ok()
+                            && let Some(nexthops) = &routes.interim
+                            && let Err(err) = nexthops.delete(nexthop_id(subnet)).await
+                        {
+                            // Unused now; the next full check sweeps it.
+                            warn!(%subnet, error = %err, "could not delete the interim nexthop object of a rewritten route");
                         }
+                        (subnet, replaced)
                     }
                 })
                 .buffer_unordered(count)
                 .collect()
                 .await;
             let mut failure = None;
-            let mut rewritten = Vec::new();
+            let mut rewritten = 0u32;
             for (subnet, result) in replaced {
                 match result {
                     Ok(()) => {
                         self.record_form(subnet, RouteForm::Final);
-                        rewritten.push(subnet);
+                        rewritten += 1;
                     }
                     Err(err) => failure = failure.or(Some((subnet, err))),
                 }
             }
-            if let Some(nexthops) = &self.routes.interim {
-                let deleted: Vec<(Ipv4Network, Result<(), NetlinkError>)> =
-                    stream::iter(rewritten.iter().copied())
-                        .map(|subnet| {
-                            let nexthops = nexthops.clone();
-                            async move { (subnet, nexthops.delete(nexthop_id(subnet)).await) }
-                        })
-                        .buffer_unordered(count)
-                        .collect()
-                        .await;
-                for (subnet, result) in deleted {
-                    if let Err(err) = result {
-                        // Unused now; the next full check sweeps it.
-                        warn!(%subnet, error = %err, "could not delete the interim nexthop object of a rewritten route");
-                    }
-                }
-            }
-            self.rewrite_cost = group_started.elapsed() / rewritten.len().max(1) as u32;
+            self.rewrite_cost = group_started.elapsed() / rewritten.max(1);
             if let Some((subnet, err)) = failure {
                 self.rewrite_after = tokio::time::Instant::now() + DEFERRED_WORK_RETRY;
                 return Err(netlink_error(format!(
@@ -909,8 +913,8 @@ impl VxlanDataplane {
     /// FDB entries go over sockets of their own, so the kernel works on them on both CPUs at
     /// once: neighbour updates do not take the RTNL lock that FDB and route updates share
     /// (10,000 of each kind with `ip -batch` here: 0.80 s one after the other, 0.54 s side
-    /// by side). Routes share the FDB socket, or with nexthop objects have a third one (see
-    /// `new` and `use_nexthop_objects`). Records the peers that succeeded and returns the
+    /// by side). Routes have a third socket where the kernel has nexthop objects, else they
+    /// share the FDB socket (see `new`). Records the peers that succeeded and returns the
     /// failures.
     async fn program_batch(
         &mut self,
@@ -1106,12 +1110,7 @@ impl VxlanDataplane {
         if stale.is_empty() {
             return;
         }
-        let deleted = match self
-            .routes
-            .nexthops
-            .as_ref()
-            .or(self.routes.interim.as_ref())
-        {
+        let deleted = match self.routes.any_nexthops() {
             Some(nexthops) => Ok(nexthops.clone()),
             None => Nexthops::connect(),
         };
@@ -1161,12 +1160,7 @@ impl VxlanDataplane {
     /// the first sweep (a kernel without nexthop objects then has none to list).
     async fn dump_nexthops(&self) -> Result<Vec<Nexthop>, DataplaneError> {
         let devices = [self.device_index, self.uplink.index];
-        if let Some(nexthops) = self
-            .routes
-            .nexthops
-            .as_ref()
-            .or(self.routes.interim.as_ref())
-        {
+        if let Some(nexthops) = self.routes.any_nexthops() {
             return nexthops
                 .list(&devices)
                 .await
